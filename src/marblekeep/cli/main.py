@@ -1,0 +1,23 @@
+"""The ``marblekeep`` command: one click group; each domain adds its commands from its own module."""
+
+from __future__ import annotations
+
+import click
+
+from marblekeep import __version__
+from marblekeep.cli.attestation_cmds import attestation
+from marblekeep.cli.manifest_cmds import manifest
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="marblekeep")
+def main() -> None:
+    """marblekeep: a MarbleRun-compatible Coordinator for confidential computing.
+
+    The Coordinator attests each Marble (a service instance in an SGX enclave or TDX guest)
+    and then hands it the keys, certificates and configuration that the manifest defines.
+    """
+
+
+main.add_command(manifest)
+main.add_command(attestation)

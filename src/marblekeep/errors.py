@@ -1,0 +1,169 @@
+"""The one error tree of marblekeep.
+
+Every error the project raises on purpose derives from :class:`MarbleKeepError`.
+Each class carries a stable ``code`` (machine-readable, never changes once
+released), an ``http_status`` used by the API edge and an ``exit_code`` used by
+the CLI edge. Families are split by *who is to blame*::
+
+    MarbleKeepError
+    ├── ManifestError          the manifest (or an update of it) is invalid     400 / exit 1
+    │   └── TemplateError      a Files/Env template cannot be parsed or run     400 / exit 1
+    ├── SecretUploadError      a user-defined secret upload is invalid          400 / exit 1
+    ├── StateError             operation not allowed in the current state       409 / exit 1
+    ├── AuthenticationError    no or unknown client certificate                 401 / exit 1
+    ├── AuthorizationError     authenticated user lacks the permission          403 / exit 1
+    ├── ActivationRefused      a Marble's activation was refused                403 / exit 1
+    ├── AttestationError       evidence / quote did not verify or was refused   403 / exit 1
+    │   └── CollateralError    collateral missing, unreachable or expired       503 / exit 1
+    ├── RequestError           malformed API request (JSON, base64, size)       400 / exit 2
+    ├── StoreError             the storage backend failed                       503 / exit 1
+    │   └── ConflictError      compare-and-set lost against a concurrent write  409 / exit 1
+    ├── SealError              the data-encryption key cannot be unwrapped       503 / exit 1
+    │   └── IntegrityError     stored data fails authentication                 500 / exit 1
+    ├── RecoveryError          a recovery upload is invalid                     400 / exit 1
+    └── ConfigError            bad Coordinator / CLI configuration              - / exit 2
+
+Messages name the thing and the fix. They never contain key material: callers
+must not interpolate secret values, private keys or derived keys into them.
+``problems`` carries a list of ``(path, message)`` pairs where an error reports
+several things at once (manifest validation).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+__all__ = [
+    "ActivationRefused",
+    "AttestationError",
+    "AuthenticationError",
+    "AuthorizationError",
+    "CollateralError",
+    "ConfigError",
+    "ConflictError",
+    "IntegrityError",
+    "ManifestError",
+    "MarbleKeepError",
+    "Problem",
+    "RecoveryError",
+    "RequestError",
+    "SealError",
+    "SecretUploadError",
+    "StateError",
+    "StoreError",
+    "TemplateError",
+]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem found in an input, located by its JSON path (``Marbles.backend.Package``)."""
+
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}" if self.path else self.message
+
+
+class MarbleKeepError(Exception):
+    """Root of every error marblekeep raises on purpose."""
+
+    code: str = "internal"
+    http_status: int = 500
+    exit_code: int = 1
+
+    def __init__(self, message: str, *, problems: Sequence[Problem] = ()) -> None:
+        super().__init__(message)
+        self.message = message
+        self.problems: tuple[Problem, ...] = tuple(problems)
+
+    def diagnostics(self) -> str:
+        """A longer text for humans: the message and every problem on its own line."""
+        if not self.problems:
+            return self.message
+        lines = [self.message]
+        lines.extend(f"  {p}" for p in self.problems)
+        return "\n".join(lines)
+
+
+class ManifestError(MarbleKeepError):
+    code = "manifest_invalid"
+    http_status = 400
+
+
+class TemplateError(ManifestError):
+    code = "template_invalid"
+
+
+class SecretUploadError(MarbleKeepError):
+    code = "secret_upload_invalid"
+    http_status = 400
+
+
+class StateError(MarbleKeepError):
+    code = "wrong_state"
+    http_status = 409
+
+
+class AuthenticationError(MarbleKeepError):
+    code = "unauthenticated"
+    http_status = 401
+
+
+class AuthorizationError(MarbleKeepError):
+    code = "forbidden"
+    http_status = 403
+
+
+class ActivationRefused(MarbleKeepError):
+    code = "activation_refused"
+    http_status = 403
+
+
+class AttestationError(MarbleKeepError):
+    code = "attestation_failed"
+    http_status = 403
+
+
+class CollateralError(AttestationError):
+    code = "collateral_unavailable"
+    http_status = 503
+
+
+class RequestError(MarbleKeepError):
+    code = "bad_request"
+    http_status = 400
+    exit_code = 2
+
+
+class StoreError(MarbleKeepError):
+    code = "store_failed"
+    http_status = 503
+
+
+class ConflictError(StoreError):
+    code = "conflict"
+    http_status = 409
+
+
+class SealError(MarbleKeepError):
+    code = "unseal_failed"
+    http_status = 503
+
+
+class IntegrityError(SealError):
+    code = "integrity_failed"
+    http_status = 500
+
+
+class RecoveryError(MarbleKeepError):
+    code = "recovery_failed"
+    http_status = 400
+
+
+class ConfigError(MarbleKeepError):
+    code = "config_invalid"
+    http_status = 500
+    exit_code = 2
