@@ -7,6 +7,7 @@ import click
 from marblekeep import __version__
 from marblekeep.cli.attestation_cmds import attestation
 from marblekeep.cli.manifest_cmds import manifest
+from marblekeep.cli.marble_cmds import marble
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -21,3 +22,4 @@ def main() -> None:
 
 main.add_command(manifest)
 main.add_command(attestation)
+main.add_command(marble)
