@@ -19,7 +19,8 @@ the CLI edge. Families are split by *who is to blame*::
     ├── StoreError             the storage backend failed                       503 / exit 1
     │   └── ConflictError      compare-and-set lost against a concurrent write  409 / exit 1
     ├── SealError              the data-encryption key cannot be unwrapped       503 / exit 1
-    │   └── IntegrityError     stored data fails authentication                 500 / exit 1
+    │   ├── IntegrityError     stored data fails authentication                 500 / exit 1
+    │   └── RollbackError      stored state is older than the newest sealed     503 / exit 1
     ├── RecoveryError          a recovery upload is invalid                     400 / exit 1
     └── ConfigError            bad Coordinator / CLI configuration              - / exit 2
 
@@ -48,6 +49,7 @@ __all__ = [
     "Problem",
     "RecoveryError",
     "RequestError",
+    "RollbackError",
     "SealError",
     "SecretUploadError",
     "StateError",
@@ -156,6 +158,13 @@ class SealError(MarbleKeepError):
 class IntegrityError(SealError):
     code = "integrity_failed"
     http_status = 500
+
+
+class RollbackError(SealError):
+    """The stored state is older than the newest state this Coordinator sealed (rollback anchor)."""
+
+    code = "state_rollback"
+    http_status = 503
 
 
 class RecoveryError(MarbleKeepError):
