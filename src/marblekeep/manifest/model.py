@@ -21,6 +21,7 @@ __all__ = [
     "CertTemplate",
     "Config",
     "FileEntry",
+    "Infrastructure",
     "Manifest",
     "Marble",
     "Package",
@@ -200,6 +201,16 @@ class Config:
 
     def feature_enabled(self, gate: str) -> bool:
         return any(g.lower() == gate.lower() for g in self.feature_gates)
+
+
+@dataclass(frozen=True)
+class Infrastructure:
+    """``Infrastructures.<name>``: parsed for compatibility; MarbleRun does not check its content."""
+
+    cpusvn: bytes | None = None
+    qesvn: int | None = None
+    pcesvn: int | None = None
+    root_ca: bytes | None = None
 
 
 @dataclass(frozen=True)

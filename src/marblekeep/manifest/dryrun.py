@@ -1,0 +1,86 @@
+"""The template dry run (reference §2.5): would every Marble's Files and Env render?
+
+Run when a manifest is set or updated and when user-defined secrets are uploaded. Every
+template is parsed with its function set (``Files``: raw allowed; ``Env``: string allowed) and
+executed against dummy values: the reserved certificates are ``b"A"`` (``MarbleCert`` also has
+a dummy public and private key), the seal key is 32 bytes, and every secret of the manifest has
+``b"A"`` as its certificate, public and private value unless a real value is passed in
+*secrets* (the upload dry run). ``.Previous.Secrets`` is the same map.
+
+The Env NUL rule applies before templating and even to ``NoTemplates`` entries: environment
+values cannot carry a NUL byte. Problems name the Marble and the file or variable; they never
+contain secret values. Nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+from marblekeep.errors import ManifestError, Problem
+from marblekeep.manifest.model import FileEntry, Manifest, Secret
+from marblekeep.templating import FunctionSet, ReservedSecret, TemplateData, parse_template
+
+__all__ = ["dry_run"]
+
+_DUMMY = b"A"
+_DUMMY_SEAL_KEY = b"A" * 32
+
+
+def _dummy_data(manifest: Manifest, secrets: Mapping[str, Secret] | None) -> TemplateData:
+    values: dict[str, Secret] = {}
+    real = secrets or {}
+    for name, secret in manifest.secrets.items():
+        given = real.get(name)
+        if given is not None and given.has_value:
+            values[name] = given
+        else:
+            values[name] = dataclasses.replace(secret, cert=_DUMMY, public=_DUMMY, private=_DUMMY)
+    reserved = ReservedSecret(cert=_DUMMY)
+    return TemplateData(
+        root_ca=reserved,
+        marble_cert=ReservedSecret(cert=_DUMMY, public=_DUMMY, private=_DUMMY),
+        coordinator_root=reserved,
+        coordinator_intermediate=reserved,
+        seal_key=_DUMMY_SEAL_KEY,
+        secrets=values,
+        previous_secrets=values,
+    )
+
+
+def _render(entry: FileEntry, functions: FunctionSet, data: TemplateData, path: str) -> Problem | None:
+    try:
+        parse_template(entry.data, functions).execute(data)
+    except ManifestError as exc:  # TemplateError and anything else from our tree
+        return Problem(path, f"template: {exc.message}")
+    return None
+
+
+def dry_run(manifest: Manifest, secrets: Mapping[str, Secret] | None = None) -> list[Problem]:
+    """Render every Marble's Files and Env against dummy values; return every problem found.
+
+    *secrets* holds real values to use instead of dummies (for the secret-upload dry run).
+    """
+    data = _dummy_data(manifest, secrets)
+    problems: list[Problem] = []
+    for marble_name, marble in manifest.marbles.items():
+        base = f"Marbles.{marble_name}.Parameters"
+        for name, entry in marble.parameters.files.items():
+            if entry.no_templates:
+                continue
+            problem = _render(entry, FunctionSet.FILES, data, f"{base}.Files.{name}")
+            if problem is not None:
+                problems.append(problem)
+        for name, entry in marble.parameters.env.items():
+            path = f"{base}.Env.{name}"
+            if b"\x00" in entry.data:
+                problems.append(
+                    Problem(path, "contains a NUL byte, which an environment variable cannot hold: remove it")
+                )
+                continue
+            if entry.no_templates:
+                continue
+            problem = _render(entry, FunctionSet.ENV, data, path)
+            if problem is not None:
+                problems.append(problem)
+    return problems
