@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from cryptography import x509
 
 from marblekeep.errors import Problem
-from marblekeep.manifest.gojson import Decoder, JObject, JValue, join, kind_of
+from marblekeep.manifest.gojson import Decoder, JNumber, JObject, JValue, join, kind_of
 from marblekeep.manifest.model import (
     CertTemplate,
     Config,
@@ -255,7 +255,10 @@ class _ManifestParser:
         if isinstance(value, str):
             return FileEntry(data=(d.str_value(value, path) or "").encode("utf-8"))
         if not isinstance(value, JObject):
+            hint = " (quote it: values are strings)" if isinstance(value, bool | JNumber) else ""
             d.type_error(path, 'a string or an object {"Data", "Encoding", "NoTemplates"}', value)
+            if hint:
+                d.problems[-1] = Problem(path, d.problems[-1].message + hint)
             return FileEntry(data=b"")
         f = d.fields(value.pairs, ("Data", "Encoding", "NoTemplates"))
         data = d.string(f.get("Data", []), join(path, "Data"))
