@@ -71,6 +71,7 @@ def _parse_entry(name: str, value: object, problems: list[Problem]) -> _Upload |
         problems.append(Problem(name, "must be an object with Cert, Private or Key"))
         return None
     found: dict[str, bytes | None] = {}
+    before = len(problems)
     for raw_field, field_value in value.items():
         canonical = _FIELDS.get(str(raw_field).lower())
         if canonical is None:
@@ -83,6 +84,8 @@ def _parse_entry(name: str, value: object, problems: list[Problem]) -> _Upload |
             continue
         # A later duplicate (different case) overwrites an earlier one, as in Go.
         found[canonical] = _decode_bytes(field_value, f"{name}.{canonical}", problems)
+    if len(problems) > before:
+        return None  # a field could not be decoded: its format problem is the one to report
     return _Upload(cert=found.get("Cert"), private=found.get("Private"), key=found.get("Key"))
 
 
