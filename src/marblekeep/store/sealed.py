@@ -1,0 +1,932 @@
+"""The encryption barrier: a :class:`SealedStore` encrypts every record before it reaches a backend.
+
+Storage is untrusted. What the backend (SQLite file, etcd, …) holds::
+
+    meta:format         b"marblekeep-sealed-store/1"                    plaintext
+    meta:wrapped_dek    1 || store_id(16) || key_id(16) || nonce(12) || AES-GCM(KEK, DEK)
+                        AAD = b"marblekeep/wrapped-dek/v1\\0" || store_id || key_id
+    meta:recovery_data  MarbleRun's recovery data R (JSON), plaintext: needed before the DEK is known
+    sys:state           sealed index record (below)
+    data:<key>          one sealed record per user key
+
+A sealed record is ``1 || key_id(16) || nonce(12) || AES-256-GCM(DEK, value)`` with
+``AAD = b"marblekeep/record/v1\\0" || 1 || key_id || <backend key>`` and a fresh random
+nonce per write, so a record cannot be moved to another key, swapped with another
+record or decrypted under another DEK. **Key names are not encrypted** (names such as
+``secret:db-password`` leak to whoever reads the disk); values are.
+
+``sys:state`` (sealed like a record) holds ``b"MKS1" || store_id || epoch (u64) ||
+record count (u64) || index digest (32) || SHA-256 of R``. The index digest is
+``Σ HMAC-SHA256(K_idx, len(key) || key || sealed record) mod 2^256`` over every
+``data:`` record, ``K_idx = HKDF(DEK, info=b"marblekeep/record-index/v1")``: a record
+that is removed, added, or replaced by an older sealed copy of itself changes it. The
+epoch grows by one with every commit and is the rollback counter
+(:mod:`marblekeep.store.anchor`).
+
+Opening (:func:`open_sealed_store`) gives one of:
+
+- :class:`Opened` with ``fresh=True``: the backend is empty; a new DEK is made and
+  nothing is written until the first commit (MarbleRun persists nothing before a manifest).
+- :class:`Opened` with ``fresh=False``: the DEK unwrapped and *every* record
+  verified (decrypts under the DEK, index digest and count match, R matches).
+- :class:`NeedsRecovery`: the KEK does not open ``meta:wrapped_dek`` (other CPU,
+  other enclave, key file lost), the wrapped DEK is missing, or it is a different
+  DEK than the one the data was written with (an old ``meta:wrapped_dek`` paired
+  with newer data). The Coordinator enters Recovery; :class:`PendingRecovery`
+  tests candidate DEKs, completes the recovery or discards the old state.
+
+and raises, never loading wrong data and never resetting silently:
+
+- :class:`~marblekeep.errors.IntegrityError` naming the record when data fails
+  authentication under a valid DEK, or records are missing/unknown;
+- :class:`~marblekeep.errors.RollbackError` when the state's epoch is below the
+  anchor's (unless ``allow_rollback=True``, which logs a WARNING and resets the anchor);
+- :class:`~marblekeep.errors.StoreError` / ``ConfigError`` from the backend and KEK provider.
+
+At run time every read is checked against the in-memory index built at open, so
+a record changed underneath the running Coordinator is an ``IntegrityError`` too;
+if the backend's revision moved (another writer), the store re-verifies everything
+first. All methods are serialised by one lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import hmac
+import logging
+import os
+import struct
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from hashlib import sha256
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from marblekeep.errors import ConflictError, IntegrityError, RollbackError, SealError, StoreError
+from marblekeep.store.anchor import AnchorReading, AnchorStatus, RollbackAnchor
+from marblekeep.store.base import Snapshot, Store, check_key, check_writes
+from marblekeep.store.kek import KEK_SIZE, KeyEncryptionKeyProvider
+
+__all__ = [
+    "DEK_SIZE",
+    "NeedsRecovery",
+    "OpenResult",
+    "Opened",
+    "PendingRecovery",
+    "SealedStore",
+    "open_sealed_store",
+]
+
+SEAL_LOG = logging.getLogger("marblekeep.seal")
+
+DEK_SIZE = 32
+FORMAT = b"marblekeep-sealed-store/1"
+META_FORMAT = "meta:format"
+META_WRAPPED_DEK = "meta:wrapped_dek"
+META_RECOVERY_DATA = "meta:recovery_data"
+SYS_STATE = "sys:state"
+DATA_PREFIX = "data:"
+_META_KEYS = frozenset({META_FORMAT, META_WRAPPED_DEK, META_RECOVERY_DATA, SYS_STATE})
+
+_VERSION = 1
+_ID = 16
+_NONCE = 12
+_TAG = 16
+_HEADER = 1 + _ID
+_RECORD_AAD = b"marblekeep/record/v1\x00"
+_WRAP_AAD = b"marblekeep/wrapped-dek/v1\x00"
+_INDEX_INFO = b"marblekeep/record-index/v1"
+_STATE = struct.Struct(">4s16sQQ32s32s")
+_STATE_MAGIC = b"MKS1"
+_MOD = 1 << 256
+
+Rng = Callable[[int], bytes]
+
+
+class _Keep(enum.Enum):
+    KEEP = "keep"
+
+
+KEEP = _Keep.KEEP
+
+
+# --------------------------------------------------------------------------------------------
+# pure helpers
+
+
+def _recovery_data_hash(recovery_data: bytes | None) -> bytes:
+    return sha256(b"\x00" if recovery_data is None else b"\x01" + recovery_data).digest()
+
+
+class _DekMismatch(Exception):
+    """The data was written under another DEK than the unwrapped one (internal signal)."""
+
+
+@dataclass(frozen=True)
+class _Keyring:
+    dek: bytes
+    key_id: bytes
+
+    @property
+    def aead(self) -> AESGCM:
+        return AESGCM(self.dek)
+
+    @property
+    def index_key(self) -> bytes:
+        return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_INDEX_INFO).derive(self.dek)
+
+
+class _Crypto:
+    """Record sealing under one DEK."""
+
+    def __init__(self, keyring: _Keyring, rng: Rng) -> None:
+        self.keyring = keyring
+        self._aead = keyring.aead
+        self._index_key = keyring.index_key
+        self._rng = rng
+
+    def seal(self, inner_key: str, value: bytes) -> bytes:
+        header = bytes([_VERSION]) + self.keyring.key_id
+        nonce = self._rng(_NONCE)
+        aad = _RECORD_AAD + header + inner_key.encode("utf-8")
+        return header + nonce + self._aead.encrypt(nonce, value, aad)
+
+    def open(self, inner_key: str, blob: bytes, *, mismatch_is_integrity: bool = True) -> bytes:
+        user_key = inner_key.removeprefix(DATA_PREFIX)
+        if len(blob) < _HEADER + _NONCE + _TAG or blob[0] != _VERSION:
+            raise IntegrityError(
+                f"stored record {user_key!r} is malformed: the storage was damaged or tampered with; "
+                "restore a backup"
+            )
+        if blob[1:_HEADER] != self.keyring.key_id:
+            if not mismatch_is_integrity:
+                raise _DekMismatch
+            raise IntegrityError(
+                f"stored record {user_key!r} was encrypted under another data-encryption key than the rest "
+                "of the state: records from different states were mixed; restore a backup"
+            )
+        aad = _RECORD_AAD + blob[:_HEADER] + inner_key.encode("utf-8")
+        try:
+            return self._aead.decrypt(blob[_HEADER : _HEADER + _NONCE], blob[_HEADER + _NONCE :], aad)
+        except InvalidTag:
+            raise IntegrityError(
+                f"stored record {user_key!r} fails authentication under the state's key: it was modified, "
+                "moved from another key or damaged; restore a backup"
+            ) from None
+
+    def element(self, inner_key: str, blob: bytes) -> int:
+        encoded = inner_key.encode("utf-8")
+        mac = hmac.new(self._index_key, struct.pack(">I", len(encoded)) + encoded + blob, sha256)
+        return int.from_bytes(mac.digest(), "big")
+
+
+def _wrap(kek: bytes, store_id: bytes, keyring: _Keyring, rng: Rng) -> bytes:
+    nonce = rng(_NONCE)
+    aad = _WRAP_AAD + store_id + keyring.key_id
+    sealed = AESGCM(kek).encrypt(nonce, keyring.dek, aad)
+    return bytes([_VERSION]) + store_id + keyring.key_id + nonce + sealed
+
+
+def _unwrap(kek: bytes, blob: bytes) -> tuple[bytes, _Keyring] | None:
+    """``(store_id, keyring)`` or ``None`` if this KEK does not open the wrapped DEK."""
+    if len(blob) != 1 + 2 * _ID + _NONCE + DEK_SIZE + _TAG or blob[0] != _VERSION:
+        return None
+    store_id, key_id = blob[1 : 1 + _ID], blob[1 + _ID : 1 + 2 * _ID]
+    nonce, ct = blob[1 + 2 * _ID : 1 + 2 * _ID + _NONCE], blob[1 + 2 * _ID + _NONCE :]
+    try:
+        dek = AESGCM(kek).decrypt(nonce, ct, _WRAP_AAD + store_id + key_id)
+    except InvalidTag:
+        return None
+    return store_id, _Keyring(dek, key_id)
+
+
+@dataclass
+class _State:
+    """What the sealed index says, plus the per-record elements computed while verifying."""
+
+    store_id: bytes
+    epoch: int
+    elements: dict[str, int]
+    digest: int
+    recovery_data: bytes | None
+
+    def sealed(self, crypto: _Crypto) -> bytes:
+        body = _STATE.pack(
+            _STATE_MAGIC,
+            self.store_id,
+            self.epoch,
+            len(self.elements),
+            self.digest.to_bytes(32, "big"),
+            _recovery_data_hash(self.recovery_data),
+        )
+        return crypto.seal(SYS_STATE, body)
+
+
+def _key_id_of(blob: bytes) -> bytes | None:
+    if len(blob) < _HEADER or blob[0] != _VERSION:
+        return None
+    return blob[1:_HEADER]
+
+
+def _check_layout(records: Mapping[str, bytes]) -> None:
+    for key in records:
+        if key not in _META_KEYS and not key.startswith(DATA_PREFIX):
+            raise IntegrityError(
+                f"the stored state holds an unexpected record {key!r}: it was tampered with or "
+                "written by another program; restore a backup"
+            )
+    fmt = records.get(META_FORMAT)
+    if fmt is None:
+        raise IntegrityError(
+            f"the stored state has records but no {META_FORMAT!r} record: it is incomplete or "
+            "damaged; restore a backup"
+        )
+    if fmt != FORMAT:
+        raise IntegrityError(
+            f"record {META_FORMAT!r} names an unknown state format: the state was damaged or written by "
+            "a newer marblekeep; use a matching release or restore a backup"
+        )
+
+
+def _verify(records: Mapping[str, bytes], crypto: _Crypto) -> _State:
+    """Check every record against the sealed index. Raises ``_DekMismatch`` or ``IntegrityError``."""
+    blob = records.get(SYS_STATE)
+    if blob is None:
+        raise IntegrityError(
+            f"the stored state has no {SYS_STATE!r} record: it is incomplete or damaged; restore a backup"
+        )
+    body = crypto.open(SYS_STATE, blob, mismatch_is_integrity=False)
+    if len(body) != _STATE.size:
+        raise IntegrityError(f"record {SYS_STATE!r} has an unknown layout; restore a backup")
+    magic, store_id, epoch, count, digest_bytes, rd_hash = _STATE.unpack(body)
+    if magic != _STATE_MAGIC:
+        raise IntegrityError(f"record {SYS_STATE!r} has an unknown layout; restore a backup")
+    elements: dict[str, int] = {}
+    digest = 0
+    for key, value in records.items():
+        if key.startswith(DATA_PREFIX):
+            crypto.open(key, value)
+            elements[key] = crypto.element(key, value)
+            digest = (digest + elements[key]) % _MOD
+    if len(elements) != count or digest != int.from_bytes(digest_bytes, "big"):
+        raise IntegrityError(
+            f"the stored records do not match the sealed index (expected {count} records, found "
+            f"{len(elements)}): a record was removed, added or replaced by an older copy; restore a backup"
+        )
+    recovery_data = records.get(META_RECOVERY_DATA)
+    if _recovery_data_hash(recovery_data) != rd_hash:
+        raise IntegrityError(
+            f"record {META_RECOVERY_DATA!r} does not match the sealed index: it was modified; "
+            "restore a backup"
+        )
+    return _State(store_id, epoch, elements, digest, recovery_data)
+
+
+# --------------------------------------------------------------------------------------------
+# the store
+
+
+class SealedStore:
+    """A :class:`~marblekeep.store.base.Store` whose values are sealed with the DEK.
+
+    Made by :func:`open_sealed_store` (or :class:`PendingRecovery`), never directly.
+    The revision is the backend's; the sealed ``epoch`` counts commits.
+    """
+
+    def __init__(
+        self,
+        inner: Store,
+        crypto: _Crypto,
+        state: _State,
+        revision: int,
+        *,
+        kek: bytes | None,
+        provider: KeyEncryptionKeyProvider | None,
+        anchor_generation: int,
+        rng: Rng,
+        unwritten: bool,
+        pending_deletes: frozenset[str] = frozenset(),
+        reset_anchor: bool = False,
+    ) -> None:
+        self._inner = inner
+        self._crypto = crypto
+        self._state = state
+        self._revision = revision
+        self._kek = kek
+        self._provider = provider
+        self._anchor_generation = anchor_generation
+        self._rng = rng
+        self._unwritten = unwritten  # meta records not yet in the backend (fresh / discarded state)
+        self._pending_deletes = pending_deletes
+        self._reset_anchor = reset_anchor
+        self._stale = False
+        self._lock = asyncio.Lock()
+
+    # -- properties --------------------------------------------------------------------------
+
+    @property
+    def epoch(self) -> int:
+        """How many commits the sealed state has seen (the rollback counter)."""
+        return self._state.epoch
+
+    @property
+    def store_id(self) -> bytes:
+        """Random 16-byte identity of this state, made when it was first created."""
+        return self._state.store_id
+
+    @property
+    def recovery_data(self) -> bytes | None:
+        """MarbleRun's recovery data R as stored (``None``: none, e.g. single recovery key)."""
+        return self._state.recovery_data
+
+    @property
+    def inner(self) -> Store:
+        return self._inner
+
+    # -- internal ----------------------------------------------------------------------------
+
+    def _anchor(self) -> RollbackAnchor | None:
+        if self._provider is None or self._kek is None:
+            return None
+        path = self._provider.anchor_path
+        return None if path is None else RollbackAnchor(path, self._kek)
+
+    async def _write_anchor(self) -> None:
+        anchor = self._anchor()
+        if anchor is None:
+            return
+        try:
+            self._anchor_generation = await asyncio.to_thread(
+                anchor.write,
+                self._state.store_id,
+                self._state.epoch,
+                reset=self._reset_anchor,
+                generation=self._anchor_generation,
+            )
+            self._reset_anchor = False
+        except StoreError as exc:
+            # The commit itself is durable. An anchor that lags behind is accepted on load,
+            # so this only weakens rollback protection until the next successful write.
+            SEAL_LOG.error("state committed at epoch %d, but %s", self._state.epoch, exc.message)
+
+    async def _reload(self) -> None:
+        """Re-verify everything after another writer moved the backend's revision."""
+        if self._kek is None:
+            raise StoreError("the sealed state changed underneath a store without a KEK; restart")
+        snap = await self._inner.snapshot("")
+        _check_layout(snap.records)
+        wrapped = snap.records.get(META_WRAPPED_DEK)
+        unwrapped = None if wrapped is None else _unwrap(self._kek, wrapped)
+        if unwrapped is None:
+            raise SealError(
+                "the stored state changed and its data-encryption key no longer unwraps with this "
+                "Coordinator's key; restart the Coordinator (it will enter recovery)"
+            )
+        crypto = _Crypto(unwrapped[1], self._rng)
+        try:
+            state = _verify(snap.records, crypto)
+        except _DekMismatch:
+            raise SealError(
+                "the stored state changed and its wrapped key does not belong to its data; restart "
+                "the Coordinator (it will enter recovery)"
+            ) from None
+        if state.store_id != self._state.store_id and not self._unwritten:
+            raise IntegrityError(
+                "the stored state was replaced by a different state; restart the Coordinator"
+            )
+        if state.epoch < self._state.epoch:
+            raise RollbackError(
+                f"the stored state went back from epoch {self._state.epoch} to {state.epoch} while "
+                "running: the storage is being rolled back; restart and investigate"
+            )
+        self._crypto, self._state, self._revision = crypto, state, snap.revision
+        self._unwritten, self._pending_deletes, self._stale = False, frozenset(), False
+
+    async def _refresh_if_unwritten(self) -> None:
+        if self._unwritten and (self._stale or await self._inner.revision() != self._revision):
+            await self._reload()
+
+    async def _refresh(self) -> None:
+        if self._stale or await self._inner.revision() != self._revision:
+            await self._reload()
+
+    def _mismatch(self, user_key: str) -> IntegrityError:
+        return IntegrityError(
+            f"stored record {user_key!r} does not match the sealed index (removed, added or replaced by "
+            "an older copy while running): the storage was tampered with; restore a backup"
+        )
+
+    async def _commit_inner(self, writes: dict[str, bytes | None], state: _State, crypto: _Crypto) -> int:
+        writes[SYS_STATE] = state.sealed(crypto)
+        if self._unwritten:
+            assert self._kek is not None or self._provider is None
+            for key in self._pending_deletes:
+                writes.setdefault(key, None)
+            writes[META_FORMAT] = FORMAT
+            if self._kek is not None:
+                writes[META_WRAPPED_DEK] = _wrap(self._kek, state.store_id, crypto.keyring, self._rng)
+        if state.recovery_data != self._state.recovery_data or self._unwritten:
+            writes[META_RECOVERY_DATA] = state.recovery_data
+        try:
+            revision = await self._inner.commit(writes, expected_revision=self._revision)
+        except ConflictError:
+            self._stale = True
+            raise
+        self._crypto, self._state, self._revision = crypto, state, revision
+        self._unwritten, self._pending_deletes = False, frozenset()
+        await self._write_anchor()
+        return revision
+
+    # -- Store API ---------------------------------------------------------------------------
+
+    async def get(self, key: str) -> bytes | None:
+        inner_key = DATA_PREFIX + check_key(key)
+        async with self._lock:
+            for _ in range(3):
+                await self._refresh_if_unwritten()
+                if self._unwritten:
+                    return None  # nothing of this state is in the backend yet
+                if self._stale:
+                    await self._reload()
+                blob = await self._inner.get(inner_key)
+                expected = self._state.elements.get(inner_key)
+                if blob is None and expected is None:
+                    return None
+                if blob is not None and expected == self._crypto.element(inner_key, blob):
+                    return self._crypto.open(inner_key, blob)
+                if await self._inner.revision() == self._revision:
+                    raise self._mismatch(key)
+                self._stale = True
+            raise StoreError("the state keeps changing under concurrent writers; retry")
+
+    async def snapshot(self, prefix: str = "") -> Snapshot:
+        inner_prefix = DATA_PREFIX + prefix
+        async with self._lock:
+            for _ in range(3):
+                await self._refresh_if_unwritten()
+                if self._unwritten:
+                    return Snapshot(self._revision, {})
+                if self._stale:
+                    await self._reload()
+                snap = await self._inner.snapshot(inner_prefix)
+                if snap.revision != self._revision:
+                    self._stale = True
+                    continue
+                expected = {k for k in self._state.elements if k.startswith(inner_prefix)}
+                differing = expected.symmetric_difference(snap.records)
+                if differing:
+                    raise self._mismatch(min(differing).removeprefix(DATA_PREFIX))
+                out: dict[str, bytes] = {}
+                for k, blob in snap.records.items():
+                    if self._state.elements[k] != self._crypto.element(k, blob):
+                        raise self._mismatch(k.removeprefix(DATA_PREFIX))
+                    out[k.removeprefix(DATA_PREFIX)] = self._crypto.open(k, blob)
+                return Snapshot(snap.revision, out)
+            raise StoreError("the state keeps changing under concurrent writers; retry")
+
+    async def list(self, prefix: str) -> dict[str, bytes]:
+        return dict((await self.snapshot(prefix)).records)
+
+    async def revision(self) -> int:
+        async with self._lock:
+            await self._refresh()
+            return self._revision
+
+    async def commit(self, writes: Mapping[str, bytes | None], *, expected_revision: int) -> int:
+        checked = check_writes(writes)
+        async with self._lock:
+            await self._refresh()
+            if expected_revision != self._revision:
+                raise ConflictError(
+                    f"store changed since revision {expected_revision} (now {self._revision}); "
+                    "re-read and retry"
+                )
+            if not checked:
+                return self._revision
+            elements = dict(self._state.elements)
+            digest = self._state.digest
+            inner_writes: dict[str, bytes | None] = {}
+            for key, value in checked.items():
+                inner_key = DATA_PREFIX + key
+                old = elements.pop(inner_key, None)
+                if old is not None:
+                    digest = (digest - old) % _MOD
+                if value is None:
+                    inner_writes[inner_key] = None
+                else:
+                    blob = self._crypto.seal(inner_key, value)
+                    inner_writes[inner_key] = blob
+                    elements[inner_key] = self._crypto.element(inner_key, blob)
+                    digest = (digest + elements[inner_key]) % _MOD
+            state = _State(
+                self._state.store_id, self._state.epoch + 1, elements, digest, self._state.recovery_data
+            )
+            return await self._commit_inner(inner_writes, state, self._crypto)
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+    # -- key management ----------------------------------------------------------------------
+
+    async def rekey(self, new_dek: bytes, *, recovery_data: bytes | _Keep | None = KEEP) -> int:
+        """Re-encrypt every record under ``new_dek`` and store the new wrapped DEK, in one commit.
+
+        Used when a manifest is set or its recovery keys change (the DEK is what the
+        recovery secrets open). ``recovery_data`` replaces R in the same commit.
+        Returns the new revision.
+        """
+        if not isinstance(new_dek, bytes) or len(new_dek) != DEK_SIZE:
+            raise SealError(f"a data-encryption key must be {DEK_SIZE} bytes")
+        async with self._lock:
+            await self._refresh()
+            old = self._crypto
+            snap = await self._inner.snapshot(DATA_PREFIX)
+            if snap.revision != self._revision:
+                self._stale = True
+                raise ConflictError("the state changed while re-keying; retry")
+            records = {} if self._unwritten else snap.records
+            differing = set(records).symmetric_difference(self._state.elements)
+            if differing:
+                raise self._mismatch(min(differing).removeprefix(DATA_PREFIX))
+            crypto = _Crypto(_Keyring(new_dek, self._rng(_ID)), self._rng)
+            writes: dict[str, bytes | None] = {}
+            elements: dict[str, int] = {}
+            digest = 0
+            for key, blob in records.items():
+                if self._state.elements[key] != old.element(key, blob):
+                    raise self._mismatch(key.removeprefix(DATA_PREFIX))
+                sealed = crypto.seal(key, old.open(key, blob))
+                writes[key] = sealed
+                elements[key] = crypto.element(key, sealed)
+                digest = (digest + elements[key]) % _MOD
+            rd = self._state.recovery_data if isinstance(recovery_data, _Keep) else recovery_data
+            state = _State(self._state.store_id, self._state.epoch + 1, elements, digest, rd)
+            if self._kek is not None:
+                writes[META_WRAPPED_DEK] = _wrap(self._kek, state.store_id, crypto.keyring, self._rng)
+            return await self._commit_inner(writes, state, crypto)
+
+    async def rewrap(self, provider: KeyEncryptionKeyProvider) -> int:
+        """Wrap the DEK under another provider's KEK (e.g. the seal mode changed), in one commit.
+
+        The rollback anchor moves to the new provider's anchor path (a new generation).
+        """
+        kek = await asyncio.to_thread(provider.load_kek)
+        _check_kek(kek, provider)
+        async with self._lock:
+            await self._refresh()
+            self._kek, self._provider, self._reset_anchor = kek, provider, True
+            state = _State(
+                self._state.store_id,
+                self._state.epoch + 1,
+                dict(self._state.elements),
+                self._state.digest,
+                self._state.recovery_data,
+            )
+            writes: dict[str, bytes | None] = {
+                META_WRAPPED_DEK: _wrap(kek, state.store_id, self._crypto.keyring, self._rng)
+            }
+            return await self._commit_inner(writes, state, self._crypto)
+
+
+# --------------------------------------------------------------------------------------------
+# opening
+
+
+@dataclass(frozen=True)
+class Opened:
+    """The state is usable: ``fresh`` (nothing stored yet) or loaded and verified."""
+
+    store: SealedStore
+    fresh: bool
+
+    @property
+    def outcome(self) -> str:
+        return "fresh" if self.fresh else "loaded"
+
+
+@dataclass(frozen=True)
+class NeedsRecovery:
+    """The DEK cannot be unwrapped: the Coordinator must enter Recovery. ``reason`` says why."""
+
+    recovery: PendingRecovery
+    reason: SealError
+
+    @property
+    def outcome(self) -> str:
+        return "needs_recovery"
+
+
+OpenResult = Opened | NeedsRecovery
+
+
+def _check_kek(kek: bytes, provider: KeyEncryptionKeyProvider) -> None:
+    if not isinstance(kek, bytes) or len(kek) != KEK_SIZE:
+        raise SealError(f"{provider.description} returned a key-encryption key of the wrong size")
+
+
+def _fresh_store(
+    inner: Store,
+    revision: int,
+    kek: bytes | None,
+    provider: KeyEncryptionKeyProvider | None,
+    rng: Rng,
+    *,
+    generation: int,
+    pending_deletes: frozenset[str] = frozenset(),
+    reset_anchor: bool = False,
+) -> SealedStore:
+    dek = rng(DEK_SIZE)
+    if len(dek) != DEK_SIZE:
+        raise SealError("the random generator returned a short key")
+    crypto = _Crypto(_Keyring(dek, rng(_ID)), rng)
+    state = _State(rng(_ID), 0, {}, 0, None)
+    return SealedStore(
+        inner,
+        crypto,
+        state,
+        revision,
+        kek=kek,
+        provider=provider,
+        anchor_generation=generation,
+        rng=rng,
+        unwritten=True,
+        pending_deletes=pending_deletes,
+        reset_anchor=reset_anchor,
+    )
+
+
+def _rollback_message(state_epoch: int, anchor: AnchorReading, path: object) -> str:
+    return (
+        f"refusing to load the stored state: it is at epoch {state_epoch}, but this Coordinator has "
+        f"already sealed epoch {anchor.epoch} (rollback anchor {path}). The state is older than the "
+        "newest one this Coordinator wrote: someone may be replaying an old copy to undo later changes "
+        "(revoked users, package updates, activation counters). If you are deliberately restoring a "
+        "backup, start once with the rollback override (allow_rollback); the override is logged."
+    )
+
+
+def _check_anchor(
+    anchor: RollbackAnchor | None,
+    reading: AnchorReading,
+    state: _State,
+    allow_rollback: bool,
+) -> bool:
+    """Apply the rollback rules; returns whether the anchor must be reset (new generation)."""
+    if anchor is None:
+        return False
+    problem: str | None = None
+    if reading.status is AnchorStatus.MISSING:
+        if state.epoch > 1:  # epoch 1 may have crashed before its first anchor write
+            problem = (
+                f"refusing to load the stored state at epoch {state.epoch}: its rollback anchor "
+                f"{anchor.path} is missing, so it cannot be told apart from a replayed old copy. If you "
+                "moved or restored the state deliberately, start once with the rollback override "
+                "(allow_rollback); the override is logged."
+            )
+    elif reading.status is AnchorStatus.INVALID:
+        problem = (
+            f"refusing to load the stored state: the rollback anchor {anchor.path} does not verify under "
+            "this Coordinator's key (damaged or replaced). If you restored the state deliberately, start "
+            "once with the rollback override (allow_rollback); the override is logged."
+        )
+    elif reading.store_id != state.store_id:
+        problem = (
+            f"refusing to load the stored state: the rollback anchor {anchor.path} belongs to another "
+            "state (the state was replaced by a different one). If that was deliberate, start once with "
+            "the rollback override (allow_rollback); the override is logged."
+        )
+    elif state.epoch < reading.epoch:
+        problem = _rollback_message(state.epoch, reading, anchor.path)
+    if problem is None:
+        return False
+    if not allow_rollback:
+        raise RollbackError(problem)
+    SEAL_LOG.warning(
+        "ROLLBACK OVERRIDE: loading state epoch %d although the anchor %s says %s (epoch %d); "
+        "the anchor is reset to the loaded state",
+        state.epoch,
+        anchor.path,
+        reading.status.value,
+        reading.epoch,
+    )
+    return True
+
+
+async def open_sealed_store(
+    inner: Store,
+    provider: KeyEncryptionKeyProvider | None,
+    *,
+    allow_rollback: bool = False,
+    rng: Rng = os.urandom,
+) -> OpenResult:
+    """Open the sealed state in ``inner`` with the KEK from ``provider``.
+
+    ``provider=None`` is ``SealMode: Disabled``: pass a fresh
+    :class:`~marblekeep.store.memory.MemoryStore`; nothing is wrapped or anchored.
+    See the module docstring for the outcomes. ``allow_rollback`` is the operator's
+    override for restoring a backup older than the anchor (logged at WARNING).
+    """
+    snap = await inner.snapshot("")
+    kek: bytes | None = None
+    anchor: RollbackAnchor | None = None
+    reading = AnchorReading(AnchorStatus.MISSING)
+    if provider is not None:
+        kek = await asyncio.to_thread(provider.load_kek)
+        _check_kek(kek, provider)
+        if provider.anchor_path is not None:
+            anchor = RollbackAnchor(provider.anchor_path, kek)
+            reading = await asyncio.to_thread(anchor.read)
+
+    if not snap.records:
+        reset = False
+        if anchor is not None and reading.status is not AnchorStatus.MISSING:
+            if not allow_rollback:
+                raise RollbackError(
+                    f"refusing to start with an empty state: the rollback anchor {anchor.path} shows "
+                    f"that this Coordinator already sealed a state (epoch {reading.epoch}). The state "
+                    "was deleted or lost; restore it from a backup, or start once with the rollback "
+                    "override (allow_rollback) to begin a new deployment deliberately."
+                )
+            SEAL_LOG.warning(
+                "ROLLBACK OVERRIDE: starting a new, empty state although the anchor %s records epoch %d",
+                anchor.path,
+                reading.epoch,
+            )
+            reset = True
+        store = _fresh_store(
+            inner, snap.revision, kek, provider, rng, generation=reading.generation, reset_anchor=reset
+        )
+        return Opened(store, fresh=True)
+
+    _check_layout(snap.records)
+    pending = PendingRecovery(inner, snap, kek, provider, rng)
+    wrapped = snap.records.get(META_WRAPPED_DEK)
+    if kek is None or wrapped is None:
+        return NeedsRecovery(
+            pending,
+            SealError(
+                "the stored state has no wrapped data-encryption key"
+                if wrapped is None
+                else "the stored state exists but no key-encryption key is configured (SealMode Disabled)"
+            ),
+        )
+    unwrapped = _unwrap(kek, wrapped)
+    if unwrapped is None:
+        return NeedsRecovery(
+            pending,
+            SealError(
+                f"{provider.description if provider else 'the KEK'} does not unwrap the stored "
+                "data-encryption key (another CPU, another enclave build, a lost key file, or a damaged "
+                "record); upload the recovery secrets or set a new manifest"
+            ),
+        )
+    wrapped_store_id, keyring = unwrapped
+    crypto = _Crypto(keyring, rng)
+    try:
+        state = _verify(snap.records, crypto)
+    except _DekMismatch:
+        return NeedsRecovery(
+            pending,
+            SealError(
+                "the wrapped data-encryption key does not belong to the stored data (an older or newer "
+                "key file than the data); upload the recovery secrets or set a new manifest"
+            ),
+        )
+    if state.store_id != wrapped_store_id:
+        raise IntegrityError(
+            f"record {META_WRAPPED_DEK!r} belongs to another state than the data; restore a backup"
+        )
+    reset = _check_anchor(anchor, reading, state, allow_rollback)
+    store = SealedStore(
+        inner,
+        crypto,
+        state,
+        snap.revision,
+        kek=kek,
+        provider=provider,
+        anchor_generation=reading.generation,
+        rng=rng,
+        unwritten=False,
+        reset_anchor=reset,
+    )
+    if reset or state.epoch > reading.epoch or reading.status is not AnchorStatus.VALID:
+        await store._write_anchor()
+    return Opened(store, fresh=False)
+
+
+class PendingRecovery:
+    """The sealed state while the Coordinator is in Recovery.
+
+    ``try_key(candidate)`` (synchronous, for :class:`marblekeep.recovery.recoverer.Recoverer`)
+    tells whether a candidate DEK opens the state. ``complete(dek)`` verifies every
+    record under it, wraps it with the current KEK and commits (the anchor is reset
+    if the old one cannot be verified). ``discard()`` returns a fresh state that
+    replaces the old one at its first commit (a new manifest set in Recovery).
+    """
+
+    def __init__(
+        self,
+        inner: Store,
+        snap: Snapshot,
+        kek: bytes | None,
+        provider: KeyEncryptionKeyProvider | None,
+        rng: Rng,
+    ) -> None:
+        self._inner = inner
+        self._snap = snap
+        self._kek = kek
+        self._provider = provider
+        self._rng = rng
+
+    @property
+    def recovery_data(self) -> bytes | None:
+        """R as stored in plaintext (unauthenticated until the DEK is known, as in MarbleRun)."""
+        return self._snap.records.get(META_RECOVERY_DATA)
+
+    def try_key(self, candidate: bytes) -> bool:
+        blob = self._snap.records.get(SYS_STATE)
+        key_id = None if blob is None else _key_id_of(blob)
+        if blob is None or key_id is None or len(candidate) != DEK_SIZE:
+            return False
+        try:
+            _Crypto(_Keyring(candidate, key_id), self._rng).open(SYS_STATE, blob)
+        except IntegrityError:
+            return False
+        return True
+
+    async def complete(
+        self, dek: bytes, *, recovery_data: bytes | _Keep | None = KEEP, allow_rollback: bool = False
+    ) -> SealedStore:
+        """Load the state with the recovered DEK and re-seal it under this Coordinator's KEK."""
+        snap = await self._inner.snapshot("")
+        if snap.revision != self._snap.revision:
+            raise ConflictError("the stored state changed during recovery; restart the Coordinator")
+        blob = snap.records.get(SYS_STATE)
+        key_id = None if blob is None else _key_id_of(blob)
+        if key_id is None or not self.try_key(dek):
+            raise SealError("the recovered key does not decrypt the stored state")
+        crypto = _Crypto(_Keyring(dek, key_id), self._rng)
+        state = _verify(snap.records, crypto)
+        anchor = None
+        reading = AnchorReading(AnchorStatus.MISSING)
+        if self._provider is not None and self._kek is not None and self._provider.anchor_path is not None:
+            anchor = RollbackAnchor(self._provider.anchor_path, self._kek)
+            reading = await asyncio.to_thread(anchor.read)
+        if reading.status is AnchorStatus.VALID and reading.store_id == state.store_id:
+            if state.epoch < reading.epoch:
+                if not allow_rollback:
+                    path = anchor.path if anchor else ""
+                    raise RollbackError(_rollback_message(state.epoch, reading, path))
+                SEAL_LOG.warning(
+                    "ROLLBACK OVERRIDE: recovering state epoch %d although the anchor records epoch %d",
+                    state.epoch,
+                    reading.epoch,
+                )
+        elif anchor is not None and reading.status is not AnchorStatus.MISSING:
+            SEAL_LOG.warning(
+                "recovery: the rollback anchor %s was written for another key or state and cannot vouch "
+                "for this one; it is reset to the recovered state (epoch %d)",
+                anchor.path,
+                state.epoch,
+            )
+        store = SealedStore(
+            self._inner,
+            crypto,
+            state,
+            snap.revision,
+            kek=self._kek,
+            provider=self._provider,
+            anchor_generation=reading.generation,
+            rng=self._rng,
+            unwritten=False,
+            reset_anchor=True,
+        )
+        rd = state.recovery_data if isinstance(recovery_data, _Keep) else recovery_data
+        new_state = _State(state.store_id, state.epoch + 1, dict(state.elements), state.digest, rd)
+        writes: dict[str, bytes | None] = {}
+        if self._kek is not None:
+            writes[META_WRAPPED_DEK] = _wrap(self._kek, state.store_id, crypto.keyring, self._rng)
+        async with store._lock:
+            await store._commit_inner(writes, new_state, crypto)
+        return store
+
+    async def discard(self) -> SealedStore:
+        """A fresh state (new DEK, new store id); its first commit deletes every old record."""
+        anchor_generation = 0
+        if self._provider is not None and self._kek is not None and self._provider.anchor_path is not None:
+            reading = await asyncio.to_thread(RollbackAnchor(self._provider.anchor_path, self._kek).read)
+            anchor_generation = reading.generation
+        return _fresh_store(
+            self._inner,
+            self._snap.revision,
+            self._kek,
+            self._provider,
+            self._rng,
+            generation=anchor_generation,
+            pending_deletes=frozenset(self._snap.records),
+            reset_anchor=True,
+        )
