@@ -97,6 +97,7 @@ _KU_LEAF = x509.KeyUsage(
 # second (slow) re-encoding through OpenSSL; a test pins it against cryptography's own serialisation.
 _P384_SPKI_PREFIX = bytes.fromhex("3076301006072a8648ce3d020106052b81040022036200")
 _P384_SPKI_LEN = len(_P384_SPKI_PREFIX) + 97
+_IP_CHARS = frozenset("0123456789abcdefABCDEF.:")
 
 
 def random_serial(rng: Rng = os.urandom) -> int:
@@ -178,17 +179,19 @@ def _split_names(
     for index, name in enumerate(names):
         if not isinstance(name, str) or not name:
             raise error(f"{what}[{index}]: a DNS name or IP address must be a non-empty string")
-        try:
-            ip = ipaddress.ip_address(name)
-        except ValueError:
-            ip = None
+        ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
+        if _IP_CHARS.issuperset(name):  # cheap pre-check: parsing raises (slowly) for most host names
+            try:
+                ip = ipaddress.ip_address(name)
+            except ValueError:
+                ip = None
         if isinstance(ip, ipaddress.IPv6Address) and ip.scope_id:
             ip = None  # Go's net.ParseIP rejects zones: such an entry is a (strange) DNS name
         if ip is not None:
             if ip not in ips:
                 ips.append(ip)
             continue
-        if len(name) > 253 or not all(0x21 <= ord(c) <= 0x7E for c in name):
+        if len(name) > 253 or not (name.isascii() and name.isprintable()) or " " in name:
             raise error(
                 f"{what}[{index}]: {name[:64]!r} is not a valid DNS name "
                 "(printable ASCII without spaces, at most 253 characters)"
