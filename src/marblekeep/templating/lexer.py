@@ -265,7 +265,8 @@ def _lex_action(s: str, j: int, start: int, loc: Locator) -> tuple[tuple[Token, 
                         '; a name that is not an identifier (like "my-key") is reached with index: '
                         '(index .Secrets "my-key")'
                     )
-                raise loc.error(q, f"bad character {_describe(bad)} in {s[p:q] or c!r}{hint}")
+                word = s[p:q].encode("latin-1").decode("utf-8")
+                raise loc.error(q, f'bad character {_describe(bad)} after "{word}"{hint}')
             name = s[p + 1 : q].encode("latin-1").decode("utf-8")
             if c == "$":
                 kind, value = Tok.VAR, "$" + name
@@ -283,7 +284,8 @@ def _lex_action(s: str, j: int, start: int, loc: Locator) -> tuple[tuple[Token, 
             q = _scan_alnum(s, p)
             if not _at_terminator(s, q):
                 bad, _ = _rune(s, q)
-                raise loc.error(q, f"bad character {_describe(bad)} after {s[p:q]!r}")
+                word = s[p:q].encode("latin-1").decode("utf-8")
+                raise loc.error(q, f'bad character {_describe(bad)} after "{word}"')
             kind, value, p = Tok.IDENT, s[p:q].encode("latin-1").decode("utf-8"), q
         toks.append(Token(kind, begin, p, value, spaced))
         spaced = False

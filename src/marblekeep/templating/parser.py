@@ -232,7 +232,8 @@ class _Parser:
         elif name == "string":
             hint = "; string is only available in Env: in Files use raw"
         raise self._loc.error(
-            tok.pos, f'function "{name}" not defined (available in {self._functions.value}: '
+            tok.pos,
+            f'function "{name}" not defined (available in {self._functions.value}: '
             f"{self._available()}){hint}",
         )
 
