@@ -120,8 +120,16 @@ class AuthorizationError(MarbleKeepError):
 
 
 class ActivationRefused(MarbleKeepError):
+    """A Marble may not start. ``reason`` is a short stable label for metrics
+    (``unknown_type``, ``undefined_package``, ``attestation``, ``max_activations``,
+    ``invalid_uuid``, ``parameters``)."""
+
     code = "activation_refused"
     http_status = 403
+
+    def __init__(self, message: str, *, reason: str = "refused", problems: Sequence[Problem] = ()) -> None:
+        super().__init__(message, problems=problems)
+        self.reason = reason
 
 
 class AttestationError(MarbleKeepError):

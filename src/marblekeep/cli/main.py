@@ -6,6 +6,7 @@ import click
 
 from marblekeep import __version__
 from marblekeep.cli.attestation_cmds import attestation
+from marblekeep.cli.coordinator_cmd import coordinator
 from marblekeep.cli.manifest_cmds import manifest
 from marblekeep.cli.marble_cmds import marble
 
@@ -20,6 +21,7 @@ def main() -> None:
     """
 
 
+main.add_command(coordinator)
 main.add_command(manifest)
 main.add_command(attestation)
 main.add_command(marble)

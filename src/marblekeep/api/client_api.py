@@ -1,0 +1,191 @@
+"""The Client API (default ``:4433``): MarbleRun's REST API, v2 and legacy v1 (reference §6).
+
+Deviations from MarbleRun, all in docs/compatibility.md: client mistakes never produce HTTP 500
+(validation errors are 400 ``fail`` with every problem as data; wrong state is 409), and the v2
+``GET /api/v2/manifest`` without a manifest is 404. Unknown paths and methods stay 405, which
+MarbleRun's clients rely on to fall back from v2 to v1.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+from typing import Any
+
+from aiohttp import web
+
+from marblekeep.api import jsend
+from marblekeep.core.deployment import CoordinatorState
+from marblekeep.errors import ManifestError, RequestError, StateError
+from marblekeep.service import Coordinator
+
+__all__ = ["COORDINATOR_KEY", "add_client_routes"]
+
+log = logging.getLogger("marblekeep.api")
+
+COORDINATOR_KEY = web.AppKey("coordinator", Coordinator)
+MAX_NONCE_BYTES = 1024
+
+
+def _coord(request: web.Request) -> Coordinator:
+    return request.app[COORDINATOR_KEY]
+
+
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    raw = await request.read()
+    try:
+        doc = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise RequestError("request body is not valid JSON: send a JSON object") from None
+    if not isinstance(doc, dict):
+        raise RequestError("request body must be a JSON object")
+    return doc
+
+
+def _b64_field(doc: dict[str, Any], name: str) -> bytes:
+    value = doc.get(name)
+    if not isinstance(value, str):
+        raise RequestError(f"{name}: missing or not a string: send the value as standard base64")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError(f"{name}: not valid standard base64") from None
+
+
+def _simulation_extras(coord: Coordinator) -> dict[str, Any]:
+    if not coord.simulation:
+        return {}
+    return {
+        "simulation": True,
+        "warning": "SIMULATION MODE: this Coordinator runs without a TEE; its quote is empty and it "
+        "accepts Marbles without attestation. Never use it for real secrets.",
+    }
+
+
+# ---------------------------------------------------------------------------------------------- v2
+
+
+async def status_v2(request: web.Request) -> web.Response:
+    coord = _coord(request)
+    code, message = coord.status()
+    data: dict[str, Any] = {"code": code, "message": message, **_simulation_extras(coord)}
+    if coord.state is CoordinatorState.RECOVERY and coord.recovery_reason:
+        data["recoveryReason"] = coord.recovery_reason
+    return jsend.success(data)
+
+
+def _nonce(request: web.Request) -> bytes | None:
+    raw = request.query.get("nonce")
+    if raw is None:
+        return None
+    try:
+        nonce = base64.urlsafe_b64decode(raw.encode("ascii"))
+    except (binascii.Error, ValueError, UnicodeEncodeError):
+        raise RequestError("nonce: not valid URL-safe base64 (with padding)") from None
+    if len(nonce) > MAX_NONCE_BYTES:
+        raise RequestError(f"nonce: longer than {MAX_NONCE_BYTES} bytes")
+    return nonce
+
+
+async def quote_v2(request: web.Request) -> web.Response:
+    coord = _coord(request)
+    quote = coord.quote(_nonce(request))
+    data = {
+        "cert": coord.certificate_chain_pem().decode(),
+        "quote": base64.b64encode(quote).decode(),
+        **_simulation_extras(coord),
+    }
+    return jsend.success(data)
+
+
+async def manifest_get_v2(request: web.Request) -> web.Response:
+    current = _coord(request).manifest()
+    if current is None:
+        return jsend.fail("no manifest has been set yet: set one with `marblekeep manifest set`", 404)
+    raw, signature, fingerprint = current
+    return jsend.success(
+        {
+            "manifestSignatureRootECDSA": base64.b64encode(signature).decode(),
+            "manifestFingerprint": fingerprint,
+            "manifest": base64.b64encode(raw).decode(),
+        }
+    )
+
+
+def _recovery_secrets_json(secrets: dict[str, bytes]) -> dict[str, str]:
+    return {name: base64.b64encode(value).decode() for name, value in secrets.items()}
+
+
+async def manifest_post_v2(request: web.Request) -> web.Response:
+    doc = await _json_body(request)
+    raw = _b64_field(doc, "manifest")
+    secrets = await _coord(request).set_manifest(raw)
+    return jsend.success({"RecoverySecrets": _recovery_secrets_json(secrets)})
+
+
+# ---------------------------------------------------------------------------------------------- v1
+
+
+def _deprecated(request: web.Request) -> None:
+    log.info("deprecated v1 endpoint used; use /api/v2", extra={"path": request.path})
+
+
+async def status_v1(request: web.Request) -> web.Response:
+    _deprecated(request)
+    code, message = _coord(request).status()
+    return jsend.success({"StatusCode": code, "StatusMessage": message})
+
+
+async def quote_v1(request: web.Request) -> web.Response:
+    _deprecated(request)
+    coord = _coord(request)
+    quote = coord.quote(None)
+    return jsend.success(
+        {"Cert": coord.certificate_chain_pem().decode(), "Quote": base64.b64encode(quote).decode()}
+    )
+
+
+async def manifest_get_v1(request: web.Request) -> web.Response:
+    _deprecated(request)
+    current = _coord(request).manifest()
+    if current is None:  # MarbleRun answers 200 with empty fields here
+        return jsend.success({"ManifestSignatureRootECDSA": None, "ManifestSignature": "", "Manifest": None})
+    raw, signature, fingerprint = current
+    return jsend.success(
+        {
+            "ManifestSignatureRootECDSA": base64.b64encode(signature).decode(),
+            "ManifestSignature": fingerprint,
+            "Manifest": base64.b64encode(raw).decode(),
+        }
+    )
+
+
+async def manifest_post_v1(request: web.Request) -> web.Response:
+    _deprecated(request)
+    raw = await request.read()
+    try:
+        secrets = await _coord(request).set_manifest(raw)
+    except (ManifestError, StateError) as exc:  # v1 reports every set-manifest failure as 400
+        return jsend.from_exception(exc, status=400)
+    return jsend.success({"RecoverySecrets": _recovery_secrets_json(secrets)} if secrets else None)
+
+
+async def recover_v1(request: web.Request) -> web.Response:
+    return jsend.fail(
+        "recovery via /recover is no longer supported. Use the /api/v2/recover endpoint instead.", 410
+    )
+
+
+def add_client_routes(app: web.Application) -> None:
+    r = app.router
+    r.add_get("/api/v2/status", status_v2)
+    r.add_get("/api/v2/quote", quote_v2)
+    r.add_get("/api/v2/manifest", manifest_get_v2)
+    r.add_post("/api/v2/manifest", manifest_post_v2)
+    r.add_get("/status", status_v1)
+    r.add_get("/quote", quote_v1)
+    r.add_get("/manifest", manifest_get_v1)
+    r.add_post("/manifest", manifest_post_v1)
+    r.add_post("/recover", recover_v1)

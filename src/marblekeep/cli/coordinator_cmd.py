@@ -1,0 +1,141 @@
+"""``marblekeep coordinator``: run the Coordinator."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from marblekeep.api.server import serve
+from marblekeep.errors import MarbleKeepError
+from marblekeep.logs import configure_logging
+from marblekeep.service import CoordinatorConfig
+
+log = logging.getLogger("marblekeep.coordinator")
+
+SIMULATION_BANNER = (
+    "SIMULATION MODE: no TEE; Marbles are not attested, the quote is empty and the state is sealed "
+    "with a key file on disk. For development and tests only - never for real secrets."
+)
+
+
+def _tee_present(attestation_root: Path) -> bool:
+    return (attestation_root / "attestation_type").exists()
+
+
+@click.command()
+@click.option(
+    "--client-addr",
+    envvar="EDG_COORDINATOR_CLIENT_ADDR",
+    default=":4433",
+    show_default=True,
+    help="Client API listen address (env EDG_COORDINATOR_CLIENT_ADDR).",
+)
+@click.option(
+    "--mesh-addr",
+    envvar="EDG_COORDINATOR_MESH_ADDR",
+    default=":2001",
+    show_default=True,
+    help="Marble API listen address (env EDG_COORDINATOR_MESH_ADDR).",
+)
+@click.option(
+    "--prometheus-addr",
+    envvar="EDG_COORDINATOR_PROMETHEUS_ADDR",
+    default="",
+    help="Serve Prometheus metrics at http://ADDR/metrics (env EDG_COORDINATOR_PROMETHEUS_ADDR; "
+    "off when empty).",
+)
+@click.option(
+    "--dns-names",
+    envvar="EDG_COORDINATOR_DNS_NAMES",
+    default="localhost",
+    show_default=True,
+    help="Comma-separated names/IPs for the Coordinator's certificates (env EDG_COORDINATOR_DNS_NAMES).",
+)
+@click.option(
+    "--seal-dir",
+    envvar="EDG_COORDINATOR_SEAL_DIR",
+    default="marblekeep-data",
+    show_default=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Where the sealed state lives (env EDG_COORDINATOR_SEAL_DIR).",
+)
+@click.option(
+    "--simulation",
+    is_flag=True,
+    envvar="MARBLEKEEP_SIMULATION",
+    help="Run without a TEE (INSECURE: development and tests only).",
+)
+@click.option(
+    "--attestation-root",
+    default="/dev/attestation",
+    show_default=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Gramine's attestation pseudo-filesystem (quotes and sealing keys).",
+)
+@click.option(
+    "--allow-rollback",
+    is_flag=True,
+    help="Operator override: load a sealed state older than the newest this Coordinator sealed "
+    "(restoring a backup). Logged.",
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    envvar="EDG_LOG_FORMAT",
+    help="Log format (env EDG_LOG_FORMAT).",
+)
+@click.option(
+    "--debug", is_flag=True, envvar="EDG_DEBUG_LOGGING", help="Debug logging (env EDG_DEBUG_LOGGING=1)."
+)
+def coordinator(
+    client_addr: str,
+    mesh_addr: str,
+    prometheus_addr: str,
+    dns_names: str,
+    seal_dir: Path,
+    simulation: bool,
+    attestation_root: Path,
+    allow_rollback: bool,
+    log_format: str,
+    debug: bool,
+) -> None:
+    """Run the Coordinator: Client API (default :4433), Marble API (default :2001).
+
+    Outside a TEE the Coordinator refuses to start unless --simulation is given. State is sealed
+    in --seal-dir and survives restarts. Stop it with SIGTERM or Ctrl-C.
+    """
+    configure_logging(log_format, logging.DEBUG if debug else logging.INFO)
+    if not simulation and not _tee_present(attestation_root):
+        click.echo(
+            f"error: no TEE found ({attestation_root}/attestation_type is missing). Run the Coordinator "
+            "under Gramine-SGX, or pass --simulation for an INSECURE development instance.",
+            err=True,
+        )
+        sys.exit(2)
+    if simulation:
+        log.warning(SIMULATION_BANNER)
+    names = tuple(n.strip() for n in dns_names.split(",") if n.strip()) or ("localhost",)
+    config = CoordinatorConfig(
+        client_addr=client_addr,
+        mesh_addr=mesh_addr,
+        prometheus_addr=prometheus_addr,
+        dns_names=names,
+        seal_dir=seal_dir,
+        simulation=simulation,
+        allow_rollback=allow_rollback,
+        attestation_root=attestation_root,
+        log_format=log_format,
+    )
+    try:
+        asyncio.run(serve(config))
+    except MarbleKeepError as exc:
+        log.error(exc.diagnostics())
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        pass

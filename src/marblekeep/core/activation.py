@@ -1,0 +1,332 @@
+"""The activation core: one pure function from (deployment, Marble, verified claims) to Parameters.
+
+:func:`activate` decides whether a Marble may start and, if so, renders everything it receives.
+It does no I/O. Time and randomness are parameters; the caller (the service) has already verified
+the evidence and the request binding, and persists the new activation counter it returns.
+
+Order of checks (MarbleRun's, §5.3 of the reference, plus the nil-UUID rule):
+
+1. the Coordinator accepts Marbles (state 3), else :class:`StateError` (the premain retries);
+2. the Marble type exists, and its package exists;
+3. evidence: simulation evidence only in simulation mode; outside simulation the package policy
+   (measurements, TCB status, advisories, debug) must accept the verified claims;
+4. ``MaxActivations`` is not exhausted;
+5. the UUID is not the nil UUID;
+6. credentials are issued and Files/Env rendered; a template that cannot be rendered (for example
+   an unset user-defined secret) refuses the activation and names the entry.
+
+Every refusal is an :class:`ActivationRefused` with a ``reason`` label (for metrics) and a message
+that names what failed and how to fix it. No secret value ever enters a message.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from uuid import UUID
+
+from marblekeep.attestation.claims import TeeClaims, TeeKind
+from marblekeep.attestation.policy import check_package
+from marblekeep.core.deployment import CoordinatorState, Deployment
+from marblekeep.crypto.pki import IssuedLeaf, LeafIssuer, der_to_pem
+from marblekeep.crypto.secretgen import derive_seal_key, generate_marble_secrets
+from marblekeep.errors import ActivationRefused, AttestationError, MarbleKeepError, StateError, TemplateError
+from marblekeep.manifest.model import FileEntry, Marble, Secret, SecretType
+from marblekeep.templating import FunctionSet, ReservedSecret, Template, TemplateData, parse_template
+
+__all__ = [
+    "ActivationInput",
+    "ActivationResult",
+    "PreparedDeployment",
+    "activate",
+    "refusal",
+]
+
+Rng = Callable[[int], bytes]
+
+ENV_ROOT_CA = "MARBLE_PREDEFINED_ROOT_CA"
+ENV_CERT_CHAIN = "MARBLE_PREDEFINED_MARBLE_CERTIFICATE_CHAIN"
+ENV_PRIVATE_KEY = "MARBLE_PREDEFINED_PRIVATE_KEY"
+ENV_COORDINATOR_ROOT_CA = "MARBLE_PREDEFINED_COORDINATOR_ROOT_CA"
+ENV_TTLS_CONFIG = "MARBLE_TTLS_CONFIG"
+_NIL_UUID = UUID(int=0)
+
+
+def refusal(reason: str, message: str) -> ActivationRefused:
+    return ActivationRefused(message, reason=reason)
+
+
+@dataclass(frozen=True)
+class ActivationInput:
+    marble_type: str
+    uuid: UUID
+    dns_names: tuple[str, ...]
+    claims: TeeClaims
+
+
+@dataclass(frozen=True)
+class ActivationResult:
+    files: Mapping[str, bytes] = field(repr=False)
+    env: Mapping[str, bytes] = field(repr=False)
+    argv: tuple[str, ...]
+    #: The Marble type's new activation count to persist, or None when the type is unlimited
+    #: (unlimited Marbles cause no state write, as in MarbleRun).
+    new_activation_count: int | None
+
+
+@dataclass(frozen=True)
+class _Entry:
+    name: str
+    template: Template | None  # None: NoTemplates, deliver ``raw`` verbatim
+    raw: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
+class _PreparedMarble:
+    marble: Marble
+    files: tuple[_Entry, ...]
+    env: tuple[_Entry, ...]
+    uses_previous: bool
+    #: Names of user-defined secrets mentioned in this Marble's templates (for refusal hints).
+    mentions: frozenset[str]
+
+
+def _compile(
+    marble_type: str, kind: str, entries: Mapping[str, FileEntry], fs: FunctionSet
+) -> tuple[_Entry, ...]:
+    out: list[_Entry] = []
+    for name, entry in entries.items():
+        if entry.no_templates:
+            out.append(_Entry(name, None, entry.data))
+            continue
+        try:
+            out.append(_Entry(name, parse_template(entry.data, fs), entry.data))
+        except TemplateError as exc:  # validated manifests parse; keep the path if one does not
+            raise refusal(
+                "parameters", f"Marbles.{marble_type}.Parameters.{kind}.{name}: {exc.message}"
+            ) from None
+    return tuple(out)
+
+
+class PreparedDeployment:
+    """Everything about a :class:`Deployment` that does not depend on the activating Marble,
+    computed once per deployment snapshot: compiled templates, the leaf issuer, the reserved
+    certificates in each encoding, the shared secret map."""
+
+    def __init__(self, dep: Deployment) -> None:
+        self.deployment = dep
+        ca = dep.ca
+        self.leaf_issuer = LeafIssuer(ca.marble_root)
+        self.root_ca = ReservedSecret(cert=ca.marble_root.cert_der)
+        self.coordinator_root = ReservedSecret(cert=ca.root.cert_der)
+        self.coordinator_intermediate = ReservedSecret(cert=ca.intermediate.cert_der)
+        self.marble_root_pem = ca.marble_root.cert_pem
+        self.intermediate_pem = ca.intermediate.cert_pem
+        self.root_pem = ca.root.cert_pem
+        self.marbles: dict[str, _PreparedMarble] = {}
+        manifest = dep.manifest
+        if manifest is None:
+            return
+        user_defined = {n for n, s in manifest.secrets.items() if s.user_defined}
+        for marble_type, marble in manifest.marbles.items():
+            files = _compile(marble_type, "Files", marble.parameters.files, FunctionSet.FILES)
+            env = _compile(marble_type, "Env", marble.parameters.env, FunctionSet.ENV)
+            sources = [e.raw for e in (*files, *env) if e.template is not None]
+            mentions = frozenset(n for n in user_defined if any(n.encode() in s for s in sources))
+            self.marbles[marble_type] = _PreparedMarble(
+                marble=marble,
+                files=files,
+                env=env,
+                uses_previous=any(b"Previous" in s for s in sources),
+                mentions=mentions,
+            )
+
+
+def _check_evidence(dep: Deployment, inp: ActivationInput, package_name: str, simulation: bool) -> None:
+    claims = inp.claims
+    if claims.kind is TeeKind.SIMULATION:
+        if not simulation:
+            raise refusal(
+                "attestation",
+                "simulation evidence was sent to a Coordinator that is not in simulation mode: run the "
+                "Marble inside a TEE (SGX/TDX) so that it sends a real quote",
+            )
+        return
+    if simulation:
+        # As MarbleRun: a simulation Coordinator skips the package's measurement checks.
+        return
+    assert dep.manifest is not None
+    package = dep.manifest.packages[package_name]
+    try:
+        check_package(package_name, package, claims)
+    except AttestationError as exc:
+        raise ActivationRefused(
+            f"marble verification failed: {exc.message}", reason="attestation", problems=exc.problems
+        ) from None
+
+
+def _per_marble_secrets(
+    dep: Deployment,
+    definitions: Mapping[str, Secret],
+    root_secret: bytes,
+    inp: ActivationInput,
+    marble: Marble,
+    now: dt.datetime,
+    rng: Rng,
+) -> dict[str, Secret]:
+    if not any(not s.shared and not s.user_defined for s in definitions.values()):
+        return {}
+    return generate_marble_secrets(
+        definitions,
+        root_secret=root_secret,
+        uuid=inp.uuid,
+        marble_type=inp.marble_type,
+        disable_binding=marble.disable_secret_binding,
+        issuer=dep.ca.marble_root,
+        now=now,
+        rng=rng,
+    )
+
+
+def _ttls_config(dep: Deployment, marble: Marble, leaf: IssuedLeaf, secrets: Mapping[str, Secret]) -> bytes:
+    """MarbleRun's MARBLE_TTLS_CONFIG JSON (reference §2.7): later tags overwrite earlier ones."""
+    assert dep.manifest is not None
+    cacrt = dep.ca.marble_root.cert_pem.decode()
+    clicrt, clikey = leaf.cert_pem.decode(), leaf.key_pem.decode()
+    incoming: dict[str, dict[str, object]] = {}
+    outgoing: dict[str, dict[str, object]] = {}
+    for tag_name in marble.tls:
+        tag = dep.manifest.tls[tag_name]
+        for out in tag.outgoing:
+            outgoing[f"{out.addr}:{out.port}"] = {"cacrt": cacrt, "clicrt": clicrt, "clikey": clikey}
+        for inc in tag.incoming:
+            entry: dict[str, object] = {
+                "cacrt": cacrt,
+                "clicrt": clicrt,
+                "clikey": clikey,
+                "clientAuth": True,
+            }
+            if inc.cert:
+                secret = secrets.get(inc.cert)
+                if secret is None or secret.cert is None or not secret.private:
+                    raise refusal(
+                        "parameters",
+                        f"TLS.{tag_name}.Incoming: certificate secret {inc.cert!r} has no value yet",
+                    )
+                entry["clicrt"] = der_to_pem(secret.cert, "CERTIFICATE").decode()
+                entry["clikey"] = der_to_pem(secret.private, "PRIVATE KEY").decode()
+                entry["clientAuth"] = not inc.disable_client_auth
+            incoming[f"*:{inc.port}"] = entry
+    doc = {"tls": {"Incoming": dict(sorted(incoming.items())), "Outgoing": dict(sorted(outgoing.items()))}}
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def _render(
+    prepared_marble: _PreparedMarble,
+    marble_type: str,
+    entries: tuple[_Entry, ...],
+    kind: str,
+    data: TemplateData,
+) -> dict[str, bytes]:
+    out: dict[str, bytes] = {}
+    for entry in entries:
+        if entry.template is None:
+            out[entry.name] = entry.raw
+            continue
+        try:
+            out[entry.name] = entry.template.execute(data)
+        except TemplateError as exc:
+            unset = sorted(n for n in prepared_marble.mentions if not data.secrets.get(n, _EMPTY).has_value)
+            hint = ""
+            if unset:
+                hint = (
+                    f" (user-defined secret(s) {', '.join(unset)} not set yet: "
+                    "set them with `marblekeep secret set`)"
+                )
+            raise refusal(
+                "parameters",
+                f"customizing marble parameters: Marbles.{marble_type}.Parameters.{kind}.{entry.name}: "
+                f"{exc.message}{hint}",
+            ) from None
+    return out
+
+
+_EMPTY = Secret(type=SecretType.PLAIN)
+
+
+def activate(
+    prepared: PreparedDeployment,
+    inp: ActivationInput,
+    now: dt.datetime,
+    *,
+    simulation: bool,
+    rng: Rng = os.urandom,
+) -> ActivationResult:
+    """Decide and render one Marble activation. Raises :class:`StateError` (not ready yet) or
+    :class:`ActivationRefused` (with ``reason``); see the module docstring for the order."""
+    dep = prepared.deployment
+    if dep.state is not CoordinatorState.ACCEPTING_MARBLES:
+        raise StateError("cannot accept marbles in current state: set a manifest first")
+    manifest = dep.manifest
+    assert manifest is not None
+    pm = prepared.marbles.get(inp.marble_type)
+    if pm is None:
+        raise refusal(
+            "unknown_type",
+            f"marble verification failed: unknown marble type {inp.marble_type!r} requested "
+            f"(the manifest defines: {', '.join(sorted(manifest.marbles)) or 'none'})",
+        )
+    marble = pm.marble
+    if marble.package not in manifest.packages:
+        raise refusal(
+            "undefined_package", f"marble verification failed: undefined package {marble.package!r}"
+        )
+    _check_evidence(dep, inp, marble.package, simulation)
+
+    count = dep.activations.get(inp.marble_type, 0)
+    new_count: int | None = None
+    if marble.max_activations > 0:
+        if count >= marble.max_activations:
+            raise refusal(
+                "max_activations",
+                f"reached max activations count ({marble.max_activations}) for marble type "
+                f"{inp.marble_type!r}: raise Marbles.{inp.marble_type}.MaxActivations in a manifest update",
+            )
+        new_count = count + 1
+    if inp.uuid == _NIL_UUID:
+        raise refusal("invalid_uuid", "the nil UUID is not a valid Marble UUID: use a random (v4) UUID")
+
+    try:
+        leaf = prepared.leaf_issuer.issue(inp.uuid, inp.marble_type, inp.dns_names, now)
+        per_marble = _per_marble_secrets(dep, manifest.secrets, dep.root_secret, inp, marble, now, rng)
+    except MarbleKeepError as exc:
+        raise refusal("parameters", f"issuing credentials: {exc.message}") from None
+    secrets: Mapping[str, Secret] = {**dep.secrets, **per_marble} if per_marble else dep.secrets
+    previous: Mapping[str, Secret] = secrets
+    if pm.uses_previous:
+        prev_root = dep.previous_root_secret or dep.root_secret
+        prev_marble = _per_marble_secrets(dep, dep.previous_secrets, prev_root, inp, marble, now, rng)
+        previous = {**dep.previous_secrets, **prev_marble}
+
+    data = TemplateData(
+        root_ca=prepared.root_ca,
+        marble_cert=ReservedSecret(cert=leaf.cert_der, public=leaf.public_der, private=leaf.key_pkcs8_der),
+        coordinator_root=prepared.coordinator_root,
+        coordinator_intermediate=prepared.coordinator_intermediate,
+        seal_key=derive_seal_key(dep.seal_master_secret, inp.uuid),
+        secrets=secrets,
+        previous_secrets=previous,
+    )
+    files = _render(pm, inp.marble_type, pm.files, "Files", data)
+    env = _render(pm, inp.marble_type, pm.env, "Env", data)
+    # Predefined variables override same-named manifest entries (as MarbleRun).
+    env[ENV_ROOT_CA] = prepared.marble_root_pem
+    env[ENV_CERT_CHAIN] = leaf.cert_pem + prepared.intermediate_pem
+    env[ENV_PRIVATE_KEY] = leaf.key_pem
+    env[ENV_COORDINATOR_ROOT_CA] = prepared.root_pem
+    if marble.tls:
+        env[ENV_TTLS_CONFIG] = _ttls_config(dep, marble, leaf, secrets)
+    return ActivationResult(files=files, env=env, argv=marble.parameters.argv, new_activation_count=new_count)

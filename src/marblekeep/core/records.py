@@ -1,0 +1,202 @@
+"""How a :class:`~marblekeep.core.deployment.Deployment` is laid out as store records.
+
+One record per item, so a commit writes only what changed (a secret upload writes one record,
+an activation of a limited Marble one counter). Key names follow MarbleRun's store keys where one
+exists (reference §7.1); values are bytes and pass the encryption barrier of the store.
+
+========================================  ===========================================================
+key                                       value
+========================================  ===========================================================
+``state``                                 decimal ASCII state number
+``manifest``                              the raw manifest bytes exactly as uploaded
+``manifestSignature``                     DER ECDSA signature by the root key over SHA-256(manifest)
+``certificate:<coordinatorRootCert|...>`` DER certificates (root, intermediate, Marble root)
+``privateKey:<coordinatorRootKey|...>``   PKCS#8 DER private keys (root, intermediate = Marble root)
+``rootSecret`` / ``previousRootSecret``   32 bytes
+``sealMasterSecret``                      32 bytes; never rotated
+``secret:<name>`` / ``previousSecret:``   JSON of the secret's value (definition comes from manifest)
+``activations:<type>``                    hexadecimal ASCII count (as MarbleRun)
+========================================  ===========================================================
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import json
+from collections.abc import Mapping
+
+from marblekeep.core.deployment import CaSet, CoordinatorState, Deployment
+from marblekeep.crypto.pki import CertifiedKey
+from marblekeep.errors import IntegrityError, ManifestError
+from marblekeep.manifest import load_manifest
+from marblekeep.manifest.model import Manifest, Secret
+
+__all__ = ["deployment_from_records", "deployment_to_records", "record_changes"]
+
+K_STATE = "state"
+K_MANIFEST = "manifest"
+K_SIGNATURE = "manifestSignature"
+K_ROOT_CERT = "certificate:coordinatorRootCert"
+K_INTERMEDIATE_CERT = "certificate:coordinatorIntermediateCert"
+K_MARBLE_ROOT_CERT = "certificate:marbleRootCert"
+K_ROOT_KEY = "privateKey:coordinatorRootKey"
+K_INTERMEDIATE_KEY = "privateKey:coordinatorIntermediateKey"
+K_ROOT_SECRET = "rootSecret"  # noqa: S105 (a record name, not a secret)
+K_PREVIOUS_ROOT_SECRET = "previousRootSecret"  # noqa: S105
+K_SEAL_MASTER = "sealMasterSecret"
+P_SECRET = "secret:"  # noqa: S105
+P_PREVIOUS_SECRET = "previousSecret:"  # noqa: S105
+P_ACTIVATIONS = "activations:"
+
+
+def _b64(data: bytes | None) -> str | None:
+    return None if data is None else base64.b64encode(data).decode()
+
+
+def _secret_value(secret: Secret) -> bytes:
+    return json.dumps(
+        {
+            "Cert": _b64(secret.cert),
+            "Private": _b64(secret.private),
+            "Public": _b64(secret.public),
+            "ValidFor": secret.valid_for,
+        },
+        sort_keys=True,
+    ).encode()
+
+
+def deployment_to_records(dep: Deployment) -> dict[str, bytes]:
+    """Every record of ``dep``."""
+    ca = dep.ca
+    out: dict[str, bytes] = {
+        K_STATE: str(int(dep.state)).encode(),
+        K_ROOT_CERT: ca.root.cert_der,
+        K_INTERMEDIATE_CERT: ca.intermediate.cert_der,
+        K_MARBLE_ROOT_CERT: ca.marble_root.cert_der,
+        K_ROOT_KEY: ca.root.key_pkcs8_der(),
+        K_INTERMEDIATE_KEY: ca.intermediate.key_pkcs8_der(),
+        K_ROOT_SECRET: dep.root_secret,
+        K_SEAL_MASTER: dep.seal_master_secret,
+    }
+    if dep.previous_root_secret is not None:
+        out[K_PREVIOUS_ROOT_SECRET] = dep.previous_root_secret
+    if dep.manifest is not None:
+        out[K_MANIFEST] = dep.manifest.raw
+        out[K_SIGNATURE] = dep.manifest_signature
+    for name, secret in dep.secrets.items():
+        out[P_SECRET + name] = _secret_value(secret)
+    for name, secret in dep.previous_secrets.items():
+        out[P_PREVIOUS_SECRET + name] = _secret_value(secret)
+    for marble_type, count in dep.activations.items():
+        out[P_ACTIVATIONS + marble_type] = f"{count:x}".encode()
+    return out
+
+
+def record_changes(old: Mapping[str, bytes], new: Mapping[str, bytes]) -> dict[str, bytes | None]:
+    """The writes that turn ``old`` into ``new`` (None = delete)."""
+    changes: dict[str, bytes | None] = {k: v for k, v in new.items() if old.get(k) != v}
+    changes.update({k: None for k in old if k not in new})
+    return changes
+
+
+def _damaged(what: str) -> IntegrityError:
+    return IntegrityError(f"stored record {what} is damaged: restore a backup or recover the Coordinator")
+
+
+def _unb64(value: object, what: str) -> bytes:
+    if value is None:
+        return b""
+    if not isinstance(value, str):
+        raise _damaged(what)
+    try:
+        return base64.b64decode(value, validate=True)
+    except binascii.Error:
+        raise _damaged(what) from None
+
+
+def _load_secrets(records: Mapping[str, bytes], prefix: str, manifest: Manifest) -> dict[str, Secret]:
+    out: dict[str, Secret] = {}
+    for key, value in records.items():
+        if not key.startswith(prefix):
+            continue
+        name = key[len(prefix) :]
+        definition = manifest.secrets.get(name)
+        if definition is None:
+            raise _damaged(key)
+        try:
+            doc = json.loads(value)
+        except ValueError:
+            raise _damaged(key) from None
+        if not isinstance(doc, dict) or not isinstance(doc.get("ValidFor", 0), int):
+            raise _damaged(key)
+        cert = doc.get("Cert")
+        out[name] = dataclasses.replace(
+            definition,
+            cert=None if cert is None else _unb64(cert, key),
+            private=_unb64(doc.get("Private"), key),
+            public=_unb64(doc.get("Public"), key),
+            valid_for=doc.get("ValidFor", 0),
+        )
+    return out
+
+
+def deployment_from_records(records: Mapping[str, bytes]) -> Deployment | None:
+    """Rebuild the deployment from its records; None when the store holds no deployment yet.
+
+    Raises :class:`IntegrityError` naming the record when something is missing or malformed.
+    """
+    if K_STATE not in records:
+        return None
+
+    def need(key: str) -> bytes:
+        value = records.get(key)
+        if value is None:
+            raise IntegrityError(
+                f"stored record {key} is missing: restore a backup or recover the Coordinator"
+            )
+        return value
+
+    try:
+        state = CoordinatorState(int(need(K_STATE).decode("ascii")))
+    except (ValueError, UnicodeDecodeError):
+        raise _damaged(K_STATE) from None
+    root = CertifiedKey.from_der(need(K_ROOT_CERT), need(K_ROOT_KEY))
+    intermediate_key = need(K_INTERMEDIATE_KEY)
+    ca = CaSet(
+        root=root,
+        intermediate=CertifiedKey.from_der(need(K_INTERMEDIATE_CERT), intermediate_key),
+        marble_root=CertifiedKey.from_der(need(K_MARBLE_ROOT_CERT), intermediate_key),
+    )
+    manifest: Manifest | None = None
+    secrets: dict[str, Secret] = {}
+    previous: dict[str, Secret] = {}
+    activations: dict[str, int] = {}
+    if K_MANIFEST in records:
+        try:
+            manifest = load_manifest(records[K_MANIFEST])
+        except ManifestError as exc:
+            raise IntegrityError(
+                f"stored manifest no longer validates ({exc.message}); restore a backup"
+            ) from None
+        secrets = _load_secrets(records, P_SECRET, manifest)
+        previous = _load_secrets(records, P_PREVIOUS_SECRET, manifest)
+        for key, value in records.items():
+            if key.startswith(P_ACTIVATIONS):
+                try:
+                    activations[key[len(P_ACTIVATIONS) :]] = int(value.decode("ascii"), 16)
+                except (ValueError, UnicodeDecodeError):
+                    raise _damaged(key) from None
+    return Deployment(
+        state=state,
+        ca=ca,
+        root_secret=need(K_ROOT_SECRET),
+        seal_master_secret=need(K_SEAL_MASTER),
+        previous_root_secret=records.get(K_PREVIOUS_ROOT_SECRET),
+        manifest=manifest,
+        manifest_signature=records.get(K_SIGNATURE, b""),
+        secrets=secrets,
+        previous_secrets=previous,
+        activations=activations,
+    )

@@ -1,0 +1,56 @@
+"""Prometheus metrics of one Coordinator (exposed on ``--prometheus-addr`` at ``/metrics``).
+
+Labels are bounded: Marble types come from the manifest (an unknown type is counted as
+``unknown``), refusal reasons are a closed set, routes are the registered route templates. There is
+no per-UUID label (MarbleRun's has unbounded cardinality).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+__all__ = ["Metrics"]
+
+
+class Metrics:
+    def __init__(self, state: Callable[[], float]) -> None:
+        self.registry = CollectorRegistry()
+        self.state = Gauge(
+            "coordinator_state",
+            "The Coordinator's state: 1 recovery, 2 accepting a manifest, 3 accepting Marbles",
+            registry=self.registry,
+        )
+        self.state.set_function(state)
+        self.activation_attempts = Counter(
+            "coordinator_marble_activation_attempts",
+            "Marble activation requests, by Marble type",
+            ["type"],
+            registry=self.registry,
+        )
+        self.activation_successes = Counter(
+            "coordinator_marble_activation_successes",
+            "Successful Marble activations, by Marble type",
+            ["type"],
+            registry=self.registry,
+        )
+        self.activation_refusals = Counter(
+            "coordinator_marble_activation_refusals",
+            "Refused Marble activations, by Marble type and reason",
+            ["type", "reason"],
+            registry=self.registry,
+        )
+        self.http_requests = Counter(
+            "coordinator_http_requests",
+            "HTTP requests, by API, route, method and status code",
+            ["api", "route", "method", "code"],
+            registry=self.registry,
+        )
+        self.http_latency = Histogram(
+            "coordinator_http_request_duration_seconds",
+            "HTTP request latency, by API and route",
+            ["api", "route"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0),
+            registry=self.registry,
+        )

@@ -1,0 +1,359 @@
+"""The Coordinator service: load → apply → commit, around the pure core.
+
+The service owns the current :class:`~marblekeep.core.deployment.Deployment` snapshot, the store it
+is persisted in, and the per-instance ephemera (challenge nonces). Every state change follows the
+same steps: compute the new snapshot with a pure function, write the changed records in one
+compare-and-set commit, and only then publish the new snapshot. A failed commit leaves the
+previous snapshot in place, so the API never reports a write that is not durable.
+
+Mutations are serialised by one lock. Activations of Marbles without ``MaxActivations`` read the
+current snapshot and write nothing, so they run without it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime as dt
+import hashlib
+import logging
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from marblekeep.attestation.claims import TeeClaims, TeeKind
+from marblekeep.core.activation import ActivationInput, PreparedDeployment, activate, refusal
+from marblekeep.core.deployment import (
+    STATUS_MESSAGES,
+    CoordinatorState,
+    Deployment,
+    new_deployment,
+    set_manifest,
+)
+from marblekeep.core.records import deployment_from_records, deployment_to_records, record_changes
+from marblekeep.errors import (
+    AttestationError,
+    ConfigError,
+    ManifestError,
+    StateError,
+)
+from marblekeep.manifest import load_manifest, manifest_fingerprint
+from marblekeep.manifest.model import SealMode
+from marblekeep.marble.evidence import EvidenceIssuer
+from marblekeep.marble.protocol import (
+    ChallengeBook,
+    EvidenceType,
+    MarbleParameters,
+    expected_report_data,
+    parse_activation_request,
+    seal_parameters,
+)
+from marblekeep.store.base import Store
+from marblekeep.store.kek import KeyEncryptionKeyProvider, SimulationKeyFileProvider
+from marblekeep.store.sealed import NeedsRecovery, PendingRecovery, SealedStore, open_sealed_store
+from marblekeep.store.sqlite import SQLiteStore
+
+__all__ = ["ActivationOutcome", "Coordinator", "CoordinatorConfig", "EvidenceVerifier"]
+
+log = logging.getLogger("marblekeep.coordinator")
+
+Clock = Callable[[], dt.datetime]
+Rng = Callable[[int], bytes]
+
+STATE_DB = "state.db"
+SIMULATION_KEK_FILE = "simulation-kek.key"
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    client_addr: str = ":4433"
+    mesh_addr: str = ":2001"
+    prometheus_addr: str = ""
+    dns_names: tuple[str, ...] = ("localhost",)
+    seal_dir: Path = Path("marblekeep-data")
+    simulation: bool = False
+    allow_rollback: bool = False
+    attestation_root: Path = Path("/dev/attestation")
+    log_format: str = "text"
+    max_manifest_bytes: int = 4 * 1024 * 1024
+
+
+class EvidenceVerifier(Protocol):
+    """Turns SGX/TDX evidence into verified claims (quote signature, collateral, TCB)."""
+
+    async def verify(self, evidence_type: str, evidence: bytes, now: dt.datetime) -> TeeClaims: ...
+
+
+class NoQuoteVerifier:
+    """Used when no collateral source is configured: every real quote is refused, with the fix."""
+
+    async def verify(self, evidence_type: str, evidence: bytes, now: dt.datetime) -> TeeClaims:
+        raise AttestationError(
+            f"cannot verify {evidence_type} evidence: no collateral source is configured on the Coordinator "
+            "(start it with --pccs-url URL or --collateral-dir DIR)"
+        )
+
+
+@dataclass(frozen=True)
+class ActivationOutcome:
+    sealed: bytes = field(repr=False)
+    marble_type: str
+    uuid: str
+
+
+class Coordinator:
+    """One Coordinator instance. Build it with :meth:`open`; close it with :meth:`close`."""
+
+    def __init__(
+        self,
+        config: CoordinatorConfig,
+        *,
+        deployment: Deployment,
+        store: SealedStore | None,
+        records: Mapping[str, bytes],
+        pending_recovery: PendingRecovery | None = None,
+        recovery_reason: str = "",
+        verifier: EvidenceVerifier | None = None,
+        quote_issuer: EvidenceIssuer | None = None,
+        clock: Clock = utcnow,
+        rng: Rng = os.urandom,
+    ) -> None:
+        self.config = config
+        self.simulation = config.simulation
+        self.clock = clock
+        self.rng = rng
+        self.verifier: EvidenceVerifier = verifier or NoQuoteVerifier()
+        self.quote_issuer = quote_issuer
+        self.challenges = ChallengeBook()
+        self._store = store
+        self._records: dict[str, bytes] = dict(records)
+        self._pending_recovery = pending_recovery
+        self.recovery_reason = recovery_reason
+        self._lock = asyncio.Lock()
+        self._publish(deployment)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @classmethod
+    async def open(
+        cls,
+        config: CoordinatorConfig,
+        *,
+        verifier: EvidenceVerifier | None = None,
+        quote_issuer: EvidenceIssuer | None = None,
+        kek_provider: KeyEncryptionKeyProvider | None = None,
+        clock: Clock = utcnow,
+        rng: Rng = os.urandom,
+    ) -> Coordinator:
+        """Open (or create) the sealed state in ``config.seal_dir`` and resume where it was.
+
+        A state whose data-encryption key cannot be unwrapped puts the Coordinator in Recovery
+        with a temporary root certificate; damaged data is an :class:`IntegrityError`.
+        """
+        seal_dir = config.seal_dir
+        try:
+            seal_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot create the seal directory {seal_dir}: {exc.strerror}") from None
+        provider = kek_provider
+        if provider is None:
+            if not config.simulation:
+                raise ConfigError(
+                    "no key-encryption key provider: outside simulation the Coordinator seals its state "
+                    "with the TEE's sealing key (run it under Gramine-SGX)"
+                )
+            provider = SimulationKeyFileProvider(seal_dir / SIMULATION_KEK_FILE)
+        inner: Store = await SQLiteStore.open(seal_dir / STATE_DB)
+        opened = await open_sealed_store(inner, provider, allow_rollback=config.allow_rollback, rng=rng)
+        now = clock()
+        common = {"verifier": verifier, "quote_issuer": quote_issuer, "clock": clock, "rng": rng}
+        if isinstance(opened, NeedsRecovery):
+            log.warning(
+                "sealed state cannot be opened: entering recovery mode",
+                extra={"reason": opened.reason.message},
+            )
+            temp = new_deployment(config.dns_names, now, rng)
+            temp = Deployment(
+                state=CoordinatorState.RECOVERY,
+                ca=temp.ca,
+                root_secret=temp.root_secret,
+                seal_master_secret=temp.seal_master_secret,
+            )
+            return cls(
+                config,
+                deployment=temp,
+                store=None,
+                records={},
+                pending_recovery=opened.recovery,
+                recovery_reason=opened.reason.message,
+                **common,  # type: ignore[arg-type]
+            )
+        store = opened.store
+        records = await store.list("")
+        dep = deployment_from_records(records)
+        if dep is None:
+            dep = new_deployment(config.dns_names, now, rng)
+            records = {}
+        else:
+            log.info(
+                "sealed state loaded",
+                extra={"state": dep.state.name, "records": len(records)},
+            )
+        return cls(config, deployment=dep, store=store, records=records, **common)  # type: ignore[arg-type]
+
+    async def close(self) -> None:
+        if self._store is not None:
+            await self._store.close()
+            self._store = None
+
+    # ------------------------------------------------------------------ snapshot
+
+    def _publish(self, dep: Deployment) -> None:
+        self._dep = dep
+        self._prepared = PreparedDeployment(dep)
+
+    @property
+    def deployment(self) -> Deployment:
+        return self._dep
+
+    @property
+    def state(self) -> CoordinatorState:
+        return self._dep.state
+
+    async def _commit(self, new: Deployment) -> None:
+        """Persist ``new`` (only the changed records) and publish it. Caller holds the lock."""
+        manifest = new.manifest
+        persist = manifest is not None and manifest.config.seal_mode is not SealMode.DISABLED
+        if persist and self._store is not None:
+            new_records = deployment_to_records(new)
+            changes = record_changes(self._records, new_records)
+            if changes:
+                revision = await self._store.revision()
+                await self._store.commit(changes, expected_revision=revision)
+            self._records = new_records
+        self._publish(new)
+
+    # ------------------------------------------------------------------ client API operations
+
+    def status(self) -> tuple[int, str]:
+        state = self._dep.state
+        return int(state), STATUS_MESSAGES.get(state, "Cannot determine coordinator status.")
+
+    def certificate_chain_pem(self) -> bytes:
+        """Intermediate then root, as MarbleRun's quote endpoint returns them."""
+        ca = self._dep.ca
+        return ca.intermediate.cert_pem + ca.root.cert_pem
+
+    def quote(self, nonce: bytes | None) -> bytes:
+        """The Coordinator's own quote over SHA-256(root DER ‖ nonce); empty in simulation."""
+        if self.simulation or self.quote_issuer is None:
+            return b""
+        digest = hashlib.sha256(self._dep.ca.root.cert_der + (nonce or b"")).digest()
+        return self.quote_issuer.issue(digest + bytes(32))
+
+    async def set_manifest(self, raw: bytes) -> dict[str, bytes]:
+        """Validate and apply the first manifest; returns the recovery secrets (name → encrypted)."""
+        if len(raw) > self.config.max_manifest_bytes:
+            raise ManifestError(
+                f"manifest is {len(raw)} bytes, more than the limit of {self.config.max_manifest_bytes}"
+            )
+        async with self._lock:
+            dep = self._dep
+            dep.require(CoordinatorState.ACCEPTING_MANIFEST, CoordinatorState.RECOVERY)
+            manifest = load_manifest(raw)
+            now = self.clock()
+            if dep.state is CoordinatorState.RECOVERY:
+                # Setting a manifest in Recovery discards the old state (as MarbleRun).
+                if self._pending_recovery is not None:
+                    self._store = await self._pending_recovery.discard()
+                    self._pending_recovery = None
+                self._records = {}
+                dep = new_deployment(self.config.dns_names, now, self.rng)
+                log.warning("manifest set in recovery mode: the old sealed state was discarded")
+            new = set_manifest(dep, manifest, now, self.rng)
+            await self._commit(new)
+        log.info(
+            "manifest set",
+            extra={"fingerprint": manifest_fingerprint(raw), "marbles": len(manifest.marbles)},
+        )
+        return {}
+
+    def manifest(self) -> tuple[bytes, bytes, str] | None:
+        """(raw manifest, signature, hex fingerprint), or None when no manifest is set."""
+        dep = self._dep
+        if dep.manifest is None:
+            return None
+        return dep.manifest.raw, dep.manifest_signature, manifest_fingerprint(dep.manifest.raw)
+
+    # ------------------------------------------------------------------ Marble API operations
+
+    def challenge(self) -> bytes:
+        return self.challenges.issue(self.clock(), self.rng)
+
+    async def _claims(
+        self, evidence_type: str, evidence: bytes, expected: bytes, now: dt.datetime
+    ) -> TeeClaims:
+        if evidence_type == EvidenceType.SIMULATION:
+            if not self.simulation:
+                raise refusal(
+                    "attestation",
+                    "simulation evidence was sent to a Coordinator that is not in simulation mode: run the "
+                    "Marble inside a TEE (SGX/TDX) so that it sends a real quote",
+                )
+            if evidence != expected:
+                raise refusal(
+                    "binding", "simulation evidence does not match the activation request's binding"
+                )
+            return TeeClaims(kind=TeeKind.SIMULATION, report_data=evidence)
+        try:
+            claims = await self.verifier.verify(evidence_type, evidence, now)
+        except AttestationError as exc:
+            raise refusal("attestation", f"invalid quote: {exc.message}") from None
+        if claims.report_data[:32] != expected[:32]:
+            raise refusal(
+                "binding",
+                "the quote's report data does not match the activation request's binding (nonce, key, "
+                "type, UUID or DNS names were altered, or the quote belongs to another request)",
+            )
+        return claims
+
+    async def activate(self, body: bytes) -> ActivationOutcome:
+        """Handle one activation request body; returns the sealed Parameters.
+
+        Raises RequestError (malformed), StateError (not ready: retry later) or ActivationRefused.
+        """
+        req = parse_activation_request(body)
+        now = self.clock()
+        if not self.challenges.consume(req.nonce, now):
+            raise refusal(
+                "replay",
+                "unknown, expired or already used challenge nonce (a replayed request?): request a new "
+                "challenge and activate again",
+            )
+        if self._dep.state is not CoordinatorState.ACCEPTING_MARBLES:
+            raise StateError("cannot accept marbles in current state: set a manifest first")
+        claims = await self._claims(req.evidence_type, req.evidence, expected_report_data(req), now)
+        inp = ActivationInput(req.marble_type, req.uuid, req.dns_names, claims)
+        marble = self._dep.manifest.marbles.get(req.marble_type) if self._dep.manifest else None
+        if marble is not None and marble.max_activations > 0:
+            async with self._lock:
+                result = activate(self._prepared, inp, now, simulation=self.simulation, rng=self.rng)
+                if result.new_activation_count is not None:
+                    dep = self._dep
+                    counts = dict(dep.activations)
+                    counts[req.marble_type] = result.new_activation_count
+                    await self._commit(_replace_activations(dep, counts))
+        else:
+            result = activate(self._prepared, inp, now, simulation=self.simulation, rng=self.rng)
+        params = MarbleParameters(files=result.files, env=result.env, argv=result.argv)
+        return ActivationOutcome(seal_parameters(params, req), req.marble_type, str(req.uuid))
+
+
+def _replace_activations(dep: Deployment, counts: Mapping[str, int]) -> Deployment:
+    return dataclasses.replace(dep, activations=dict(counts))
