@@ -40,7 +40,9 @@ def test_gramine_kek_is_hkdf_of_the_mode_key(tmp_path: Path) -> None:
     assert isinstance(product, KeyEncryptionKeyProvider)
     expected = HKDF(hashes.SHA256(), 32, None, b"marblekeep/kek/v1/ProductKey").derive(signer)
     assert product.load_kek() == expected
-    assert unique.load_kek() == HKDF(hashes.SHA256(), 32, None, b"marblekeep/kek/v1/UniqueKey").derive(enclave)
+    assert unique.load_kek() == HKDF(hashes.SHA256(), 32, None, b"marblekeep/kek/v1/UniqueKey").derive(
+        enclave
+    )
     assert product.load_kek() != unique.load_kek()
     assert product.anchor_path is None
     anchored = GramineSealKeyProvider(root, SealMode.UNIQUE_KEY, anchor_dir=tmp_path)
@@ -71,7 +73,9 @@ async def test_enclave_update_product_key_keeps_state_unique_key_needs_recovery(
         assert isinstance(second, Opened if survives else NeedsRecovery), mode
 
 
-def test_simulation_key_file_created_private_and_loud(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_simulation_key_file_created_private_and_loud(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     path = tmp_path / "simulation-kek"
     provider = SimulationKeyFileProvider(path)
     assert "INSECURE" in provider.description

@@ -149,7 +149,9 @@ async def test_forged_anchor_is_refused(tmp_path: Path, provider: SimulationKeyF
         await open_db(db, provider)
 
 
-async def test_deleted_state_is_not_silently_reset(tmp_path: Path, provider: SimulationKeyFileProvider) -> None:
+async def test_deleted_state_is_not_silently_reset(
+    tmp_path: Path, provider: SimulationKeyFileProvider
+) -> None:
     db = tmp_path / "state.db"
     store = await store_at(db, provider)
     await bump(store, 2)
@@ -167,7 +169,9 @@ async def test_deleted_state_is_not_silently_reset(tmp_path: Path, provider: Sim
     await again.store.close()
 
 
-async def test_anchor_of_another_state_is_refused(tmp_path: Path, provider: SimulationKeyFileProvider) -> None:
+async def test_anchor_of_another_state_is_refused(
+    tmp_path: Path, provider: SimulationKeyFileProvider
+) -> None:
     a, b = tmp_path / "a.db", tmp_path / "b.db"
     store_a = await store_at(a, provider)
     await bump(store_a, 2)

@@ -80,7 +80,9 @@ async def make_state(db: Path, provider: SimulationKeyFileProvider) -> SealedSto
 # -- basic behaviour ---------------------------------------------------------------------------
 
 
-async def test_fresh_store_persists_nothing_until_first_commit(db: Path, provider: SimulationKeyFileProvider) -> None:
+async def test_fresh_store_persists_nothing_until_first_commit(
+    db: Path, provider: SimulationKeyFileProvider
+) -> None:
     result = await open_db(db, provider)
     assert isinstance(result, Opened) and result.fresh and result.outcome == "fresh"
     assert await result.store.get("x") is None
@@ -145,7 +147,9 @@ async def test_disabled_mode_uses_memory_and_no_kek() -> None:
 # -- startup outcomes ------------------------------------------------------------------------
 
 
-async def test_other_kek_needs_recovery(db: Path, tmp_path: Path, provider: SimulationKeyFileProvider) -> None:
+async def test_other_kek_needs_recovery(
+    db: Path, tmp_path: Path, provider: SimulationKeyFileProvider
+) -> None:
     store = await make_state(db, provider)
     await store.close()
     other = SimulationKeyFileProvider(tmp_path / "other-kek")
@@ -208,7 +212,9 @@ async def test_discard_in_recovery_starts_a_new_state(
     await again.close()
 
 
-async def test_old_wrapped_dek_with_newer_data_needs_recovery(db: Path, provider: SimulationKeyFileProvider) -> None:
+async def test_old_wrapped_dek_with_newer_data_needs_recovery(
+    db: Path, provider: SimulationKeyFileProvider
+) -> None:
     store = await make_state(db, provider)
     old_wrapped = raw_rows(db)["meta:wrapped_dek"]
     await store.rekey(os.urandom(32))
@@ -219,7 +225,9 @@ async def test_old_wrapped_dek_with_newer_data_needs_recovery(db: Path, provider
     assert "does not belong" in result.reason.message
 
 
-async def test_rekey_reencrypts_everything_in_one_commit(db: Path, provider: SimulationKeyFileProvider) -> None:
+async def test_rekey_reencrypts_everything_in_one_commit(
+    db: Path, provider: SimulationKeyFileProvider
+) -> None:
     store = await make_state(db, provider)
     before = raw_rows(db)
     rev = await store.revision()
@@ -246,7 +254,9 @@ async def test_rekey_reencrypts_everything_in_one_commit(db: Path, provider: Sim
     assert "meta:recovery_data" not in raw_rows(db)
 
 
-async def test_rewrap_moves_to_another_kek(db: Path, tmp_path: Path, provider: SimulationKeyFileProvider) -> None:
+async def test_rewrap_moves_to_another_kek(
+    db: Path, tmp_path: Path, provider: SimulationKeyFileProvider
+) -> None:
     store = await make_state(db, provider)
     other = SimulationKeyFileProvider(tmp_path / "unique-kek")
     await store.rewrap(other)

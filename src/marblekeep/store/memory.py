@@ -47,8 +47,7 @@ class MemoryStore:
         checked = check_writes(writes)
         if expected_revision != self._revision:
             raise ConflictError(
-                f"store changed since revision {expected_revision} (now {self._revision}); "
-                "re-read and retry"
+                f"store changed since revision {expected_revision} (now {self._revision}); re-read and retry"
             )
         if not checked:
             return self._revision
