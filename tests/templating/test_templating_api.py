@@ -214,3 +214,36 @@ def _parse_fails(data: bytes, functions: FunctionSet) -> bool:
     except TemplateError as exc:
         return 'function "raw" not defined' in str(exc)
     return False
+
+
+# -- the examples in docs/templates.md ------------------------------------------------------------------
+
+
+def test_documented_examples_hold() -> None:
+    doc = Path(__file__).resolve().parents[2] / "docs" / "templates.md"
+    lines = doc.read_text().splitlines()
+    start = lines.index("| Template | Output |")
+    data = make_data(
+        secrets={"k": Secret(SecretType.SYMMETRIC_KEY, 128, public=BYTES_0_15, private=BYTES_0_15)}
+    )
+    checked = 0
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        template_cell, output_cell = (c.strip() for c in line.strip("|").split("|")[:2])
+        source = template_cell.split("`")[1].encode()
+        functions = (
+            FunctionSet.FILES if "raw" in template_cell or "Files" in template_cell else FunctionSet.ENV
+        )
+        if output_cell.startswith("error"):
+            with pytest.raises(TemplateError):
+                render(source, functions, data)
+        elif output_cell.startswith("`"):
+            expected = output_cell.strip("`").replace("\\n", "\n").encode()
+            assert render(source, functions, data) == expected, template_cell
+        elif output_cell == "the 16 bytes":
+            assert render(source, functions, data) == BYTES_0_15
+        else:
+            continue
+        checked += 1
+    assert checked >= 6
