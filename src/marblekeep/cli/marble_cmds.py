@@ -102,7 +102,7 @@ def marble() -> None:
     "authenticated: the secrets stay sealed to this Marble, but an impostor could hand out wrong Parameters.",
 )
 @click.argument("command", nargs=-1, type=click.UNPROCESSED, metavar="[-- CMD [ARGS...]]")
-def run(  # noqa: PLR0917 - one parameter per click option
+def run(
     coordinator_addr: str | None,
     marble_type: str | None,
     dns_names: str | None,

@@ -52,9 +52,16 @@ class SimulationIssuer:
 
     evidence_type: str = EvidenceType.SIMULATION
 
+    def __init__(self) -> None:
+        self._warned = False
+
     def issue(self, report_data: bytes) -> bytes:
         _check_report_data(report_data)
-        log.warning("no TEE: sending simulation evidence; only a Coordinator in simulation mode accepts it")
+        if not self._warned:  # once per issuer, not on every retry
+            log.warning(
+                "no TEE: sending simulation evidence; only a Coordinator in simulation mode accepts it"
+            )
+            self._warned = True
         return bytes(report_data)
 
 
