@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import struct
 from collections.abc import Hashable
 from decimal import Decimal
 from typing import Any
@@ -116,27 +117,40 @@ def _construct_timestamp(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> str:
     return str(loader.construct_scalar(node))
 
 
-def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
-    seen: set[Any] = set()
+class _YamlMap:
+    """A YAML mapping as its (key, value) pairs: keeps ``1`` and ``true`` apart, unlike a dict."""
+
+    __slots__ = ("pairs",)
+
+    def __init__(self, pairs: list[tuple[Any, Any]]) -> None:
+        self.pairs = pairs
+
+
+def _key_identity(key: object) -> tuple[type, object]:
+    return (type(key), key)
+
+
+def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> _YamlMap:
+    seen: set[tuple[type, object]] = set()
     for key_node, _ in node.value:
         if key_node.tag == "tag:yaml.org,2002:merge":
             continue
         key = loader.construct_object(key_node, deep=True)
-        if not isinstance(key, Hashable):
+        if not isinstance(key, Hashable) or isinstance(key, _YamlMap):
             raise yaml.constructor.ConstructorError(
                 None, None, "a mapping key must be a scalar", key_node.start_mark
             )
-        if key in seen:
+        if _key_identity(key) in seen:
             raise yaml.constructor.ConstructorError(
                 None, None, f'duplicate key "{key}": each key may appear once', key_node.start_mark
             )
-        seen.add(key)
+        seen.add(_key_identity(key))
     loader.flatten_mapping(node)
-    pairs = loader.construct_pairs(node, deep=True)
-    result: dict[Any, Any] = {}
-    for key, value in pairs:
-        result[key] = value
-    return result
+    merged: dict[tuple[type, object], tuple[Any, Any]] = {}
+    for key, value in loader.construct_pairs(node, deep=True):
+        merged.pop(_key_identity(key), None)  # a later (explicit) key overrides a merged one
+        merged[_key_identity(key)] = (key, value)
+    return _YamlMap(list(merged.values()))
 
 
 _GoYamlLoader.add_constructor("tag:yaml.org,2002:bool", _construct_bool)
@@ -173,6 +187,30 @@ def _go_float(value: float) -> str:
     return ("-" if sign else "") + f"{mantissa}e{'-' if power < 0 else '+'}{abs(power)}"
 
 
+def _go_float32_g(value: float) -> str:
+    """Go's ``strconv.FormatFloat(v, 'g', -1, 32)`` (how sigs.k8s.io/yaml turns float keys into text)."""
+    if value == 0:
+        return "-0" if math.copysign(1.0, value) < 0 else "0"
+    single = struct.unpack("<f", struct.pack("<f", value))[0]
+    text = ""
+    for precision in range(1, 10):
+        text = f"{single:.{precision}e}"
+        if struct.unpack("<f", struct.pack("<f", float(text)))[0] == single:
+            break
+    mantissa, _, exp_text = text.partition("e")
+    digits = mantissa.replace("-", "").replace(".", "").rstrip("0") or "0"
+    exponent = int(exp_text)
+    sign = "-" if single < 0 else ""
+    if exponent < -4 or exponent >= 6:  # shortest formatting decides with precision 6
+        body = digits[0] + ("." + digits[1:] if len(digits) > 1 else "")
+        return f"{sign}{body}e{'-' if exponent < 0 else '+'}{abs(exponent):02d}"
+    if exponent >= 0:
+        whole = digits[: exponent + 1].ljust(exponent + 1, "0")
+        frac = digits[exponent + 1 :]
+        return sign + whole + ("." + frac if frac else "")
+    return f"{sign}0.{'0' * (-exponent - 1)}{digits}"
+
+
 def _key(key: object) -> str:
     """sigs.k8s.io/yaml's conversion of non-string YAML keys."""
     if isinstance(key, str):
@@ -186,7 +224,7 @@ def _key(key: object) -> str:
             return ".nan"
         if math.isinf(key):
             return ".inf" if key > 0 else "-.inf"
-        return _go_float(key)
+        return _go_float32_g(key)
     raise ValueError(f"unsupported map key of type {type(key).__name__}")
 
 
@@ -227,8 +265,9 @@ class _Encoder:
                     self.emit(",")
                 self.encode(item)
             self.emit("]")
-        elif isinstance(value, dict):
-            converted = {_key(k): v for k, v in value.items()}
+        elif isinstance(value, _YamlMap | dict):
+            pairs = value.pairs if isinstance(value, _YamlMap) else list(value.items())
+            converted = {_key(k): v for k, v in pairs}
             items = sorted(converted.items(), key=lambda kv: kv[0])
             self.emit("{")
             for index, (k, v) in enumerate(items):
