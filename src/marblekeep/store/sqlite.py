@@ -104,6 +104,8 @@ class SQLiteStore:
         conn = sqlite3.connect(
             self.path, isolation_level=None, check_same_thread=False, timeout=self._busy_timeout
         )
+        # a damaged file can hold any bytes where SQLite expects text: never fail on decoding
+        conn.text_factory = lambda raw: raw.decode("utf-8", "replace")
         try:
             row = conn.execute("PRAGMA journal_mode=WAL").fetchone()
             if row is None or str(row[0]).lower() != "wal":
@@ -147,7 +149,7 @@ class SQLiteStore:
             if self._conn is None:
                 self._conn = self._connect()
             return fn(self._conn)
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, UnicodeError, ValueError, OverflowError) as exc:
             raise StoreError(
                 f"SQLite store {self.path}: {what} failed ({type(exc).__name__}: {exc}); "
                 "check the disk and the file, or restore a backup"
