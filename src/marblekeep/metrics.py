@@ -7,16 +7,47 @@ no per-UUID label (MarbleRun's has unbounded cardinality).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+CollateralStatus = Callable[[], list[dict[str, object]]]
+
+
+class _CollateralCollector(Collector):
+    """Age and remaining validity of each cached collateral entry, read at scrape time."""
+
+    def __init__(self, status: CollateralStatus) -> None:
+        self._status = status
+
+    def collect(self) -> Iterator[Metric]:
+        age = GaugeMetricFamily(
+            "coordinator_collateral_age_seconds", "Seconds since the collateral was fetched", labels=["key"]
+        )
+        expires = GaugeMetricFamily(
+            "coordinator_collateral_expires_in_seconds",
+            "Seconds until the collateral expires (negative: expired, no longer used)",
+            labels=["key"],
+        )
+        for entry in self._status():
+            key = str(entry.get("key", ""))
+            age_value = entry.get("age_seconds", 0)
+            expires_value = entry.get("expires_in_seconds", 0)
+            age.add_metric([key], float(age_value) if isinstance(age_value, int | float) else 0.0)
+            expires.add_metric([key], float(expires_value) if isinstance(expires_value, int | float) else 0.0)
+        yield age
+        yield expires
 
 __all__ = ["Metrics"]
 
 
 class Metrics:
-    def __init__(self, state: Callable[[], float]) -> None:
+    def __init__(self, state: Callable[[], float], collateral: CollateralStatus | None = None) -> None:
         self.registry = CollectorRegistry()
+        if collateral is not None:
+            self.registry.register(_CollateralCollector(collateral))
         self.state = Gauge(
             "coordinator_state",
             "The Coordinator's state: 1 recovery, 2 accepting a manifest, 3 accepting Marbles",

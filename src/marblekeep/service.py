@@ -23,7 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+
 from marblekeep.attestation.claims import TeeClaims, TeeKind
+from marblekeep.attestation.evidence import parse_header, strip_oe_header
+from marblekeep.attestation.signquote import sign_quote_payload
 from marblekeep.core.activation import ActivationInput, PreparedDeployment, activate, refusal
 from marblekeep.core.deployment import (
     STATUS_MESSAGES,
@@ -35,6 +41,7 @@ from marblekeep.core.deployment import (
 from marblekeep.core.records import deployment_from_records, deployment_to_records, record_changes
 from marblekeep.errors import (
     AttestationError,
+    AuthorizationError,
     ConfigError,
     ManifestError,
     StateError,
@@ -82,6 +89,8 @@ class CoordinatorConfig:
     attestation_root: Path = Path("/dev/attestation")
     log_format: str = "text"
     max_manifest_bytes: int = 4 * 1024 * 1024
+    pccs_url: str = ""
+    collateral_dir: Path | None = None
 
 
 class EvidenceVerifier(Protocol):
@@ -290,6 +299,28 @@ class Coordinator:
         if dep.manifest is None:
             return None
         return dep.manifest.raw, dep.manifest_signature, manifest_fingerprint(dep.manifest.raw)
+
+    def collateral_status(self) -> list[dict[str, object]]:
+        """Age and expiry of the cached attestation collateral (for status and metrics)."""
+        cache = getattr(self.verifier, "cache", None)
+        return list(cache.status()) if cache is not None else []
+
+    async def sign_quote(self, quote: bytes) -> tuple[str, bytes]:
+        """MarbleRun's sign-quote: verify ``quote`` (no package policy), then sign
+        SHA-256(base64(quote as submitted) ‖ TCB status) with the root key."""
+        manifest = self._dep.manifest
+        if manifest is None or not manifest.config.feature_enabled("SignQuoteEndpoint"):
+            raise AuthorizationError(
+                "the sign-quote endpoint is disabled: add SignQuoteEndpoint to the manifest's "
+                "Config.FeatureGates to enable it"
+            )
+        raw = strip_oe_header(quote)
+        kind = parse_header(raw).kind
+        evidence_type = EvidenceType.TDX if kind is TeeKind.TDX else EvidenceType.SGX_DCAP
+        claims = await self.verifier.verify(evidence_type, quote, self.clock())
+        digest = sign_quote_payload(quote, claims.tcb_status)
+        signature = self._dep.ca.root.key.sign(digest, ec.ECDSA(Prehashed(hashes.SHA256())))
+        return claims.tcb_status, signature
 
     # ------------------------------------------------------------------ Marble API operations
 

@@ -18,7 +18,7 @@ from aiohttp import web
 
 from marblekeep.api import jsend
 from marblekeep.core.deployment import CoordinatorState
-from marblekeep.errors import ManifestError, RequestError, StateError
+from marblekeep.errors import AttestationError, AuthorizationError, ManifestError, RequestError, StateError
 from marblekeep.service import Coordinator
 
 __all__ = ["COORDINATOR_KEY", "add_client_routes"]
@@ -73,6 +73,9 @@ async def status_v2(request: web.Request) -> web.Response:
     data: dict[str, Any] = {"code": code, "message": message, **_simulation_extras(coord)}
     if coord.state is CoordinatorState.RECOVERY and coord.recovery_reason:
         data["recoveryReason"] = coord.recovery_reason
+    collateral = coord.collateral_status()
+    if collateral:
+        data["details"] = {"collateral": collateral}
     return jsend.success(data)
 
 
@@ -123,6 +126,20 @@ async def manifest_post_v2(request: web.Request) -> web.Response:
     raw = _b64_field(doc, "manifest")
     secrets = await _coord(request).set_manifest(raw)
     return jsend.success({"RecoverySecrets": _recovery_secrets_json(secrets)})
+
+
+async def sign_quote_v2(request: web.Request) -> web.Response:
+    doc = await _json_body(request)
+    quote = _b64_field(doc, "sgxQuote")
+    try:
+        status, signature = await _coord(request).sign_quote(quote)
+    except AuthorizationError as exc:
+        return jsend.error(exc.message, 403)
+    except AttestationError as exc:
+        if exc.http_status >= 500:  # collateral unavailable: not the client's fault
+            return jsend.error(exc.message, exc.http_status)
+        return jsend.fail(exc.message, 400, {"sgxQuote": exc.message})
+    return jsend.success({"tcbStatus": status, "verificationSignature": base64.b64encode(signature).decode()})
 
 
 # ---------------------------------------------------------------------------------------------- v1
@@ -184,6 +201,7 @@ def add_client_routes(app: web.Application) -> None:
     r.add_get("/api/v2/quote", quote_v2)
     r.add_get("/api/v2/manifest", manifest_get_v2)
     r.add_post("/api/v2/manifest", manifest_post_v2)
+    r.add_post("/api/v2/sign-quote", sign_quote_v2)
     r.add_get("/status", status_v1)
     r.add_get("/quote", quote_v1)
     r.add_get("/manifest", manifest_get_v1)

@@ -23,6 +23,7 @@ from marblekeep.api import jsend
 from marblekeep.api.client_api import COORDINATOR_KEY, add_client_routes
 from marblekeep.api.tls import TLSContexts, make_server_credentials
 from marblekeep.errors import ActivationRefused, ConfigError, MarbleKeepError
+from marblekeep.marble.evidence import GramineIssuer
 from marblekeep.marble.protocol import (
     ACTIVATE_PATH,
     CHALLENGE_PATH,
@@ -30,7 +31,9 @@ from marblekeep.marble.protocol import (
     encode_challenge_response,
 )
 from marblekeep.metrics import Metrics
-from marblekeep.service import Coordinator, CoordinatorConfig
+from marblekeep.service import Coordinator, CoordinatorConfig, utcnow
+from marblekeep.store.kek import GramineSealKeyProvider
+from marblekeep.verification import DcapEvidenceVerifier, collateral_source
 
 __all__ = ["Listeners", "build_client_app", "build_marble_app", "parse_addr", "serve"]
 
@@ -158,7 +161,7 @@ class Listeners:
     def __init__(self, coord: Coordinator, config: CoordinatorConfig) -> None:
         self.coord = coord
         self.config = config
-        self.metrics = Metrics(lambda: float(coord.state))
+        self.metrics = Metrics(lambda: float(coord.state), coord.collateral_status)
         self.runners: list[web.AppRunner] = []
         credentials = make_server_credentials(coord.deployment.ca.root, config.dns_names, coord.clock())
         self.client_tls = TLSContexts(credentials)
@@ -198,7 +201,23 @@ class Listeners:
 
 
 async def serve(config: CoordinatorConfig, *, ready: Callable[[], None] | None = None) -> None:
-    coord = await Coordinator.open(config)
+    source = collateral_source(config.pccs_url or None, config.collateral_dir)
+    verifier = DcapEvidenceVerifier(source, clock=utcnow) if source is not None else None
+    kek_provider = None
+    quote_issuer = None
+    if not config.simulation:
+        kek_provider = GramineSealKeyProvider(config.attestation_root, anchor_dir=config.seal_dir)
+        quote_issuer = GramineIssuer(config.attestation_root)
+    if verifier is not None:
+        verifier.start()
+    try:
+        coord = await Coordinator.open(
+            config, verifier=verifier, quote_issuer=quote_issuer, kek_provider=kek_provider
+        )
+    except BaseException:
+        if verifier is not None:
+            await verifier.aclose()
+        raise
     listeners = Listeners(coord, config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -225,4 +244,6 @@ async def serve(config: CoordinatorConfig, *, ready: Callable[[], None] | None =
     finally:
         await listeners.stop()
         await coord.close()
+        if verifier is not None:
+            await verifier.aclose()
         log.info("coordinator stopped")

@@ -102,6 +102,8 @@ def coordinator(
     simulation: bool,
     attestation_root: Path,
     allow_rollback: bool,
+    pccs_url: str,
+    collateral_dir: Path | None,
     log_format: str,
     debug: bool,
 ) -> None:
@@ -131,6 +133,8 @@ def coordinator(
         allow_rollback=allow_rollback,
         attestation_root=attestation_root,
         log_format=log_format,
+        pccs_url=pccs_url,
+        collateral_dir=collateral_dir,
     )
     try:
         asyncio.run(serve(config))
