@@ -150,8 +150,11 @@ def test_encode_parse_round_trip_property(
     assert parse_activation_request(encode_activation_request(req)) == req
 
 
+json_alphabet = st.sampled_from([*'{}[]:,"\\ 0123456789.eE+-truefalsnu', '"marbleType"', '"evidence"'])
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.binary(max_size=400))
+@given(st.binary(max_size=400) | st.lists(json_alphabet, max_size=80).map(lambda xs: "".join(xs).encode()))
 def test_parse_arbitrary_bytes_gives_request_or_request_error(body: bytes) -> None:
     try:
         req = parse_activation_request(body)
@@ -171,12 +174,16 @@ json_values = st.recursive(
 
 
 @settings(max_examples=300, deadline=None)
-@given(field=st.sampled_from(["marbleType", "uuid", "dnsNames", "hpkePublicKey", "nonce", "evidence"]),
+@given(field=st.sampled_from(["marbleType", "uuid", "dnsNames", "hpkePublicKey", "nonce", "evidence",
+                              "evidence.type", "evidence.data"]),
        value=json_values)
 def test_parse_mutated_field_gives_request_or_request_error(field: str, value: object) -> None:
     req, _ = make_request()
     doc = body_of(req)
-    doc[field] = value
+    if field.startswith("evidence."):
+        doc["evidence"][field.split(".")[1]] = value  # type: ignore[index]
+    else:
+        doc[field] = value
     try:
         parsed = parse_activation_request(json.dumps(doc).encode())
     except RequestError as exc:
@@ -242,6 +249,8 @@ def test_parse_rejects_duplicate_keys_deep_nesting_and_bad_utf8() -> None:
         parse_activation_request(b"[]")
     with pytest.raises(RequestError, match="NaN is not allowed"):
         parse_activation_request(b'{"x": NaN}')
+    with pytest.raises(RequestError, match="a number is too long"):
+        parse_activation_request(b'{"marbleType":' + b"9" * 5000 + b"}")
 
 
 def test_parse_ignores_unknown_fields() -> None:

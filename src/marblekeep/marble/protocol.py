@@ -214,6 +214,8 @@ def _load_json(body: bytes, what: str, limit: int) -> Any:
         raise RequestError(f"{what} is not valid JSON: {exc.msg} at {where}") from None
     except RecursionError:
         raise RequestError(f"{what} is nested too deeply") from None
+    except ValueError:  # e.g. an integer literal beyond Python's 4300-digit conversion limit
+        raise RequestError(f"{what} is not valid JSON: a number is too long") from None
 
 
 def _text(value: object, where: str, max_bytes: int) -> str:
