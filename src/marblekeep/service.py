@@ -39,6 +39,7 @@ from marblekeep.core.deployment import (
     set_manifest,
 )
 from marblekeep.core.records import deployment_from_records, deployment_to_records, record_changes
+from marblekeep.core.users import user_certificates
 from marblekeep.errors import (
     AttestationError,
     AuthorizationError,
@@ -144,7 +145,8 @@ class Coordinator:
         self._records: dict[str, bytes] = dict(records)
         self._pending_recovery = pending_recovery
         self.recovery_reason = recovery_reason
-        self._lock = asyncio.Lock()
+        self.lock = asyncio.Lock()
+        self.observers: list[Callable[[Deployment], None]] = []
         self._publish(deployment)
 
     # ------------------------------------------------------------------ lifecycle
@@ -224,8 +226,15 @@ class Coordinator:
     # ------------------------------------------------------------------ snapshot
 
     def _publish(self, dep: Deployment) -> None:
+        old = getattr(self, "_dep", None)
         self._dep = dep
         self._prepared = PreparedDeployment(dep)
+        if old is not None and old.manifest is not dep.manifest:
+            self.user_certificates = user_certificates(dep.manifest)
+            for observer in self.observers:
+                observer(dep)
+        elif old is None:
+            self.user_certificates = user_certificates(dep.manifest)
 
     @property
     def deployment(self) -> Deployment:
@@ -235,8 +244,8 @@ class Coordinator:
     def state(self) -> CoordinatorState:
         return self._dep.state
 
-    async def _commit(self, new: Deployment) -> None:
-        """Persist ``new`` (only the changed records) and publish it. Caller holds the lock."""
+    async def commit(self, new: Deployment) -> None:
+        """Persist ``new`` (only the changed records) and publish it. Caller holds :attr:`lock`."""
         manifest = new.manifest
         persist = manifest is not None and manifest.config.seal_mode is not SealMode.DISABLED
         if persist and self._store is not None:
@@ -272,7 +281,7 @@ class Coordinator:
             raise ManifestError(
                 f"manifest is {len(raw)} bytes, more than the limit of {self.config.max_manifest_bytes}"
             )
-        async with self._lock:
+        async with self.lock:
             dep = self._dep
             dep.require(CoordinatorState.ACCEPTING_MANIFEST, CoordinatorState.RECOVERY)
             manifest = load_manifest(raw)
@@ -286,7 +295,7 @@ class Coordinator:
                 dep = new_deployment(self.config.dns_names, now, self.rng)
                 log.warning("manifest set in recovery mode: the old sealed state was discarded")
             new = set_manifest(dep, manifest, now, self.rng)
-            await self._commit(new)
+            await self.commit(new)
         log.info(
             "manifest set",
             extra={"fingerprint": manifest_fingerprint(raw), "marbles": len(manifest.marbles)},
@@ -373,13 +382,13 @@ class Coordinator:
         inp = ActivationInput(req.marble_type, req.uuid, req.dns_names, claims)
         marble = self._dep.manifest.marbles.get(req.marble_type) if self._dep.manifest else None
         if marble is not None and marble.max_activations > 0:
-            async with self._lock:
+            async with self.lock:
                 result = activate(self._prepared, inp, now, simulation=self.simulation, rng=self.rng)
                 if result.new_activation_count is not None:
                     dep = self._dep
                     counts = dict(dep.activations)
                     counts[req.marble_type] = result.new_activation_count
-                    await self._commit(_replace_activations(dep, counts))
+                    await self.commit(_replace_activations(dep, counts))
         else:
             result = activate(self._prepared, inp, now, simulation=self.simulation, rng=self.rng)
         params = MarbleParameters(files=result.files, env=result.env, argv=result.argv)

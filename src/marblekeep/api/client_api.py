@@ -17,8 +17,16 @@ from typing import Any
 from aiohttp import web
 
 from marblekeep.api import jsend
+from marblekeep.api.tls import match_user
 from marblekeep.core.deployment import CoordinatorState
-from marblekeep.errors import AttestationError, AuthorizationError, ManifestError, RequestError, StateError
+from marblekeep.errors import (
+    AttestationError,
+    AuthenticationError,
+    AuthorizationError,
+    ManifestError,
+    RequestError,
+    StateError,
+)
 from marblekeep.service import Coordinator
 
 __all__ = ["COORDINATOR_KEY", "add_client_routes"]
@@ -52,6 +60,23 @@ def _b64_field(doc: dict[str, Any], name: str) -> bytes:
         return base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
         raise RequestError(f"{name}: not valid standard base64") from None
+
+
+def authenticated_user(request: web.Request) -> str:
+    """The manifest user whose certificate is exactly the TLS client's leaf certificate.
+
+    Raises :class:`AuthenticationError` (401) when the client sent no certificate. An unlisted
+    certificate never gets here: the TLS handshake refuses it (see api/tls.py).
+    """
+    ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
+    leaf = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+    user = match_user(leaf, _coord(request).user_certificates)
+    if user is None:
+        raise AuthenticationError(
+            "unauthorized user: client certificate did not match any MarbleRun users "
+            "(send a certificate listed in the manifest's Users, with its key: -c CERT -k KEY)"
+        )
+    return user
 
 
 def _simulation_extras(coord: Coordinator) -> dict[str, Any]:

@@ -164,8 +164,12 @@ class Listeners:
         self.metrics = Metrics(lambda: float(coord.state), coord.collateral_status)
         self.runners: list[web.AppRunner] = []
         credentials = make_server_credentials(coord.deployment.ca.root, config.dns_names, coord.clock())
-        self.client_tls = TLSContexts(credentials)
+        self.client_tls = TLSContexts(credentials, coord.user_certificates.values())
         self.marble_tls = TLSContexts(credentials)
+        # New handshakes see the manifest's current users without a restart.
+        coord.observers.append(
+            lambda _dep: self.client_tls.update(credentials, coord.user_certificates.values())
+        )
 
     async def _start(self, app: web.Application, addr: str, what: str, tls: ssl.SSLContext | None) -> None:
         host, port = parse_addr(addr, what)

@@ -137,6 +137,11 @@ class TLSContexts:
 
     def update(self, credentials: ServerCredentials, user_certs_der: Iterable[bytes]) -> None:
         self._current = self._build(credentials, sorted(set(user_certs_der)))
+        # The swap in the SNI callback is OpenSSL's SSL_set_SSL_CTX: it takes the certificate and
+        # the trust store of the new context, but the verify mode and verify flags stay those of
+        # the context the connection was created from. Keep them on the base context.
+        self._base.verify_mode = self._current.verify_mode
+        self._base.verify_flags = self._current.verify_flags
 
     def _on_handshake(self, sslobj: ssl.SSLObject, server_name: str | None, ctx: ssl.SSLContext) -> None:
         if self._current is not self._base:
