@@ -26,13 +26,15 @@ import os
 import stat
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from marblekeep.errors import ConfigError, SealError
-from marblekeep.manifest.model import SealMode
+
+if TYPE_CHECKING:  # at run time only ``mode.value`` is used: importing the manifest package is slow
+    from marblekeep.manifest.model import SealMode
 
 __all__ = [
     "ANCHOR_FILE_NAME",
@@ -53,9 +55,9 @@ KEK_INFO_PREFIX = b"marblekeep/kek/v1/"
 #: Name of the rollback-anchor file in an anchor directory.
 ANCHOR_FILE_NAME = "rollback-anchor"
 
-_GRAMINE_KEY_FILES = {
-    SealMode.PRODUCT_KEY: "_sgx_mrsigner",
-    SealMode.UNIQUE_KEY: "_sgx_mrenclave",
+_GRAMINE_KEY_FILES = {  # SealMode value -> Gramine key file
+    "ProductKey": "_sgx_mrsigner",
+    "UniqueKey": "_sgx_mrenclave",
 }
 
 
@@ -86,23 +88,23 @@ def derive_kek(platform_key: bytes, mode: SealMode) -> bytes:
 
 
 class GramineSealKeyProvider:
-    """KEK from Gramine's SGX sealing keys under ``attestation_root`` (default ``/dev/attestation``)."""
+    """KEK from Gramine's SGX sealing keys under ``attestation_root`` (usually ``/dev/attestation``)."""
 
     def __init__(
         self,
-        attestation_root: Path = DEFAULT_ATTESTATION_ROOT,
-        mode: SealMode = SealMode.PRODUCT_KEY,
+        attestation_root: Path,
+        mode: SealMode,
         *,
         anchor_dir: Path | None = None,
     ) -> None:
-        if mode not in _GRAMINE_KEY_FILES:
+        if mode.value not in _GRAMINE_KEY_FILES:
             raise ConfigError(
                 f"SealMode {mode.value} has no sealing key; use ProductKey or UniqueKey "
                 "(Disabled means: no persistence and no key provider)"
             )
         self.attestation_root = Path(attestation_root)
         self.mode = mode
-        self.key_path = self.attestation_root / "keys" / _GRAMINE_KEY_FILES[mode]
+        self.key_path = self.attestation_root / "keys" / _GRAMINE_KEY_FILES[mode.value]
         self._anchor_dir = anchor_dir
 
     @property
