@@ -105,7 +105,7 @@ async def test_sigkill_never_loses_an_acknowledged_write(
             await result.store.close()
             if stored != state:
                 assert pending is not None and stored == apply(state, pending), (
-                    f"kill {kill}: stored state is neither the acknowledged one nor it plus the in-flight write"
+                    f"kill {kill}: state is neither the acknowledged one nor it plus the in-flight write"
                 )
                 state = stored
                 in_flight_landed += 1
