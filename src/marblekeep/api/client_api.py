@@ -12,6 +12,7 @@ import base64
 import binascii
 import json
 import logging
+import re
 from typing import Any
 
 from aiohttp import web
@@ -35,6 +36,8 @@ log = logging.getLogger("marblekeep.api")
 
 COORDINATOR_KEY = web.AppKey("coordinator", Coordinator)
 MAX_NONCE_BYTES = 1024
+_URLSAFE_B64 = re.compile(r"\A[A-Za-z0-9_-]*={0,2}\Z")
+_URLSAFE_TO_STD = str.maketrans("-_", "+/")
 
 
 def _coord(request: web.Request) -> Coordinator:
@@ -108,9 +111,13 @@ def _nonce(request: web.Request) -> bytes | None:
     raw = request.query.get("nonce")
     if raw is None:
         return None
+    # Go's base64.URLEncoding: only the URL-safe alphabet, padding required. (Python's
+    # urlsafe_b64decode silently drops other characters, and accepts '+' and '/'.)
+    if not _URLSAFE_B64.match(raw):
+        raise RequestError("nonce: not valid URL-safe base64 (with padding)")
     try:
-        nonce = base64.urlsafe_b64decode(raw.encode("ascii"))
-    except (binascii.Error, ValueError, UnicodeEncodeError):
+        nonce = base64.b64decode(raw.translate(_URLSAFE_TO_STD), validate=True)
+    except (binascii.Error, ValueError):
         raise RequestError("nonce: not valid URL-safe base64 (with padding)") from None
     if len(nonce) > MAX_NONCE_BYTES:
         raise RequestError(f"nonce: longer than {MAX_NONCE_BYTES} bytes")
