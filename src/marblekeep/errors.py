@@ -22,7 +22,9 @@ the CLI edge. Families are split by *who is to blame*::
     │   ├── IntegrityError     stored data fails authentication                 500 / exit 1
     │   └── RollbackError      stored state is older than the newest sealed     503 / exit 1
     ├── RecoveryError          a recovery upload is invalid                     400 / exit 1
-    └── ConfigError            bad Coordinator / CLI configuration              - / exit 2
+    ├── ConfigError            bad Coordinator / CLI configuration              - / exit 2
+    └── CoordinatorError       (client side) a Coordinator failed a request     502 / exit 1
+                               or could not be reached
 
 Messages name the thing and the fix. They never contain key material: callers
 must not interpolate secret values, private keys or derived keys into them.
@@ -43,6 +45,7 @@ __all__ = [
     "CollateralError",
     "ConfigError",
     "ConflictError",
+    "CoordinatorError",
     "IntegrityError",
     "ManifestError",
     "MarbleKeepError",
@@ -184,3 +187,16 @@ class ConfigError(MarbleKeepError):
     code = "config_invalid"
     http_status = 500
     exit_code = 2
+
+
+class CoordinatorError(MarbleKeepError):
+    """Client side (SDK, CLI): a Coordinator answered a request with a failure, sent an answer
+    that is not valid JSend, or could not be reached. ``status`` is the HTTP status, if any;
+    the message is the Coordinator's own (sanitised) with the request it answered."""
+
+    code = "coordinator_failed"
+    http_status = 502
+
+    def __init__(self, message: str, *, status: int | None = None, problems: Sequence[Problem] = ()) -> None:
+        super().__init__(message, problems=problems)
+        self.status = status
