@@ -31,6 +31,7 @@ __all__ = [
     "CaSet",
     "CoordinatorState",
     "Deployment",
+    "PendingUpdate",
     "new_deployment",
     "set_manifest",
 ]
@@ -70,6 +71,29 @@ class CaSet:
 
 
 @dataclass(frozen=True)
+class PendingUpdate:
+    """A full manifest update waiting for acknowledgements (it is state: it survives restarts).
+
+    ``required_users`` are the users who held UpdateManifest when it was initiated (frozen then);
+    ``required`` is how many acknowledgements apply it (the then-current UpdateThreshold, or all
+    required users when that is 0); ``acknowledged`` lists who acknowledged, in order.
+    """
+
+    raw: bytes = field(repr=False)
+    required_users: tuple[str, ...]
+    required: int
+    acknowledged: tuple[str, ...] = ()
+
+    @property
+    def missing(self) -> int:
+        return max(self.required - len(self.acknowledged), 0)
+
+    @property
+    def missing_users(self) -> tuple[str, ...]:
+        return tuple(u for u in self.required_users if u not in self.acknowledged)
+
+
+@dataclass(frozen=True)
 class Deployment:
     state: CoordinatorState
     ca: CaSet
@@ -83,6 +107,13 @@ class Deployment:
     secrets: Mapping[str, Secret] = field(default_factory=dict, repr=False)
     previous_secrets: Mapping[str, Secret] = field(default_factory=dict, repr=False)
     activations: Mapping[str, int] = field(default_factory=dict)
+    #: Governance (core/governance.py): the hash-chained update log (JSON lines), the root's
+    #: signature over its head, the pending full update, and the SecurityVersions raised by
+    #: package updates (already applied to ``manifest.packages``; the raw manifest is unchanged).
+    update_log: tuple[str, ...] = ()
+    update_log_head: bytes = b""
+    pending_update: PendingUpdate | None = None
+    package_svns: Mapping[str, int] = field(default_factory=dict)
 
     def require(self, *states: CoordinatorState) -> None:
         if self.state not in states:
