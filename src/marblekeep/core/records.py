@@ -16,6 +16,11 @@ key                                       value
 ``sealMasterSecret``                      32 bytes; never rotated
 ``secret:<name>`` / ``previousSecret:``   JSON of the secret's value (definition comes from manifest)
 ``activations:<type>``                    hexadecimal ASCII count (as MarbleRun)
+``updateLog:<seq, 10 digits>``            one update-log entry (a JSON line; docs/governance.md)
+``updateLogHead``                         DER signature by the root key over the log's head
+``pendingUpdate``                         JSON of the pending full update (raw manifest, users, acks)
+``packageSecurityVersion:<package>``      decimal SecurityVersion raised by a package update; applied
+                                          over the stored raw manifest's package on load
 ========================================  ===========================================================
 """
 
@@ -27,7 +32,7 @@ import dataclasses
 import json
 from collections.abc import Mapping
 
-from marblekeep.core.deployment import CaSet, CoordinatorState, Deployment
+from marblekeep.core.deployment import CaSet, CoordinatorState, Deployment, PendingUpdate
 from marblekeep.crypto.pki import CertifiedKey
 from marblekeep.errors import IntegrityError, ManifestError
 from marblekeep.manifest import load_manifest
@@ -49,6 +54,10 @@ K_SEAL_MASTER = "sealMasterSecret"
 P_SECRET = "secret:"  # noqa: S105
 P_PREVIOUS_SECRET = "previousSecret:"  # noqa: S105
 P_ACTIVATIONS = "activations:"
+P_UPDATE_LOG = "updateLog:"
+K_UPDATE_LOG_HEAD = "updateLogHead"
+K_PENDING_UPDATE = "pendingUpdate"
+P_PACKAGE_SVN = "packageSecurityVersion:"
 
 
 def _b64(data: bytes | None) -> str | None:
@@ -91,7 +100,80 @@ def deployment_to_records(dep: Deployment) -> dict[str, bytes]:
         out[P_PREVIOUS_SECRET + name] = _secret_value(secret)
     for marble_type, count in dep.activations.items():
         out[P_ACTIVATIONS + marble_type] = f"{count:x}".encode()
+    for seq, line in enumerate(dep.update_log, start=1):
+        out[f"{P_UPDATE_LOG}{seq:010d}"] = line.encode("utf-8")
+    if dep.update_log_head:
+        out[K_UPDATE_LOG_HEAD] = dep.update_log_head
+    if dep.pending_update is not None:
+        out[K_PENDING_UPDATE] = _pending_value(dep.pending_update)
+    for package, svn in dep.package_svns.items():
+        out[P_PACKAGE_SVN + package] = str(svn).encode()
     return out
+
+
+def _pending_value(pending: PendingUpdate) -> bytes:
+    return json.dumps(
+        {
+            "manifestRaw": base64.b64encode(pending.raw).decode(),
+            "requiredUsers": list(pending.required_users),
+            "required": pending.required,
+            "acknowledged": list(pending.acknowledged),
+        }
+    ).encode()
+
+
+def _load_pending(value: bytes) -> PendingUpdate:
+    try:
+        doc = json.loads(value)
+    except ValueError:
+        raise _damaged(K_PENDING_UPDATE) from None
+    if not isinstance(doc, dict):
+        raise _damaged(K_PENDING_UPDATE)
+    users, acked, required = doc.get("requiredUsers"), doc.get("acknowledged"), doc.get("required")
+    if (
+        not isinstance(users, list)
+        or not isinstance(acked, list)
+        or not all(isinstance(u, str) for u in (*users, *acked))
+        or not isinstance(required, int)
+        or isinstance(required, bool)
+    ):
+        raise _damaged(K_PENDING_UPDATE)
+    return PendingUpdate(
+        raw=_unb64(doc.get("manifestRaw"), K_PENDING_UPDATE),
+        required_users=tuple(users),
+        required=required,
+        acknowledged=tuple(acked),
+    )
+
+
+def _load_governance(
+    records: Mapping[str, bytes], manifest: Manifest
+) -> tuple[Manifest, dict[str, int], tuple[str, ...]]:
+    """The manifest with package-update SVNs applied, those SVNs, and the update log in order."""
+    svns: dict[str, int] = {}
+    log: list[tuple[str, str]] = []
+    for key, value in records.items():
+        if key.startswith(P_PACKAGE_SVN):
+            name = key[len(P_PACKAGE_SVN) :]
+            try:
+                svns[name] = int(value.decode("ascii"))
+            except (ValueError, UnicodeDecodeError):
+                raise _damaged(key) from None
+            if name not in manifest.packages or svns[name] < 0:
+                raise _damaged(key)
+        elif key.startswith(P_UPDATE_LOG):
+            try:
+                log.append((key, value.decode("utf-8")))
+            except UnicodeDecodeError:
+                raise _damaged(key) from None
+    if svns:
+        packages = dict(manifest.packages)
+        for name, svn in svns.items():
+            packages[name] = dataclasses.replace(packages[name], security_version=svn)
+        manifest = dataclasses.replace(manifest, packages=packages)
+    # Entries are loaded as stored, even if someone removed or reordered them: `log verify`
+    # reports such damage against the signed head instead of the Coordinator refusing to start.
+    return manifest, svns, tuple(line for _, line in sorted(log))
 
 
 def record_changes(old: Mapping[str, bytes], new: Mapping[str, bytes]) -> dict[str, bytes | None]:
@@ -173,6 +255,9 @@ def deployment_from_records(records: Mapping[str, bytes]) -> Deployment | None:
     secrets: dict[str, Secret] = {}
     previous: dict[str, Secret] = {}
     activations: dict[str, int] = {}
+    svns: dict[str, int] = {}
+    update_log: tuple[str, ...] = ()
+    pending: PendingUpdate | None = None
     if K_MANIFEST in records:
         try:
             manifest = load_manifest(records[K_MANIFEST])
@@ -180,6 +265,9 @@ def deployment_from_records(records: Mapping[str, bytes]) -> Deployment | None:
             raise IntegrityError(
                 f"stored manifest no longer validates ({exc.message}); restore a backup"
             ) from None
+        manifest, svns, update_log = _load_governance(records, manifest)
+        if K_PENDING_UPDATE in records:
+            pending = _load_pending(records[K_PENDING_UPDATE])
         secrets = _load_secrets(records, P_SECRET, manifest)
         previous = _load_secrets(records, P_PREVIOUS_SECRET, manifest)
         for key, value in records.items():
@@ -199,4 +287,8 @@ def deployment_from_records(records: Mapping[str, bytes]) -> Deployment | None:
         secrets=secrets,
         previous_secrets=previous,
         activations=activations,
+        update_log=update_log,
+        update_log_head=records.get(K_UPDATE_LOG_HEAD, b""),
+        pending_update=pending,
+        package_svns=svns,
     )
