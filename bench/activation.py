@@ -1,0 +1,386 @@
+"""Marble activations over HTTPS on loopback, against a real ``marblekeep coordinator`` process.
+
+    .venv/bin/python bench/activation.py [--seconds 3] [--levels 1,16,64] [--clients 1]
+                                         [--profile-server FILE]
+
+Starts ``marblekeep coordinator --simulation`` as a subprocess on free loopback ports (state in a
+temporary directory), sets a manifest, then for each concurrency level N runs N concurrent Marbles
+in ``--clients`` load-generator processes (separate from the Coordinator, so the measured server
+does not share a GIL with them). One activation does what the premain does: a NEW HTTPS connection
+(full TLS handshake, no session resumption), POST /marble/v1/challenge, a fresh X25519 key, the
+simulation evidence bound to the request, POST /marble/v1/activate, and opening the sealed
+Parameters with marblekeep.marble.protocol. The Marble receives the seal key, a shared and a
+per-Marble symmetric key, a shared cert-ecdsa secret and its TLS credentials (the bench/core.py
+Marble). Printed per level: activations/s, p50/p99 latency and the server's CPU per activation.
+
+In the same run: the crypto floor (pki.leaf_floor: P-384 keygen + one signature, one core) and a
+bare TLS-handshake floor: GET /api/v2/status on the Client API (same credentials) with a new
+connection each, at the highest level's concurrency.
+
+Targets on the 2-core reference machine: >= 200 activations/s at N = 64; p50 <= 15 ms at N = 1.
+The load generator shares those 2 cores with the Coordinator; the output says so. Nothing asserts
+on time. ``--profile-server FILE`` runs the Coordinator under cProfile and writes its stats there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import dataclasses
+import datetime as dt
+import json
+import multiprocessing as mp
+import os
+import signal
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from multiprocessing.synchronize import Barrier
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import httpx
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from core import MANIFEST  # the same Marble as bench/core.py
+
+from marblekeep.api.server import serve
+from marblekeep.crypto.pki import leaf_floor
+from marblekeep.logs import configure_logging
+from marblekeep.marble.protocol import (
+    ACTIVATE_PATH,
+    CHALLENGE_PATH,
+    ActivationRequest,
+    EvidenceType,
+    encode_activation_request,
+    expected_report_data,
+    open_parameters,
+    parse_challenge_response,
+)
+from marblekeep.service import CoordinatorConfig
+
+MARBLE_TYPE = "app"
+JSON_HEADERS = {"Content-Type": "application/json"}
+STARTUP_TIMEOUT = 20.0
+TARGET_RATE_AT_64 = 200.0
+TARGET_P50_AT_1_MS = 15.0
+
+
+# --------------------------------------------------------------------------- the Coordinator
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclasses.dataclass
+class Server:
+    proc: subprocess.Popen[bytes]
+    client_url: str
+    marble_url: str
+    log_path: Path
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the Coordinator process so far (Linux /proc)."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@contextlib.contextmanager
+def coordinator(workdir: Path, profile: Path | None) -> Iterator[Server]:
+    client_port, marble_port = free_port(), free_port()
+    log_path = workdir / "coordinator.log"
+    prefix = [sys.executable]
+    if profile is not None:
+        prefix += ["-m", "cProfile", "-o", str(profile)]
+    # This file, in its --serve-coordinator mode: marblekeep.api.server.serve, exactly what
+    # `marblekeep coordinator --simulation` runs, in its own process.
+    cmd = [
+        *prefix,
+        str(Path(__file__).resolve()),
+        "--serve-coordinator",
+        f"127.0.0.1:{client_port},127.0.0.1:{marble_port},{workdir / 'state'}",
+    ]
+    with log_path.open("wb") as log_file:
+        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT)
+    server = Server(proc, f"https://127.0.0.1:{client_port}", f"https://127.0.0.1:{marble_port}", log_path)
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while b"coordinator started" not in log_path.read_bytes():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"the Coordinator did not start:\n{log_path.read_text()[-2000:]}")
+            time.sleep(0.05)
+        yield server
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def set_manifest(server: Server) -> None:
+    raw = json.dumps(MANIFEST).encode()
+    body = {"manifest": base64.b64encode(raw).decode()}
+    response = httpx.post(f"{server.client_url}/api/v2/manifest", json=body, verify=False, timeout=30)
+    if response.status_code != 200:
+        raise SystemExit(f"setting the manifest failed: {response.status_code} {response.text}")
+
+
+# --------------------------------------------------------------------------- load generator
+
+
+def client_tls() -> ssl.SSLContext:
+    # As the premain without EDG_MARBLE_COORDINATOR_CA_FILE: the Parameters are sealed to the Marble's
+    # attested key, so the transport is not authenticated. No session resumption: every connection
+    # makes a full handshake.
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+async def activation(ctx: ssl.SSLContext, base_url: str) -> None:
+    """One Marble activation on a new connection, as the premain does it."""
+    marble_uuid = uuid.uuid4()
+    connector = aiohttp.TCPConnector(ssl=ctx, limit=1)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        async with session.post(base_url + CHALLENGE_PATH, data=b"{}", headers=JSON_HEADERS) as resp:
+            if resp.status != 200:
+                raise RuntimeError(f"challenge: HTTP {resp.status}: {await resp.text()}")
+            nonce = parse_challenge_response(await resp.read())
+        key = X25519PrivateKey.generate()
+        request = ActivationRequest(
+            marble_type=MARBLE_TYPE,
+            uuid=marble_uuid,
+            dns_names=("app.internal",),
+            hpke_public_key=key.public_key().public_bytes_raw(),
+            nonce=nonce,
+            evidence_type=EvidenceType.SIMULATION,
+            evidence=b"",
+        )
+        # Simulation evidence is the report data itself (marblekeep.marble.evidence.SimulationIssuer).
+        request = dataclasses.replace(request, evidence=expected_report_data(request))
+        body = encode_activation_request(request)
+        async with session.post(base_url + ACTIVATE_PATH, data=body, headers=JSON_HEADERS) as resp:
+            if resp.status != 200:
+                raise RuntimeError(f"activate: HTTP {resp.status}: {await resp.text()}")
+            doc = await resp.json()
+    params = open_parameters(base64.b64decode(doc["data"]["sealedParameters"]), key, request)
+    if b"BEGIN CERTIFICATE" not in params.files["/tls/marble.crt"]:
+        raise RuntimeError("activation returned no Marble certificate")
+
+
+async def status_handshake(ctx: ssl.SSLContext, base_url: str) -> None:
+    """A bare TLS handshake plus the cheapest request: GET /api/v2/status on a new connection."""
+    connector = aiohttp.TCPConnector(ssl=ctx, limit=1)
+    async with (
+        aiohttp.ClientSession(connector=connector) as session,
+        session.get(base_url + "/api/v2/status") as resp,
+    ):
+        if resp.status != 200:
+            raise RuntimeError(f"status: HTTP {resp.status}")
+        await resp.read()
+
+
+OPS: dict[str, Callable[[ssl.SSLContext, str], Awaitable[None]]] = {
+    "activation": activation,
+    "handshake": status_handshake,
+}
+
+
+async def _drive(
+    op_name: str, base_url: str, concurrency: int, seconds: float, barrier: Barrier
+) -> dict[str, Any]:
+    ctx = client_tls()
+    op = OPS[op_name]
+    for _ in range(3):  # warm up imports, the TLS context and the server's code paths
+        await op(ctx, base_url)
+    await asyncio.get_running_loop().run_in_executor(None, barrier.wait)
+    latencies: list[float] = []
+    errors: list[str] = []
+    start = time.perf_counter()
+    cpu_start = time.process_time()
+    deadline = start + seconds
+
+    async def worker() -> None:
+        while time.perf_counter() < deadline:
+            t0 = time.perf_counter()
+            try:
+                await op(ctx, base_url)
+            except Exception as exc:  # a bench reports failures, it does not stop on them
+                errors.append(f"{type(exc).__name__}: {exc}"[:200])
+                continue
+            latencies.append(time.perf_counter() - t0)
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return {
+        "latencies": latencies,
+        "errors": errors,
+        "elapsed": time.perf_counter() - start,
+        "cpu": time.process_time() - cpu_start,
+    }
+
+
+def loadgen(
+    op_name: str, base_url: str, concurrency: int, seconds: float, barrier: Barrier, out: mp.Queue[Any]
+) -> None:
+    out.put(asyncio.run(_drive(op_name, base_url, concurrency, seconds, barrier)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    label: str
+    concurrency: int
+    rate: float
+    p50_ms: float
+    p99_ms: float
+    count: int
+    errors: int
+    server_cpu_ms: float  # Coordinator CPU time per operation
+    client_cpu_ms: float  # load generators' CPU time per operation
+    first_error: str
+
+
+def run_phase(
+    server: Server, op_name: str, base_url: str, concurrency: int, seconds: float, clients: int
+) -> Phase:
+    ctx = mp.get_context("spawn")
+    procs = min(clients, concurrency)
+    barrier = ctx.Barrier(procs + 1)
+    out: mp.Queue[Any] = ctx.Queue()
+    shares = [concurrency // procs + (1 if i < concurrency % procs else 0) for i in range(procs)]
+    workers = [
+        ctx.Process(target=loadgen, args=(op_name, base_url, share, seconds, barrier, out))
+        for share in shares
+    ]
+    for p in workers:
+        p.start()
+    barrier.wait(timeout=60)
+    cpu0 = server.cpu_seconds()
+    results = [out.get(timeout=seconds + 60) for _ in workers]
+    cpu1 = server.cpu_seconds()
+    for p in workers:
+        p.join()
+    latencies = sorted(x for r in results for x in r["latencies"])
+    errors = [e for r in results for e in r["errors"]]
+    elapsed = max(r["elapsed"] for r in results)
+    count = len(latencies)
+    if count == 0:
+        raise SystemExit(f"{op_name} at N={concurrency}: nothing succeeded; first error: {errors[:1]}")
+    # Server CPU is sampled around the whole phase (the tail after the deadline included): an estimate.
+    return Phase(
+        label=op_name,
+        concurrency=concurrency,
+        rate=count / elapsed,
+        p50_ms=statistics.median(latencies) * 1e3,
+        p99_ms=latencies[min(count - 1, int(0.99 * count))] * 1e3,
+        count=count,
+        errors=len(errors),
+        server_cpu_ms=(cpu1 - cpu0) * 1e3 / count,
+        client_cpu_ms=sum(r["cpu"] for r in results) * 1e3 / count,
+        first_error=errors[0] if errors else "",
+    )
+
+
+def crypto_floor(seconds: float) -> float:
+    key = ec.generate_private_key(ec.SECP384R1())
+    now = dt.datetime.now(dt.UTC)
+    for _ in range(20):
+        leaf_floor(key, now)
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        for _ in range(20):
+            leaf_floor(key, now)
+        done += 20
+    return done / (time.perf_counter() - start)
+
+
+def serve_coordinator(spec: str) -> None:
+    client_addr, mesh_addr, seal_dir = spec.split(",", 2)
+    configure_logging("text")
+    config = CoordinatorConfig(
+        client_addr=client_addr, mesh_addr=mesh_addr, seal_dir=Path(seal_dir), simulation=True
+    )
+    asyncio.run(serve(config))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=3.0, help="duration of each measured level")
+    parser.add_argument("--levels", default="1,16,64", help="comma-separated concurrency levels N")
+    parser.add_argument("--clients", type=int, default=1, help="load-generator processes")
+    parser.add_argument("--profile-server", type=Path, default=None, help="cProfile the Coordinator to FILE")
+    parser.add_argument("--serve-coordinator", metavar="CLIENT,MESH,DIR", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve_coordinator:
+        serve_coordinator(args.serve_coordinator)
+        return
+    levels = [int(x) for x in args.levels.split(",") if x.strip()]
+    started = time.perf_counter()
+
+    cpus = os.cpu_count() or 1
+    print(
+        f"machine: {cpus} CPU(s), shared by the Coordinator process and {args.clients} load-generator "
+        "process(es) (client TLS handshakes, X25519 and HPKE opening compete with the server for them)"
+    )
+    floor = crypto_floor(1.0)
+    print(f"crypto floor (P-384 keygen + one signature, one core):   {floor:7.0f} /s  ({1e6 / floor:.0f} us)")
+
+    phases: list[Phase] = []
+    with (
+        tempfile.TemporaryDirectory(prefix="marblekeep-bench-") as tmp,
+        coordinator(Path(tmp), args.profile_server) as server,
+    ):
+        set_manifest(server)
+        hs = run_phase(server, "handshake", server.client_url, max(levels), args.seconds, args.clients)
+        print(
+            f"TLS-handshake floor (new connection + GET /api/v2/status, N={hs.concurrency}): "
+            f"{hs.rate:7.0f} /s  (p50 {hs.p50_ms:.1f} ms, server CPU {hs.server_cpu_ms:.2f} ms, "
+            f"client CPU {hs.client_cpu_ms:.2f} ms each)"
+        )
+        print()
+        print("   N  activations/s   p50 ms   p99 ms   count  errors  CPU ms/activation: server client")
+        for n in levels:
+            ph = run_phase(server, "activation", server.marble_url, n, args.seconds, args.clients)
+            phases.append(ph)
+            print(
+                f"{n:4d}  {ph.rate:13.0f}  {ph.p50_ms:7.1f}  {ph.p99_ms:7.1f}  {ph.count:6d}"
+                f"  {ph.errors:6d}  {ph.server_cpu_ms:25.2f} {ph.client_cpu_ms:6.2f}",
+                flush=True,
+            )
+            if ph.first_error:
+                print(f"      first error: {ph.first_error}")
+
+    print()
+    by_n = {p.concurrency: p for p in phases}
+    if 64 in by_n:
+        ok = by_n[64].rate >= TARGET_RATE_AT_64
+        verdict = "met" if ok else "MISSED"
+        print(f"target N=64 >= {TARGET_RATE_AT_64:.0f} activations/s: {by_n[64].rate:.0f} ({verdict})")
+    if 1 in by_n:
+        ok = by_n[1].p50_ms <= TARGET_P50_AT_1_MS
+        verdict = "met" if ok else "MISSED"
+        print(f"target N=1 p50 <= {TARGET_P50_AT_1_MS:.0f} ms: {by_n[1].p50_ms:.1f} ms ({verdict})")
+    print(f"(whole run {time.perf_counter() - started:.0f} s)")
+    if args.profile_server is not None:
+        print(f"server profile written to {args.profile_server} (python -m pstats {args.profile_server})")
+
+
+if __name__ == "__main__":
+    main()
