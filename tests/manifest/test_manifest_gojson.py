@@ -54,11 +54,37 @@ def test_map_keys_are_exact_not_folded() -> None:
     assert problem_at(check(m), "Marbles.m.Package").startswith('no package "PKG"')
 
 
-def test_unknown_keys_are_ignored() -> None:
+def test_unknown_keys_are_ignored_with_a_warning() -> None:
     m = base()
     m["Whatever"] = {"deep": [1, 2, {"x": None}]}
     m["Packages"]["pkg"]["Comment"] = "not a field"
-    assert check(m).valid
+    m["Marbles"]["m"]["MaxActivation"] = 3
+    result = check(m)
+    assert result.valid
+    assert load_manifest(dumps(m)).marbles["m"].max_activations == 0
+    assert [str(w) for w in result.warnings] == [
+        "Whatever: unknown field, ignored",
+        "Packages.pkg.Comment: unknown field, ignored",
+        'Marbles.m.MaxActivation: unknown field, ignored (did you mean "MaxActivations"?)',
+    ]
+
+
+def test_go_certificate_fields_not_applied_are_warned() -> None:
+    m = base()
+    m["Secrets"] = {
+        "c": {
+            "Type": "cert-ed25519",
+            "Cert": {
+                "PermittedDNSDomains": ["example.com"],
+                "Subject": {"DNSNames": ["x"], "CommonName": "x"},
+            },
+        }
+    }
+    result = check(m)
+    assert result.valid
+    messages = {w.path: w.message for w in result.warnings}
+    assert "does not apply" in messages["Secrets.c.Cert.PermittedDNSDomains"]
+    assert "belongs in Cert, not in Cert.Subject" in messages["Secrets.c.Cert.Subject.DNSNames"]
 
 
 def test_duplicate_keys_last_wins() -> None:

@@ -29,6 +29,11 @@ def test_accepted_samples_are_valid(marblerun_samples: Path, name: str) -> None:
     assert result.valid, [str(p) for p in result.problems]
 
 
+def test_nginx_sample_warns_about_dns_names_in_subject(marblerun_samples: Path) -> None:
+    result = validate_manifest((marblerun_samples / "gramine-nginx.json").read_bytes())
+    assert [w.path for w in result.warnings] == ["Secrets.ServerCert.Cert.Subject.DNSNames"]
+
+
 def test_sample_manifest_is_refused_for_its_three_reasons(marblerun_samples: Path) -> None:
     result = validate_manifest((marblerun_samples / "sample-manifest.json").read_bytes())
     assert not result.valid

@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import difflib
 import json
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeAlias, TypeVar
 
@@ -163,6 +164,7 @@ class Decoder:
 
     def __init__(self) -> None:
         self.problems: list[Problem] = []
+        self.warnings: list[Problem] = []
 
     def error(self, path: str, message: str) -> None:
         self.problems.append(Problem(path, message))
@@ -172,10 +174,18 @@ class Decoder:
 
     # -- structs ------------------------------------------------------------------------
 
-    def fields(self, pairs: Iterable[tuple[str, JValue]], names: Sequence[str]) -> dict[str, list[JValue]]:
+    def fields(
+        self,
+        pairs: Iterable[tuple[str, JValue]],
+        names: Sequence[str],
+        path: str | None = None,
+        ignored: Mapping[str, str] | None = None,
+    ) -> dict[str, list[JValue]]:
         """Assign each key to a field of *names* (exact match first, then folded); unknown keys drop.
 
-        Returns every value given for each field, in document order.
+        Returns every value given for each field, in document order. With a *path*, each unknown
+        key (Go ignores it silently) becomes a warning; *ignored* maps folded names of fields Go
+        knows but marblekeep does not apply to the warning text for them.
         """
         exact = set(names)
         folded: dict[str, str] = {}
@@ -186,7 +196,17 @@ class Decoder:
             match = key if key in exact else folded.get(go_fold(key))
             if match is not None:
                 found.setdefault(match, []).append(value)
+            elif path is not None:
+                self.unknown_field(path, key, names, ignored or {})
         return found
+
+    def unknown_field(self, path: str, key: str, names: Sequence[str], ignored: Mapping[str, str]) -> None:
+        if go_fold(key) in ignored:
+            self.warnings.append(Problem(join(path, key), ignored[go_fold(key)]))
+            return
+        close = difflib.get_close_matches(key, list(names), n=1, cutoff=0.75)
+        hint = f' (did you mean "{close[0]}"?)' if close else ""
+        self.warnings.append(Problem(join(path, key), f"unknown field, ignored{hint}"))
 
     def struct(
         self, values: Sequence[JValue], path: str, what: str = "an object"
@@ -201,9 +221,14 @@ class Decoder:
         return pairs
 
     def struct_fields(
-        self, values: Sequence[JValue], path: str, names: Sequence[str], what: str = "an object"
+        self,
+        values: Sequence[JValue],
+        path: str,
+        names: Sequence[str],
+        what: str = "an object",
+        ignored: Mapping[str, str] | None = None,
     ) -> dict[str, list[JValue]]:
-        return self.fields(self.struct(values, path, what), names)
+        return self.fields(self.struct(values, path, what), names, path, ignored)
 
     # -- maps and lists -----------------------------------------------------------------
 

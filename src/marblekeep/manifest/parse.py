@@ -105,7 +105,7 @@ class _ManifestParser:
         if not isinstance(tree, JObject) and tree is not None:
             d.error("", f"expected a JSON object at the top level, got {kind_of(tree)}")
             tree = None
-        top = d.fields(tree.pairs if tree else (), _TOP_FIELDS)
+        top = d.fields(tree.pairs if tree else (), _TOP_FIELDS, "")
         packages = {
             name: self.package(value, f"Packages.{name}")
             for name, value in d.mapping(top.get("Packages", []), "Packages").items()
@@ -155,7 +155,7 @@ class _ManifestParser:
         return ParsedManifest(
             manifest=manifest,
             problems=list(d.problems),
-            warnings=self.warnings,
+            warnings=d.warnings + self.warnings,
             unknown_secret_types=self.unknown_secret_types,
             seal_mode_written=self.seal_mode_written,
         )
@@ -260,7 +260,7 @@ class _ManifestParser:
             if hint:
                 d.problems[-1] = Problem(path, d.problems[-1].message + hint)
             return FileEntry(data=b"")
-        f = d.fields(value.pairs, ("Data", "Encoding", "NoTemplates"))
+        f = d.fields(value.pairs, ("Data", "Encoding", "NoTemplates"), path)
         data = d.string(f.get("Data", []), join(path, "Data"))
         encoding_written = d.string(f.get("Encoding", []), join(path, "Encoding"))
         encoding = encoding_written.lower() or "string"
@@ -366,9 +366,9 @@ class _ManifestParser:
 
     def cert_template(self, values: Sequence[JValue], path: str) -> CertTemplate:
         d = self.d
-        f = d.struct_fields(values, path, _CERT_FIELDS)
+        f = d.struct_fields(values, path, _CERT_FIELDS, ignored=_GO_CERT_IGNORED)
         subject_path = join(path, "Subject")
-        s = d.struct_fields(f.get("Subject", []), subject_path, _NAME_FIELDS)
+        s = d.struct_fields(f.get("Subject", []), subject_path, _NAME_FIELDS, ignored=_GO_NAME_IGNORED)
 
         def names(field_name: str) -> tuple[str, ...]:
             return d.strings(s.get(field_name, []), join(subject_path, field_name))
@@ -557,6 +557,33 @@ _NAME_FIELDS = (
     "Country", "Organization", "OrganizationalUnit", "Locality", "Province", "StreetAddress", "PostalCode",
     "SerialNumber", "CommonName",
 )
+_GO_CERT_OTHER = (
+    "Raw", "RawTBSCertificate", "RawSubjectPublicKeyInfo", "RawSubject", "RawIssuer", "Signature",
+    "SignatureAlgorithm", "PublicKeyAlgorithm", "PublicKey", "Version", "SerialNumber", "Issuer", "NotBefore",
+    "Extensions", "ExtraExtensions", "UnhandledCriticalExtensions", "UnknownExtKeyUsage",
+    "BasicConstraintsValid", "SubjectKeyId", "AuthorityKeyId", "OCSPServer", "IssuingCertificateURL",
+    "PermittedDNSDomainsCritical", "PermittedDNSDomains", "ExcludedDNSDomains", "PermittedIPRanges",
+    "ExcludedIPRanges", "PermittedEmailAddresses", "ExcludedEmailAddresses", "PermittedURIDomains",
+    "ExcludedURIDomains", "CRLDistributionPoints", "PolicyIdentifiers", "Policies", "InhibitAnyPolicy",
+    "InhibitAnyPolicyZero", "InhibitPolicyMapping", "InhibitPolicyMappingZero", "RequireExplicitPolicy",
+    "RequireExplicitPolicyZero", "PolicyMappings",
+)
+#: Go x509.Certificate fields a MarbleRun template may carry but marblekeep does not apply.
+_GO_CERT_IGNORED = {
+    name.lower(): f"{name} is a Go x509.Certificate field marblekeep does not apply: it is ignored"
+    for name in _GO_CERT_OTHER
+}
+#: Keys users put in Cert.Subject that belong one level up, and pkix.Name fields not applied.
+_GO_NAME_IGNORED = {
+    **{
+        name.lower(): f"{name} belongs in Cert, not in Cert.Subject: it is ignored here"
+        for name in ("DNSNames", "IPAddresses", "EmailAddresses", "URIs", "NotAfter", "IsCA")
+    },
+    **{
+        name.lower(): f"{name} is a Go pkix.Name field marblekeep does not apply: it is ignored"
+        for name in ("Names", "ExtraNames")
+    },
+}
 _CONFIG_FIELDS = ("SealMode", "FeatureGates", "UpdateThreshold", "RecoveryThreshold", "RotateRootSecret")
 
 
