@@ -16,6 +16,7 @@ the CLI edge. Families are split by *who is to blame*::
     ├── AttestationError       evidence / quote did not verify or was refused   403 / exit 1
     │   └── CollateralError    collateral missing, unreachable or expired       503 / exit 1
     ├── RequestError           malformed API request (JSON, base64, size)       400 / exit 2
+    │   └── RequestTooLarge    a request body or field exceeds its size limit    413 / exit 2
     ├── StoreError             the storage backend failed                       503 / exit 1
     │   └── ConflictError      compare-and-set lost against a concurrent write  409 / exit 1
     ├── SealError              the data-encryption key cannot be unwrapped       503 / exit 1
@@ -52,6 +53,7 @@ __all__ = [
     "Problem",
     "RecoveryError",
     "RequestError",
+    "RequestTooLarge",
     "RollbackError",
     "SealError",
     "SecretUploadError",
@@ -149,6 +151,11 @@ class RequestError(MarbleKeepError):
     code = "bad_request"
     http_status = 400
     exit_code = 2
+
+
+class RequestTooLarge(RequestError):
+    code = "request_too_large"
+    http_status = 413
 
 
 class StoreError(MarbleKeepError):

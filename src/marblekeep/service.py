@@ -44,7 +44,7 @@ from marblekeep.errors import (
     AttestationError,
     AuthorizationError,
     ConfigError,
-    ManifestError,
+    RequestTooLarge,
     StateError,
 )
 from marblekeep.manifest import load_manifest, manifest_fingerprint
@@ -278,7 +278,7 @@ class Coordinator:
     async def set_manifest(self, raw: bytes) -> dict[str, bytes]:
         """Validate and apply the first manifest; returns the recovery secrets (name → encrypted)."""
         if len(raw) > self.config.max_manifest_bytes:
-            raise ManifestError(
+            raise RequestTooLarge(
                 f"manifest is {len(raw)} bytes, more than the limit of {self.config.max_manifest_bytes}"
             )
         async with self.lock:

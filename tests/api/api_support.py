@@ -77,6 +77,7 @@ MANIFEST: dict[str, Any] = {
             "MaxActivations": 1,
             "Parameters": {"Env": {"ONCE_KEY": "{{ base64 .Secrets.per_key }}"}},
         },
+        "twice": {"Package": "pkg", "MaxActivations": 2},
     },
     "Secrets": {
         "shared_key": {"Type": "symmetric-key", "Size": 128, "Shared": True},
