@@ -10,6 +10,8 @@ the CLI edge. Families are split by *who is to blame*::
     │   └── TemplateError      a Files/Env template cannot be parsed or run     400 / exit 1
     ├── SecretUploadError      a user-defined secret upload is invalid          400 / exit 1
     ├── StateError             operation not allowed in the current state       409 / exit 1
+    │   └── NotFoundError      the thing asked for does not exist (no pending    404 / exit 1
+    │                          update)
     ├── AuthenticationError    no or unknown client certificate                 401 / exit 1
     ├── AuthorizationError     authenticated user lacks the permission          403 / exit 1
     ├── ActivationRefused      a Marble's activation was refused                403 / exit 1
@@ -50,6 +52,7 @@ __all__ = [
     "IntegrityError",
     "ManifestError",
     "MarbleKeepError",
+    "NotFoundError",
     "Problem",
     "RecoveryError",
     "RequestError",
@@ -112,6 +115,13 @@ class SecretUploadError(MarbleKeepError):
 class StateError(MarbleKeepError):
     code = "wrong_state"
     http_status = 409
+
+
+class NotFoundError(StateError):
+    """What the request refers to does not exist right now (for example no pending update)."""
+
+    code = "not_found"
+    http_status = 404
 
 
 class AuthenticationError(MarbleKeepError):
