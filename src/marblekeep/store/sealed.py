@@ -858,6 +858,22 @@ class PendingRecovery:
             return False
         return True
 
+    def peek(self, dek: bytes, key: str) -> bytes | None:
+        """Decrypt one record of the stored state with a candidate DEK, read-only.
+
+        For reading the stored manifest's recovery keys before :meth:`complete`
+        (signature checks); the full verification happens in ``complete``.
+        """
+        inner_key = DATA_PREFIX + check_key(key)
+        state_blob = self._snap.records.get(SYS_STATE)
+        key_id = None if state_blob is None else _key_id_of(state_blob)
+        if key_id is None or not self.try_key(dek):
+            raise SealError("the key does not decrypt the stored state")
+        blob = self._snap.records.get(inner_key)
+        if blob is None:
+            return None
+        return _Crypto(_Keyring(dek, key_id), self._rng).open(inner_key, blob)
+
     async def complete(
         self, dek: bytes, *, recovery_data: bytes | _Keep | None = KEEP, allow_rollback: bool = False
     ) -> SealedStore:
