@@ -1,0 +1,393 @@
+"""User authentication by TLS client certificate (ARCHITECTURE.md §2, reference §6.2).
+
+A tiny aiohttp app served with :class:`TLSContexts` echoes the user that
+:func:`match_user` finds for the connection's leaf certificate. Real handshakes, real certificates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime as dt
+import json
+import shutil
+import socket
+import ssl
+import subprocess
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+from aiohttp import web
+from api_support import MANIFEST, RunningCoordinator
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from marblekeep.api.tls import ServerCredentials, TLSContexts, make_server_credentials, match_user
+from marblekeep.crypto.pki import CertifiedKey, create_root_ca
+
+NOW = dt.datetime.now(dt.UTC)
+
+
+@dataclass(frozen=True)
+class Identity:
+    """A client certificate (possibly with extra chain certificates after it) and its key, on disk."""
+
+    cert: x509.Certificate
+    cert_file: Path
+    key_file: Path
+
+    @property
+    def der(self) -> bytes:
+        return self.cert.public_bytes(serialization.Encoding.DER)
+
+
+def _write(
+    tmp: Path,
+    name: str,
+    cert: x509.Certificate,
+    key: ec.EllipticCurvePrivateKey,
+    chain: Sequence[x509.Certificate] = (),
+) -> Identity:
+    cert_file, key_file = tmp / f"{name}.pem", tmp / f"{name}.key"
+    cert_file.write_bytes(b"".join(c.public_bytes(serialization.Encoding.PEM) for c in (cert, *chain)))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return Identity(cert, cert_file, key_file)
+
+
+def self_signed(
+    tmp: Path,
+    name: str,
+    *,
+    not_before: dt.datetime | None = None,
+    not_after: dt.datetime | None = None,
+    chain: Sequence[x509.Certificate] = (),
+) -> Identity:
+    """A self-signed user certificate, as MarbleRun's docs create them with openssl."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before or NOW - dt.timedelta(days=1))
+        .not_valid_after(not_after or NOW + dt.timedelta(days=365))
+        .sign(key, hashes.SHA256())
+    )
+    return _write(tmp, name, cert, key, chain)
+
+
+def with_chain(tmp: Path, name: str, leaf: Identity, chain: Sequence[x509.Certificate]) -> Identity:
+    """The same leaf and key, presented with extra certificates after the leaf."""
+    key = serialization.load_pem_private_key(leaf.key_file.read_bytes(), None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    return _write(tmp, name, leaf.cert, key, chain)
+
+
+class EchoServer:
+    """An aiohttp app on a background loop, served with a TLSContexts, echoing the matched user."""
+
+    def __init__(self, tls: TLSContexts, users: dict[str, bytes]) -> None:
+        self.tls = tls
+        self.users = users
+        self.port = 0
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        self._runner: web.AppRunner | None = None
+        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
+
+    async def _handler(self, request: web.Request) -> web.Response:
+        ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
+        leaf = ssl_object.getpeercert(True) if ssl_object is not None else None
+        return web.json_response({"user": match_user(leaf, self.users)})
+
+    async def _start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/whoami", self._handler)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=self.tls.base)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+
+    def stop(self) -> None:
+        assert self._runner is not None
+        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
+
+
+@dataclass
+class Setup:
+    tmp: Path
+    root: CertifiedKey
+    root_file: Path
+    credentials: ServerCredentials
+    alice: Identity
+    bob: Identity
+
+    def users(self, *ids: Identity) -> dict[str, bytes]:
+        return {i.cert.subject.rfc4514_string().removeprefix("CN="): i.der for i in ids}
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> Setup:
+    root = create_root_ca(["localhost"], NOW)
+    root_file = tmp_path / "root.pem"
+    root_file.write_bytes(root.cert_pem)
+    return Setup(
+        tmp=tmp_path,
+        root=root,
+        root_file=root_file,
+        credentials=make_server_credentials(root, ["localhost"], NOW),
+        alice=self_signed(tmp_path, "alice"),
+        bob=self_signed(tmp_path, "bob"),
+    )
+
+
+@pytest.fixture
+def serve(setup: Setup) -> Iterator[Any]:
+    servers: list[EchoServer] = []
+
+    def start(users: dict[str, bytes]) -> EchoServer:
+        server = EchoServer(TLSContexts(setup.credentials, users.values()), users)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def whoami(
+    setup: Setup,
+    port: int,
+    identity: Identity | None,
+    *,
+    server_name: str | None = "localhost",
+    version: ssl.TLSVersion = ssl.TLSVersion.TLSv1_3,
+) -> str | None:
+    """GET /whoami over a fresh TLS connection; raises ssl.SSLError if the server refuses the client."""
+    ctx = ssl.create_default_context(cafile=str(setup.root_file))
+    ctx.minimum_version = ctx.maximum_version = version
+    if server_name is None:
+        ctx.check_hostname = False  # connect by IP without SNI; the chain is still verified
+    if identity is not None:
+        ctx.load_cert_chain(identity.cert_file, identity.key_file)
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        # ragged EOFs raise: the server drops a refused client without a TLS alert (asyncio)
+        ctx.wrap_socket(raw, server_hostname=server_name, suppress_ragged_eofs=False) as tls,
+    ):
+        tls.sendall(b"GET /whoami HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := tls.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    user: str | None = json.loads(body)["user"]
+    return user
+
+
+@pytest.mark.parametrize("server_name", ["localhost", None], ids=["sni", "no-sni"])
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3], ids=["tls12", "tls13"])
+def test_listed_unlisted_and_no_certificate(
+    setup: Setup, serve: Any, server_name: str | None, version: ssl.TLSVersion
+) -> None:
+    server = serve(setup.users(setup.alice))
+    assert whoami(setup, server.port, setup.alice, server_name=server_name, version=version) == "alice"
+    assert whoami(setup, server.port, None, server_name=server_name, version=version) is None
+    # Refused in the TLS layer: no HTTP answer at all (not a 401).
+    with pytest.raises(ssl.SSLError):
+        whoami(setup, server.port, setup.bob, server_name=server_name, version=version)
+
+
+def test_unlisted_certificate_fails_in_the_handshake_itself_on_tls12(setup: Setup, serve: Any) -> None:
+    server = serve(setup.users(setup.alice))
+    ctx = ssl.create_default_context(cafile=str(setup.root_file))
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(setup.bob.cert_file, setup.bob.key_file)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw:
+        # do_handshake raises. The server closes without sending its alert (asyncio's SSL transport
+        # does not flush it), so the client sees an EOF rather than "unknown ca".
+        with pytest.raises(ssl.SSLError, match="EOF"):
+            ctx.wrap_socket(raw, server_hostname="localhost")
+
+
+def test_expired_and_not_yet_valid_listed_certificates_still_work(setup: Setup, serve: Any) -> None:
+    expired = self_signed(
+        setup.tmp, "expired", not_before=NOW - dt.timedelta(days=30), not_after=NOW - dt.timedelta(days=1)
+    )
+    future = self_signed(
+        setup.tmp, "future", not_before=NOW + dt.timedelta(days=30), not_after=NOW + dt.timedelta(days=60)
+    )
+    server = serve(setup.users(expired, future))
+    assert whoami(setup, server.port, expired) == "expired"
+    assert whoami(setup, server.port, future) == "future"
+
+
+def test_listed_certificate_later_in_the_chain_does_not_authenticate(setup: Setup, serve: Any) -> None:
+    """Bob presents his own (unlisted) leaf followed by Alice's public certificate: refused."""
+    server = serve(setup.users(setup.alice))
+    bob_with_alice = with_chain(setup.tmp, "bob-alice", setup.bob, [setup.alice.cert])
+    for version in (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3):
+        with pytest.raises(ssl.SSLError):
+            whoami(setup, server.port, bob_with_alice, version=version)
+    # Alice's leaf followed by some other certificate is still Alice.
+    alice_with_bob = with_chain(setup.tmp, "alice-bob", setup.alice, [setup.bob.cert])
+    assert whoami(setup, server.port, alice_with_bob) == "alice"
+
+
+def test_leaf_issued_by_a_listed_ca_certificate_matches_no_user(setup: Setup, serve: Any) -> None:
+    """If a user lists a CA certificate, leaves it issued pass the handshake (it is a trust anchor)
+    but are nobody: only the exact DER of the leaf identifies a user."""
+    ca = trustme.CA()
+    ca_der = x509.load_pem_x509_certificate(ca.cert_pem.bytes()).public_bytes(serialization.Encoding.DER)
+    users = {"ca-user": ca_der}
+    server = serve(users)
+    leaf = ca.issue_cert("client@example")
+    cert_file, key_file = setup.tmp / "leaf.pem", setup.tmp / "leaf.key"
+    leaf.cert_chain_pems[0].write_to_path(str(cert_file))
+    leaf.private_key_pem.write_to_path(str(key_file))
+    identity = Identity(x509.load_pem_x509_certificate(cert_file.read_bytes()), cert_file, key_file)
+    assert whoami(setup, server.port, identity) is None
+
+
+def test_match_user_is_exact_der_of_the_leaf_only(setup: Setup) -> None:
+    users = setup.users(setup.alice)
+    assert match_user(setup.alice.der, users) == "alice"
+    assert match_user(None, users) is None
+    assert match_user(b"", users) is None
+    assert match_user(setup.bob.der, users) is None
+    assert match_user(setup.alice.der + b"\x00", users) is None
+    # a re-encoding of the same certificate (PEM instead of DER) is not the DER
+    assert match_user(setup.alice.cert.public_bytes(serialization.Encoding.PEM), users) is None
+    # the same key and subject in another certificate is another certificate
+    key = serialization.load_pem_private_key(setup.alice.key_file.read_bytes(), None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    twin = (
+        x509.CertificateBuilder()
+        .subject_name(setup.alice.cert.subject)
+        .issuer_name(setup.alice.cert.issuer)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(NOW)
+        .not_valid_after(NOW + dt.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    assert match_user(twin.public_bytes(serialization.Encoding.DER), users) is None
+
+
+def test_update_swaps_users_for_new_handshakes_without_restart(setup: Setup, serve: Any) -> None:
+    users = setup.users(setup.alice)
+    server = serve(users)
+    assert whoami(setup, server.port, setup.alice) == "alice"
+    with pytest.raises(ssl.SSLError):
+        whoami(setup, server.port, setup.bob)
+
+    # Bob replaces Alice: same listener, same port.
+    server.users = setup.users(setup.bob)
+    server.tls.update(setup.credentials, server.users.values())
+    assert whoami(setup, server.port, setup.bob) == "bob"
+    with pytest.raises(ssl.SSLError):
+        whoami(setup, server.port, setup.alice)
+
+    # Both.
+    server.users = setup.users(setup.alice, setup.bob)
+    server.tls.update(setup.credentials, server.users.values())
+    assert whoami(setup, server.port, setup.alice) == "alice"
+    assert whoami(setup, server.port, setup.bob) == "bob"
+
+    # No users at all: certificates are not requested, every client is anonymous.
+    server.users = {}
+    server.tls.update(setup.credentials, [])
+    assert whoami(setup, server.port, setup.alice) is None
+    assert whoami(setup, server.port, None) is None
+
+
+def test_update_can_rotate_the_server_certificate(setup: Setup, serve: Any) -> None:
+    server = serve(setup.users(setup.alice))
+    other_root = create_root_ca(["localhost"], NOW)
+    server.tls.update(make_server_credentials(other_root, ["localhost"], NOW), server.users.values())
+    with pytest.raises(ssl.SSLCertVerificationError):
+        whoami(setup, server.port, setup.alice)  # the client pins the old root
+    setup.root_file.write_bytes(other_root.cert_pem)
+    assert whoami(setup, server.port, setup.alice) == "alice"
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
+def test_curl_with_user_certificate(setup: Setup, serve: Any) -> None:
+    server = serve(setup.users(setup.alice))
+
+    def curl(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["curl", "-sS", "--noproxy", "*", "--cacert", str(setup.root_file), *args,
+             f"https://localhost:{server.port}/whoami"],
+            capture_output=True, text=True, timeout=30, check=False,
+        )  # fmt: skip
+
+    ok = curl("--cert", str(setup.alice.cert_file), "--key", str(setup.alice.key_file))
+    assert ok.returncode == 0 and json.loads(ok.stdout) == {"user": "alice"}
+    anonymous = curl()
+    assert anonymous.returncode == 0 and json.loads(anonymous.stdout) == {"user": None}
+    refused = curl("--cert", str(setup.bob.cert_file), "--key", str(setup.bob.key_file))
+    assert refused.returncode != 0  # the connection fails; no HTTP status at all
+    assert refused.stdout == ""
+
+
+# ------------------------------------------------------------------ the Coordinator's own listener
+
+
+def test_coordinator_client_api_trusts_the_manifest_users(tmp_path: Path, setup: Setup) -> None:
+    running = RunningCoordinator(tmp_path / "seal")
+    try:
+        users_manifest = json.loads(json.dumps(MANIFEST))
+        users_manifest["Users"] = {
+            "alice": {"Certificate": setup.alice.cert.public_bytes(serialization.Encoding.PEM).decode()}
+        }
+        raw = json.dumps(users_manifest).encode()
+
+        def status(identity: Identity | None) -> int:
+            ctx = running.ssl_context()
+            if identity is not None:
+                ctx.load_cert_chain(identity.cert_file, identity.key_file)
+            with (
+                socket.create_connection(("127.0.0.1", running.client_port), timeout=10) as raw_sock,
+                ctx.wrap_socket(raw_sock, server_hostname="localhost", suppress_ragged_eofs=False) as tls,
+            ):
+                tls.sendall(b"GET /api/v2/status HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                data = b""
+                while chunk := tls.recv(65536):
+                    data += chunk
+            code: int = json.loads(data.partition(b"\r\n\r\n")[2])["data"]["code"]
+            return code
+
+        # Before the manifest there are no users: any client certificate is ignored.
+        assert status(setup.bob) == 2
+        running.set_manifest(raw)
+        assert running.coord.user_certificates == {"alice": setup.alice.der}
+        # New handshakes see the users at once, without a restart.
+        assert status(setup.alice) == 3
+        assert status(None) == 3
+        with pytest.raises(ssl.SSLError):
+            status(setup.bob)
+        # The Marble API does not ask for user certificates.
+        with running.marble() as marble:
+            assert len(marble.challenge()) == 32
+        assert base64.b64decode(running.client().get("/api/v2/manifest").json()["data"]["manifest"]) == raw
+    finally:
+        running.stop()
