@@ -18,7 +18,7 @@ import datetime as dt
 import hashlib
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -30,14 +30,18 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from marblekeep.attestation.claims import TeeClaims, TeeKind
 from marblekeep.attestation.evidence import parse_header, strip_oe_header
 from marblekeep.attestation.signquote import sign_quote_payload
+from marblekeep.core import governance
 from marblekeep.core.activation import ActivationInput, PreparedDeployment, activate, refusal
+from marblekeep.core.auditlog import LogHead, entry_hash
 from marblekeep.core.deployment import (
     STATUS_MESSAGES,
     CoordinatorState,
     Deployment,
+    PendingUpdate,
     new_deployment,
     set_manifest,
 )
+from marblekeep.core.governance import UpdateOutcome, log_initial_manifest
 from marblekeep.core.records import deployment_from_records, deployment_to_records, record_changes
 from marblekeep.core.users import user_certificates
 from marblekeep.errors import (
@@ -48,7 +52,7 @@ from marblekeep.errors import (
     StateError,
 )
 from marblekeep.manifest import load_manifest, manifest_fingerprint
-from marblekeep.manifest.model import SealMode
+from marblekeep.manifest.model import SealMode, Secret
 from marblekeep.marble.evidence import EvidenceIssuer
 from marblekeep.marble.protocol import (
     ChallengeBook,
@@ -294,7 +298,7 @@ class Coordinator:
                 self._records = {}
                 dep = new_deployment(self.config.dns_names, now, self.rng)
                 log.warning("manifest set in recovery mode: the old sealed state was discarded")
-            new = set_manifest(dep, manifest, now, self.rng)
+            new = log_initial_manifest(set_manifest(dep, manifest, now, self.rng), now)
             await self.commit(new)
         log.info(
             "manifest set",
@@ -330,6 +334,97 @@ class Coordinator:
         digest = sign_quote_payload(quote, claims.tcb_status)
         signature = self._dep.ca.root.key.sign(digest, ec.ECDSA(Prehashed(hashes.SHA256())))
         return claims.tcb_status, signature
+
+    # ------------------------------------------------------------------ governance (core/governance.py)
+
+    def _check_manifest_size(self, raw: bytes) -> None:
+        if len(raw) > self.config.max_manifest_bytes:
+            raise RequestTooLarge(
+                f"manifest is {len(raw)} bytes, more than the limit of {self.config.max_manifest_bytes}"
+            )
+
+    async def read_secrets(self, user: str, names: Sequence[str]) -> dict[str, Secret]:
+        """The secrets ``names`` (ReadSecret on all). The read is logged and committed first."""
+        async with self.lock:
+            new, secrets = governance.read_secrets(self._dep, user, names, self.clock())
+            await self.commit(new)
+        log.info("secrets read", extra={"user": user, "secrets": sorted(secrets)})
+        return secrets
+
+    async def write_secrets(self, user: str, body: object) -> None:
+        """Set user-defined secrets (all or nothing; see governance.write_secrets)."""
+        async with self.lock:
+            dep = self._dep
+            new = governance.write_secrets(dep, user, body, self.clock())
+            await self.commit(new)
+        names = sorted(n for n, s in new.secrets.items() if dep.secrets.get(n) is not s)
+        log.info("user-defined secrets set", extra={"user": user, "secrets": names})
+
+    async def _after_update(self, outcome: UpdateOutcome) -> dict[str, bytes] | None:
+        """After an update outcome was committed: raise its error (the cancellation is committed),
+        or reissue recovery secrets when an applied update changed the recovery keys."""
+        if outcome.error is not None:
+            log.warning(
+                "manifest update cancelled: it could not be applied", extra={"reason": outcome.error.message}
+            )
+            raise outcome.error
+        if outcome.applied:
+            manifest = outcome.deployment.manifest
+            log.info(
+                "manifest updated (restart running Marbles to pick up the change)",
+                extra={
+                    "kind": outcome.kind.value,
+                    "fingerprint": manifest_fingerprint(manifest.raw) if manifest else "",
+                },
+            )
+        if outcome.new_recovery_manifest is None:
+            return None
+        reissue = getattr(self, "_reissue_recovery", None)
+        if reissue is None:
+            # TODO(lead): recovery is being wired into the service; once `_reissue_recovery`
+            # exists it is called here and its secrets are returned to the updater.
+            log.warning(
+                "the update changed the recovery keys, but this build cannot reissue recovery secrets"
+            )
+            return None
+        secrets: dict[str, bytes] = await reissue(outcome.new_recovery_manifest)
+        return secrets
+
+    async def update_manifest(self, user: str, raw: bytes) -> tuple[UpdateOutcome, dict[str, bytes] | None]:
+        """A package update, or the start of a full update (applied at once if no one else must
+        acknowledge). Returns the outcome and the new recovery secrets (when the keys changed)."""
+        self._check_manifest_size(raw)
+        async with self.lock:
+            outcome = governance.update_manifest(self._dep, user, raw, self.clock(), self.rng)
+            await self.commit(outcome.deployment)
+        return outcome, await self._after_update(outcome)
+
+    async def acknowledge_update(
+        self, user: str, raw: bytes
+    ) -> tuple[UpdateOutcome, dict[str, bytes] | None]:
+        """Acknowledge the pending update with its exact bytes; the last one applies it."""
+        self._check_manifest_size(raw)
+        async with self.lock:
+            outcome = governance.acknowledge_update(self._dep, user, raw, self.clock(), self.rng)
+            await self.commit(outcome.deployment)
+        return outcome, await self._after_update(outcome)
+
+    async def cancel_update(self, user: str) -> None:
+        async with self.lock:
+            await self.commit(governance.cancel_update(self._dep, user, self.clock()))
+        log.info("pending manifest update cancelled", extra={"user": user})
+
+    def pending_update(self) -> PendingUpdate | None:
+        return self._dep.pending_update
+
+    def update_log(self) -> tuple[tuple[str, ...], LogHead | None]:
+        """The update log's entries and its signed head (None before the first entry)."""
+        dep = self._dep
+        dep.require(CoordinatorState.ACCEPTING_MARBLES)
+        if not dep.update_log_head:
+            return dep.update_log, None
+        last = entry_hash(dep.update_log[-1]) if dep.update_log else "0" * 64
+        return dep.update_log, LogHead(len(dep.update_log), last, dep.update_log_head)
 
     # ------------------------------------------------------------------ Marble API operations
 

@@ -196,7 +196,7 @@ def verify_log(lines: Sequence[str], head: LogHead | None, root_cert: x509.Certi
         except ValueError:
             return _broken(n, index, "not a JSON object (the line was edited or truncated)")
         if not isinstance(doc, dict) or not isinstance(doc.get("update"), str):
-            return _broken(n, index, "not a log entry (no \"update\" message)")
+            return _broken(n, index, 'not a log entry (no "update" message)')
         seq = doc.get(SEQ_FIELD)
         if not isinstance(seq, int) or isinstance(seq, bool):
             return _broken(n, index, f"has no {SEQ_FIELD} number (the entry was edited)")
