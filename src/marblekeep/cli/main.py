@@ -6,6 +6,14 @@ import click
 
 from marblekeep import __version__
 from marblekeep.cli.attestation_cmds import attestation
+from marblekeep.cli.client_cmds import (
+    certificate,
+    manifest_get,
+    manifest_log,
+    manifest_set,
+    manifest_verify,
+    status,
+)
 from marblekeep.cli.coordinator_cmd import coordinator
 from marblekeep.cli.manifest_cmds import manifest
 from marblekeep.cli.marble_cmds import marble
@@ -25,3 +33,9 @@ main.add_command(coordinator)
 main.add_command(manifest)
 main.add_command(attestation)
 main.add_command(marble)
+main.add_command(status)
+main.add_command(certificate)
+manifest.add_command(manifest_set)
+manifest.add_command(manifest_get)
+manifest.add_command(manifest_verify)
+manifest.add_command(manifest_log)

@@ -1,0 +1,484 @@
+"""Client commands against a running Coordinator (ADDR = host:port of its Client API).
+
+``marblekeep status ADDR``, ``marblekeep certificate root|intermediate|chain ADDR``,
+``marblekeep manifest set|get|verify|log ...`` (registered on the ``manifest`` group by
+cli/main.py). Trust: the first contact attests the Coordinator and pins its root certificate;
+later contacts accept only that Coordinator (see :mod:`marblekeep.client.session` and
+docs/cli.md). Exit status: 0 ok, 1 the operation failed or the Coordinator is not trusted,
+2 usage or local configuration error. Errors print one ``Error: ...`` line, never a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime as dt
+import functools
+import hashlib
+import json
+import os
+import string
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar, cast
+
+import click
+
+from marblekeep.attestation.collateral import DirectoryCollateralSource, PccsCollateralSource
+from marblekeep.attestation.dcap import Collateral
+from marblekeep.client import (
+    DEFAULT_ACCEPTED_TCB_STATUSES,
+    Connection,
+    EraConfig,
+    TrustSettings,
+    connect,
+    default_cert_path,
+    manifest_json,
+    parse_era_config,
+)
+from marblekeep.errors import ConfigError, CoordinatorError, ManifestError, MarbleKeepError
+from marblekeep.manifest import yaml_to_json
+
+__all__ = ["certificate", "manifest_get", "manifest_log", "manifest_set", "manifest_verify", "status"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+ERA_CONFIG_DEFAULT = Path("era-config.json")
+_TRUST_PARAMS = (
+    "coordinator_cert",
+    "era_config",
+    "insecure",
+    "accepted_tcb_statuses",
+    "collateral",
+    "pccs_url",
+    "nonce",
+)
+
+
+def _now() -> dt.datetime:
+    """The CLI is the edge: the one place that reads the clock (tests replace this)."""
+    return dt.datetime.now(dt.UTC)
+
+
+def _random_nonce() -> bytes:
+    return os.urandom(16)
+
+
+def _warn(message: str) -> None:
+    click.secho(f"WARNING: {message}", fg="red", bold=True, err=True)
+
+
+def _fail(exc: MarbleKeepError) -> None:
+    click.echo(f"Error: {exc.diagnostics()}", err=True)
+    sys.exit(exc.exit_code)
+
+
+def _handle_errors(func: F) -> F:
+    """Our errors become one ``Error: ...`` line (plus any listed problems) and their exit code."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except MarbleKeepError as exc:
+            _fail(exc)
+        return None
+
+    return cast(F, wrapper)
+
+
+# ----------------------------------------------------------------------------------------- trust options
+
+
+def _trust_options(func: F) -> F:
+    """The options that decide whether a Coordinator is trusted (MarbleRun's global flags)."""
+    options = [
+        click.option(
+            "--coordinator-cert",
+            type=click.Path(dir_okay=False, path_type=Path),
+            help="File of the pinned Coordinator root certificate [default: "
+            "$XDG_CONFIG_HOME/marblekeep/coordinator-cert.pem or ~/.config/marblekeep/coordinator-cert.pem].",
+        ),
+        click.option(
+            "--era-config",
+            type=click.Path(exists=True, dir_okay=False, path_type=Path),
+            help="JSON with the Coordinator enclave's expected identity (UniqueID, or SignerID, ProductID, "
+            "SecurityVersion; Debug) for verifying its quote on first contact [default: ./era-config.json "
+            "if present].",
+        ),
+        click.option(
+            "-i",
+            "--insecure",
+            is_flag=True,
+            help="UNSAFE: trust the Coordinator without verifying its quote (needed for a simulation "
+            "Coordinator), and re-pin a Coordinator whose root differs from the pinned one.",
+        ),
+        click.option(
+            "--accepted-tcb-statuses",
+            metavar="LIST",
+            default=",".join(DEFAULT_ACCEPTED_TCB_STATUSES),
+            show_default=True,
+            help="Comma-separated TCB statuses accepted for the Coordinator's quote.",
+        ),
+        click.option(
+            "--collateral",
+            type=click.Path(exists=True, path_type=Path),
+            help="Collateral for verifying the quote: a dcap-qvl JSON file, a bundle or a directory.",
+        ),
+        click.option(
+            "--pccs-url",
+            metavar="URL",
+            help="Fetch the collateral from this PCCS (or https://api.trustedservices.intel.com).",
+        ),
+        click.option(
+            "--nonce",
+            metavar="TEXT",
+            help="Nonce (its UTF-8 bytes) the Coordinator's quote must bind [default: 16 random bytes].",
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def user_cert_options(func: F) -> F:
+    """``-c/--cert`` and ``-k/--key``: a manifest user's PEM certificate and key (user-authenticated
+    commands); the callback receives ``cert`` and ``key`` (``Path | None``)."""
+    func = click.option(
+        "-k", "--key", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="User's PEM key."
+    )(func)
+    return click.option(
+        "-c",
+        "--cert",
+        type=click.Path(exists=True, dir_okay=False, path_type=Path),
+        help="User's PEM certificate (as listed in the manifest's Users).",
+    )(func)
+
+
+def _collateral_fetcher(
+    collateral: Path | None, pccs_url: str | None
+) -> Callable[[bytes], Collateral] | None:
+    if collateral is not None and pccs_url:
+        raise click.UsageError("give at most one of --collateral and --pccs-url")
+    if collateral is not None:
+        directory = DirectoryCollateralSource(collateral)
+        return lambda quote: asyncio.run(directory.fetch(quote))
+    if pccs_url:
+        pccs = PccsCollateralSource(pccs_url)
+        return lambda quote: asyncio.run(pccs.fetch(quote))
+    return None
+
+
+def _era(path: Path | None) -> EraConfig | None:
+    if path is None:
+        if not ERA_CONFIG_DEFAULT.is_file():
+            return None
+        path = ERA_CONFIG_DEFAULT
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"era config {path}: cannot be read ({exc.strerror})") from None
+    return parse_era_config(data, str(path))
+
+
+def _tcb_statuses(ctx: click.Context, text: str, era: EraConfig | None) -> tuple[str, ...]:
+    explicit = ctx.get_parameter_source("accepted_tcb_statuses") not in (
+        click.core.ParameterSource.DEFAULT,
+        None,
+    )
+    if not explicit and era is not None and era.accepted_tcb_statuses is not None:
+        return era.accepted_tcb_statuses
+    statuses = tuple(s.strip() for s in text.split(",") if s.strip())
+    if not statuses:
+        raise click.BadParameter(
+            "give at least one status, e.g. UpToDate", param_hint="--accepted-tcb-statuses"
+        )
+    return statuses
+
+
+def _settings(kwargs: dict[str, Any], client_cert: tuple[Path, Path] | None = None) -> TrustSettings:
+    ctx = click.get_current_context()
+    era = _era(kwargs["era_config"])
+    cert_path = kwargs["coordinator_cert"] or default_cert_path(os.environ, Path.home())
+    nonce_text = kwargs["nonce"]
+    return TrustSettings(
+        cert_path=cert_path,
+        insecure=kwargs["insecure"],
+        era=era,
+        accepted_tcb_statuses=_tcb_statuses(ctx, kwargs["accepted_tcb_statuses"], era),
+        collateral=_collateral_fetcher(kwargs["collateral"], kwargs["pccs_url"]),
+        nonce=nonce_text.encode() if nonce_text else _random_nonce(),
+        client_cert=client_cert,
+    )
+
+
+@contextmanager
+def _open(
+    addr: str, kwargs: dict[str, Any], client_cert: tuple[Path, Path] | None = None
+) -> Iterator[Connection]:
+    trust = {name: kwargs.pop(name) for name in _TRUST_PARAMS}
+    conn = connect(addr, _settings(trust, client_cert), now=_now(), warn=_warn)
+    try:
+        if conn.attested:
+            click.echo(f"Coordinator at {addr} attested; its root certificate is pinned.", err=True)
+        if conn.simulation:
+            _warn(
+                f"the Coordinator at {addr} runs in SIMULATION mode: no TEE, no attestation. Never give it"
+                " real secrets."
+            )
+        yield conn
+    finally:
+        conn.client.close()
+
+
+def _write_output(data: bytes, output: Path | None, what: str) -> None:
+    if output is None:
+        click.echo(data, nl=False)
+        return
+    try:
+        output.write_bytes(data)
+    except OSError as exc:
+        raise ConfigError(f"cannot write {what} to {output} ({exc.strerror})") from None
+    click.echo(f"{what[0].upper()}{what[1:]} written to {output}", err=True)
+
+
+def _read_manifest(path: Path) -> bytes:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise click.FileError(str(path), hint=exc.strerror or "cannot be read") from None
+    try:
+        return yaml_to_json(data)
+    except ManifestError as exc:
+        raise ManifestError(f"{path}: {exc.message}", problems=exc.problems) from None
+
+
+# -------------------------------------------------------------------------------------------- commands
+
+
+@click.command()
+@click.argument("addr", metavar="ADDR")
+@_trust_options
+@_handle_errors
+def status(addr: str, **kwargs: Any) -> None:
+    """Print the Coordinator's state as CODE: MESSAGE.
+
+    Codes: 1 recovery mode, 2 ready to accept a manifest, 3 running and accepting Marbles.
+
+    \b
+    Example:
+      marblekeep status localhost:4433
+      marblekeep status --insecure localhost:4433   # a simulation Coordinator
+    """
+    with _open(addr, kwargs) as conn:
+        st = conn.client.status()
+        if st.simulation and not conn.simulation:
+            _warn(st.warning or f"the Coordinator at {addr} reports SIMULATION mode.")
+        click.echo(f"{st.code}: {st.message}")
+
+
+@click.group()
+def certificate() -> None:
+    """Print or save the Coordinator's certificates (PEM).
+
+    Clients that trust the root certificate can trust every Marble of the deployment.
+    """
+
+
+def _certificate_command(which: str, summary: str) -> click.Command:
+    @click.argument("addr", metavar="ADDR")
+    @click.option(
+        "-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Write the PEM to this file."
+    )
+    @_trust_options
+    @_handle_errors
+    def command(addr: str, output: Path | None, **kwargs: Any) -> None:
+        with _open(addr, kwargs) as conn:
+            _write_output(conn.cert_quote.pem(which), output, f"{which} certificate")
+
+    command.__doc__ = (
+        f"{summary}\n\n"
+        "Fails if the Coordinator's root differs from the pinned one (unless --insecure).\n\n"
+        f"\b\nExample:\n  marblekeep certificate {which} localhost:4433 -o {which}.pem"
+    )
+    return click.command(which)(command)
+
+
+certificate.add_command(_certificate_command("root", "Print the Coordinator's root CA certificate."))
+certificate.add_command(
+    _certificate_command(
+        "intermediate", "Print the intermediate CA certificate (it signs Marble certificates)."
+    )
+)
+certificate.add_command(
+    _certificate_command("chain", "Print the certificate chain: the intermediate, then the root.")
+)
+
+
+@click.command("set")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("addr", metavar="ADDR")
+@click.option(
+    "-r",
+    "--recoverydata",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Save the recovery secrets (JSON) to this file (mode 0600) instead of printing them.",
+)
+@_trust_options
+@_handle_errors
+def manifest_set(file: Path, addr: str, recoverydata: Path | None, **kwargs: Any) -> None:
+    """Set FILE (JSON or YAML) as the Coordinator's manifest.
+
+    Prints the manifest's fingerprint. If the manifest has RecoveryKeys, the encrypted recovery
+    secrets are saved to --recoverydata FILE, or printed.
+
+    \b
+    Example:
+      marblekeep manifest set manifest.json localhost:4433 -r recovery.json
+    """
+    raw = _read_manifest(file)
+    fingerprint = hashlib.sha256(raw).hexdigest()
+    with _open(addr, kwargs) as conn:
+        try:
+            secrets = conn.client.set_manifest(raw)
+        except CoordinatorError as exc:
+            if exc.status in (409, 500) and conn.client.status().code == 3:
+                raise CoordinatorError(
+                    f"{exc.message}: the Coordinator at {addr} already runs a manifest (see `marblekeep"
+                    " manifest get`); a manifest is set once, later changes are manifest updates",
+                    status=exc.status,
+                ) from None
+            raise
+        click.echo("Manifest set.")
+        click.echo(f"Manifest fingerprint: {fingerprint}")
+    if not secrets:
+        if recoverydata is not None:
+            click.echo("The manifest has no RecoveryKeys: no recovery data to save.", err=True)
+        return
+    doc = {"RecoverySecrets": {name: base64.b64encode(value).decode() for name, value in secrets.items()}}
+    text = json.dumps(doc, indent=2) + "\n"
+    if recoverydata is None:
+        click.echo("Recovery data (keep it safe; it is needed to recover the Coordinator):", err=True)
+        click.echo(text, nl=False)
+        return
+    try:
+        fd = os.open(recoverydata, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+    except OSError as exc:
+        click.echo(text, nl=False)
+        raise ConfigError(
+            f"cannot write the recovery data to {recoverydata} ({exc.strerror}); it is printed above: save it"
+        ) from None
+    click.echo(f"Recovery data saved to {recoverydata}", err=True)
+
+
+@click.command("get")
+@click.argument("addr", metavar="ADDR")
+@click.option(
+    "-s",
+    "--signature",
+    "with_signature",
+    is_flag=True,
+    help='Print {"ManifestSignature": fingerprint, "ManifestSignatureRootECDSA": ..., "Manifest": ...}.',
+)
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Write to this file.")
+@_trust_options
+@_handle_errors
+def manifest_get(addr: str, with_signature: bool, output: Path | None, **kwargs: Any) -> None:
+    """Print the manifest the Coordinator runs, byte for byte as it was set.
+
+    Its fingerprint and its signature by the Coordinator's root are checked first.
+
+    \b
+    Example:
+      marblekeep manifest get localhost:4433 -o manifest.json
+      marblekeep manifest get -s localhost:4433
+    """
+    with _open(addr, kwargs) as conn:
+        info = conn.client.manifest()
+        if info is None:
+            raise CoordinatorError(
+                f"the Coordinator at {addr} has no manifest yet: set one with `manifest set`"
+            )
+        info.check(conn.cert_quote.root)
+    data = info.raw
+    if with_signature:
+        doc = {
+            "ManifestSignature": info.fingerprint.lower(),
+            "ManifestSignatureRootECDSA": base64.b64encode(info.signature).decode(),
+            "Manifest": manifest_json(info.raw),
+        }
+        data = (json.dumps(doc, indent=2) + "\n").encode()
+    _write_output(data, output, "manifest")
+
+
+def _expected_fingerprint(target: str) -> tuple[str, str]:
+    path = Path(target)
+    if path.is_file():
+        return hashlib.sha256(_read_manifest(path)).hexdigest(), str(path)
+    text = target.strip().lower()
+    if len(text) == 64 and all(c in string.hexdigits for c in text):
+        return text, "the given fingerprint"
+    raise click.BadParameter(
+        f"{target!r} is neither a manifest file nor a 64-digit hex SHA-256 fingerprint", param_hint="FILE|HEX"
+    )
+
+
+@click.command("verify")
+@click.argument("target", metavar="FILE|HEX")
+@click.argument("addr", metavar="ADDR")
+@_trust_options
+@_handle_errors
+def manifest_verify(target: str, addr: str, **kwargs: Any) -> None:
+    """Check that the Coordinator runs the manifest FILE (or the fingerprint HEX).
+
+    Exit status 0 if it does, 1 if it runs another manifest or none.
+
+    \b
+    Example:
+      marblekeep manifest verify manifest.json localhost:4433
+      marblekeep manifest verify 4d3c...e1 localhost:4433
+    """
+    expected, source = _expected_fingerprint(target)
+    with _open(addr, kwargs) as conn:
+        info = conn.client.manifest()
+        if info is None:
+            raise CoordinatorError(f"the Coordinator at {addr} has no manifest yet")
+        info.check(conn.cert_quote.root)
+    actual = info.fingerprint.lower()
+    if actual != expected:
+        raise CoordinatorError(
+            f"the Coordinator at {addr} runs another manifest: fingerprint {actual}, but {source}"
+            f" has {expected}"
+        )
+    click.echo(f"OK: the Coordinator at {addr} runs this manifest (fingerprint {actual}).")
+
+
+@click.command("log")
+@click.argument("addr", metavar="ADDR")
+@_trust_options
+@_handle_errors
+def manifest_log(addr: str, **kwargs: Any) -> None:
+    """Print the Coordinator's manifest update log, one entry per line.
+
+    \b
+    Example:
+      marblekeep manifest log localhost:4433
+    """
+    with _open(addr, kwargs) as conn:
+        lines = conn.client.update_log()
+    for line in lines:
+        click.echo(line)
+
+
+# Kept for later user-authenticated commands: the pair as the SDK wants it.
+def client_cert_pair(cert: Path | None, key: Path | None) -> tuple[Path, Path] | None:
+    """``(cert, key)`` for the SDK, or None; both or neither must be given."""
+    if (cert is None) != (key is None):
+        raise click.UsageError("give both -c/--cert and -k/--key (a manifest user's certificate and key)")
+    if cert is None or key is None:
+        return None
+    return cert, key

@@ -1,0 +1,364 @@
+"""A synchronous Client API SDK (httpx): v2 first, v1 when the Coordinator answers 405.
+
+Every call decodes the JSend envelope (:mod:`marblekeep.client.jsend`) into a small frozen
+value or one of our errors. TLS: a client built with a pinned root trusts only servers whose
+certificate that root signed directly (:mod:`marblekeep.client.pinning`); the unverified client
+exists only to fetch the quote on first contact (``CoordinatorClient.unverified``).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import ssl
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import httpx
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from marblekeep.client.jsend import EndpointMissing, clean_text, decode_envelope
+from marblekeep.client.pinning import NotFromPinnedRoot, parse_chain, pinned_context
+from marblekeep.crypto.signing import verify_manifest_signature
+from marblekeep.errors import AttestationError, CoordinatorError
+
+__all__ = [
+    "DEFAULT_CLIENT_PORT",
+    "CertQuote",
+    "CoordinatorClient",
+    "ManifestInfo",
+    "Status",
+    "base_url",
+    "manifest_json",
+]
+
+DEFAULT_CLIENT_PORT = 4433
+DEFAULT_TIMEOUT = 30.0
+
+
+def base_url(addr: str) -> str:
+    """``host:port`` (or ``[v6]:port``, ``host``, ``https://host:port``) → ``https://host:port``."""
+    text = addr.strip().rstrip("/")
+    if text.startswith("https://"):
+        text = text[len("https://") :]
+    elif "://" in text:
+        raise CoordinatorError(
+            f"Coordinator address {addr!r}: use HOST:PORT (the Client API speaks HTTPS only)"
+        )
+    if not text or "/" in text or any(c.isspace() for c in text):
+        raise CoordinatorError(f"Coordinator address {addr!r}: expected HOST:PORT, e.g. localhost:4433")
+    if text.startswith("["):
+        host, _, rest = text.partition("]")
+        host += "]"
+        port = rest[1:] if rest.startswith(":") else ""
+        if rest and not rest.startswith(":"):
+            raise CoordinatorError(f"Coordinator address {addr!r}: expected [IPv6]:PORT")
+    elif text.count(":") > 1:  # a bare IPv6 address
+        host, port = f"[{text}]", ""
+    else:
+        host, _, port = text.partition(":")
+    if not host or host == "[]":
+        host = "localhost"
+    if port == "":
+        port = str(DEFAULT_CLIENT_PORT)
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise CoordinatorError(f"Coordinator address {addr!r}: the port must be a number from 1 to 65535")
+    return f"https://{host}:{int(port)}"
+
+
+@dataclass(frozen=True)
+class Status:
+    code: int
+    message: str
+    simulation: bool = False  # marblekeep's extension: the Coordinator runs without a TEE
+    warning: str = ""
+
+
+@dataclass(frozen=True)
+class CertQuote:
+    """The quote endpoint's answer. ``nonce`` is what the quote's report data binds (``b""`` when
+    the Coordinator only has the v1 endpoint, which takes no nonce)."""
+
+    chain: tuple[x509.Certificate, ...]
+    quote: bytes
+    nonce: bytes = b""
+    simulation: bool = False
+
+    @property
+    def root(self) -> x509.Certificate:
+        return self.chain[-1]
+
+    @property
+    def intermediate(self) -> x509.Certificate:
+        return self.chain[0]
+
+    def pem(self, which: str) -> bytes:
+        """``root``, ``intermediate`` or ``chain`` (intermediate then root) as PEM."""
+        certs = {"root": [self.root], "intermediate": [self.intermediate], "chain": list(self.chain)}[which]
+        return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
+
+
+@dataclass(frozen=True)
+class ManifestInfo:
+    raw: bytes
+    fingerprint: str
+    signature: bytes = field(repr=False)
+
+    def check(self, root: x509.Certificate) -> None:
+        """The fingerprint is SHA-256 of the bytes and the signature is ``root``'s; else raise."""
+        actual = hashlib.sha256(self.raw).hexdigest()
+        if actual != self.fingerprint.lower():
+            raise AttestationError(
+                f"the Coordinator reported manifest fingerprint {clean_text(self.fingerprint, 80)} but"
+                f" the manifest it sent hashes to {actual}: do not trust this Coordinator"
+            )
+        if not verify_manifest_signature(root, self.raw, self.signature):
+            raise AttestationError(
+                "the manifest's signature does not verify with the Coordinator's root certificate:"
+                " do not trust this Coordinator"
+            )
+
+
+def _b64(value: Any, name: str, what: str, *, allow_empty: bool = False) -> bytes:
+    if value is None and allow_empty:
+        return b""
+    if not isinstance(value, str):
+        raise CoordinatorError(f"{what}: the answer lacks {name} (expected base64 text)")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise CoordinatorError(f"{what}: {name} in the answer is not valid base64") from None
+
+
+def _object(data: Any, what: str) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise CoordinatorError(f"{what}: the answer's data is not a JSON object")
+    return data
+
+
+def _cause_chain(exc: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+class CoordinatorClient:
+    """The Client API of one Coordinator. Use as a context manager, or call :meth:`close`.
+
+    ``root``: the pinned root certificate; TLS then accepts only a server certificate signed
+    directly by it. ``client_cert``: ``(cert_file, key_file)`` of a manifest user (PEM), sent for
+    user-authenticated endpoints. ``transport``: an httpx transport for tests.
+    """
+
+    def __init__(
+        self,
+        addr: str,
+        root: x509.Certificate | None,
+        *,
+        client_cert: tuple[Path, Path] | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        transport: httpx.BaseTransport | None = None,
+        _unverified: bool = False,
+    ) -> None:
+        if root is None and not _unverified:
+            raise CoordinatorError(
+                "a Coordinator client needs a pinned root (or CoordinatorClient.unverified)"
+            )
+        self.addr = addr
+        self.base_url = base_url(addr)
+        self.root = root
+        verify: ssl.SSLContext | bool = pinned_context(root, client_cert) if root is not None else False
+        self._http = httpx.Client(
+            base_url=self.base_url,
+            verify=verify,
+            timeout=timeout,
+            transport=transport,
+            headers={"User-Agent": "marblekeep-cli"},
+            follow_redirects=False,
+            trust_env=False,
+        )
+
+    @classmethod
+    def unverified(
+        cls, addr: str, *, timeout: float = DEFAULT_TIMEOUT, transport: httpx.BaseTransport | None = None
+    ) -> CoordinatorClient:
+        """A client that does NOT authenticate the server: only for fetching the quote, which is then
+        verified (or, with --insecure, explicitly not)."""
+        return cls(addr, None, timeout=timeout, transport=transport, _unverified=True)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> CoordinatorClient:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------------------------ transport
+
+    def _transport_error(self, exc: httpx.HTTPError, what: str) -> Exception:
+        for cause in _cause_chain(exc):
+            if isinstance(cause, NotFromPinnedRoot):
+                return AttestationError(
+                    f"{what}: the Coordinator at {self.addr} is not the one whose root certificate is pinned"
+                    f" ({cause.verify_message or cause}); it is another Coordinator, or it was reset"
+                )
+            if isinstance(cause, ssl.SSLCertVerificationError):
+                detail = cause.verify_message or "certificate verification failed"
+                return AttestationError(
+                    f"{what}: the Coordinator at {self.addr} presented a TLS certificate that does not"
+                    f" verify with the pinned root ({clean_text(detail, 200)}); it is another Coordinator,"
+                    " or it was reset"
+                )
+            if isinstance(cause, ssl.SSLError):
+                return CoordinatorError(
+                    f"{what}: TLS with {self.addr} failed ({clean_text(cause.reason or str(cause), 200)}):"
+                    " is this the Coordinator's Client API (default port 4433)?"
+                )
+        if isinstance(exc, httpx.TimeoutException):
+            return CoordinatorError(f"{what}: the Coordinator at {self.addr} did not answer in time")
+        return CoordinatorError(
+            f"{what}: cannot reach the Coordinator at {self.addr} ({type(exc).__name__}: "
+            f"{clean_text(str(exc), 200) or 'no detail'}); check the address (HOST:PORT of the Client API,"
+            " default port 4433) and that the Coordinator runs"
+        )
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+        what = f"{method} {path}"
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise self._transport_error(exc, what) from None
+        return decode_envelope(response.status_code, response.content, what)
+
+    def _v2_or_v1(
+        self, v2: tuple[str, str, dict[str, Any]], v1: tuple[str, str, dict[str, Any]]
+    ) -> tuple[int, Any]:
+        """(2, data) from the v2 endpoint, or (1, data) from v1 if v2 answered 405."""
+        try:
+            return 2, self._request(v2[0], v2[1], **v2[2])
+        except EndpointMissing:
+            return 1, self._request(v1[0], v1[1], **v1[2])
+
+    # ------------------------------------------------------------------------------------ endpoints
+
+    def status(self) -> Status:
+        """The Coordinator's state: ``code`` (1 recovery, 2 accepting a manifest, 3 accepting Marbles)."""
+        version, data = self._v2_or_v1(("GET", "/api/v2/status", {}), ("GET", "/status", {}))
+        doc = _object(data, "status")
+        code_key, message_key = ("code", "message") if version == 2 else ("StatusCode", "StatusMessage")
+        code, message = doc.get(code_key), doc.get(message_key)
+        if isinstance(code, bool) or not isinstance(code, int) or not isinstance(message, str):
+            raise CoordinatorError(f"status: the answer lacks {code_key} (integer) or {message_key} (text)")
+        warning = doc.get("warning")
+        return Status(
+            code=code,
+            message=clean_text(message),
+            simulation=doc.get("simulation") is True,
+            warning=clean_text(warning) if isinstance(warning, str) else "",
+        )
+
+    def quote(self, nonce: bytes | None = None) -> CertQuote:
+        """The certificate chain (intermediate, root) and a quote over SHA-256(root DER ‖ nonce)."""
+        params = {"nonce": base64.urlsafe_b64encode(nonce).decode()} if nonce else {}
+        version, data = self._v2_or_v1(("GET", "/api/v2/quote", {"params": params}), ("GET", "/quote", {}))
+        doc = _object(data, "quote")
+        cert_key, quote_key = ("cert", "quote") if version == 2 else ("Cert", "Quote")
+        cert = doc.get(cert_key)
+        if not isinstance(cert, str):
+            raise CoordinatorError(f"quote: the answer lacks {cert_key} (the PEM certificate chain)")
+        try:
+            chain = parse_chain(cert.encode(), f"quote: {cert_key}")
+        except AttestationError as exc:
+            raise CoordinatorError(exc.message) from None
+        return CertQuote(
+            chain=tuple(chain),
+            quote=_b64(doc.get(quote_key), quote_key, "quote", allow_empty=True),
+            nonce=(nonce or b"") if version == 2 else b"",
+            simulation=doc.get("simulation") is True,
+        )
+
+    def manifest(self) -> ManifestInfo | None:
+        """The manifest in effect, or None when none is set. Call :meth:`ManifestInfo.check`."""
+        try:
+            version, data = self._v2_or_v1(("GET", "/api/v2/manifest", {}), ("GET", "/manifest", {}))
+        except CoordinatorError as exc:
+            if exc.status == 404:  # marblekeep: v2 GET without a manifest
+                return None
+            raise
+        doc = _object(data, "manifest")
+        keys = (
+            ("manifest", "manifestFingerprint", "manifestSignatureRootECDSA")
+            if version == 2
+            else ("Manifest", "ManifestSignature", "ManifestSignatureRootECDSA")
+        )
+        if doc.get(keys[0]) in (None, ""):  # v1 answers 200 with empty fields
+            return None
+        fingerprint = doc.get(keys[1])
+        if not isinstance(fingerprint, str):
+            raise CoordinatorError(f"manifest: the answer lacks {keys[1]}")
+        return ManifestInfo(
+            raw=_b64(doc.get(keys[0]), keys[0], "manifest"),
+            fingerprint=fingerprint,
+            signature=_b64(doc.get(keys[2]), keys[2], "manifest"),
+        )
+
+    def set_manifest(self, raw: bytes) -> dict[str, bytes]:
+        """Set the first manifest; returns the recovery secrets (name → RSA-OAEP-encrypted secret)."""
+        body = {"manifest": base64.b64encode(raw).decode()}
+        _version, data = self._v2_or_v1(
+            ("POST", "/api/v2/manifest", {"json": body}),
+            ("POST", "/manifest", {"content": raw}),
+        )
+        if data is None:
+            return {}
+        secrets = _object(data, "set manifest").get("RecoverySecrets")
+        if secrets is None:
+            return {}
+        if not isinstance(secrets, dict):
+            raise CoordinatorError("set manifest: RecoverySecrets in the answer is not an object")
+        return {
+            str(name): _b64(value, f"RecoverySecrets.{name}", "set manifest")
+            for name, value in secrets.items()
+        }
+
+    def update_log(self) -> list[str]:
+        """The manifest update log, one entry per line (GET /api/v2/update)."""
+        try:
+            version, data = self._v2_or_v1(("GET", "/api/v2/update", {}), ("GET", "/update", {}))
+        except EndpointMissing:
+            raise CoordinatorError(
+                f"this Coordinator ({self.addr}) does not serve the update log (neither GET"
+                " /api/v2/update nor GET /update): it is a version without manifest updates",
+                status=405,
+            ) from None
+        if version == 1:
+            if not isinstance(data, str):
+                raise CoordinatorError("update log: the v1 answer is not text")
+            return [clean_text(line) for line in data.splitlines()]
+        lines = _object(data, "update log").get("updateLog")
+        if lines is None:
+            return []
+        if not isinstance(lines, list) or not all(isinstance(line, str) for line in lines):
+            raise CoordinatorError("update log: updateLog in the answer is not a list of strings")
+        return [clean_text(line) for line in lines]
+
+
+def manifest_json(raw: bytes) -> Any:
+    """The manifest bytes as JSON (for ``manifest get -s``); raise if they are not JSON."""
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise CoordinatorError("the Coordinator's manifest is not valid JSON") from None
