@@ -23,6 +23,7 @@ from marblekeep.api import jsend
 from marblekeep.api.client_api import COORDINATOR_KEY, add_client_routes
 from marblekeep.api.tls import TLSContexts, make_server_credentials
 from marblekeep.errors import ActivationRefused, ConfigError, MarbleKeepError
+from marblekeep.manifest.model import SealMode
 from marblekeep.marble.evidence import GramineIssuer
 from marblekeep.marble.protocol import (
     ACTIVATE_PATH,
@@ -173,10 +174,10 @@ class Listeners:
 
     async def _start(self, app: web.Application, addr: str, what: str, tls: ssl.SSLContext | None) -> None:
         host, port = parse_addr(addr, what)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5.0)
         await runner.setup()
         self.runners.append(runner)
-        site = web.TCPSite(runner, host, port, ssl_context=tls, shutdown_timeout=5.0)
+        site = web.TCPSite(runner, host, port, ssl_context=tls)
         try:
             await site.start()
         except OSError as exc:
@@ -210,7 +211,10 @@ async def serve(config: CoordinatorConfig, *, ready: Callable[[], None] | None =
     kek_provider = None
     quote_issuer = None
     if not config.simulation:
-        kek_provider = GramineSealKeyProvider(config.attestation_root, anchor_dir=config.seal_dir)
+        # ProductKey: MarbleRun's default seal mode (the manifest is not readable before unsealing).
+        kek_provider = GramineSealKeyProvider(
+            config.attestation_root, SealMode.PRODUCT_KEY, anchor_dir=config.seal_dir
+        )
         quote_issuer = GramineIssuer(config.attestation_root)
     if verifier is not None:
         verifier.start()
