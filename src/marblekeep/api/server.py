@@ -21,6 +21,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from marblekeep.api import jsend
 from marblekeep.api.client_api import COORDINATOR_KEY, add_client_routes
+from marblekeep.api.governance_api import add_governance_routes
 from marblekeep.api.tls import TLSContexts, make_server_credentials
 from marblekeep.errors import ActivationRefused, ConfigError, MarbleKeepError
 from marblekeep.manifest.model import SealMode
@@ -102,6 +103,7 @@ def build_client_app(coord: Coordinator, metrics: Metrics) -> web.Application:
     app[METRICS_KEY] = metrics
     app[API_NAME_KEY] = "client"
     add_client_routes(app)
+    add_governance_routes(app)
     return app
 
 

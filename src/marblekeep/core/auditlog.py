@@ -97,7 +97,7 @@ def format_entry(
         doc[key] = _json_value(value)
     doc[SEQ_FIELD] = seq
     doc[PREV_FIELD] = prev
-    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False)
+    return json.dumps(doc, separators=(",", ":"))  # ASCII only: non-ASCII text as \u escapes
 
 
 def append_entry(
