@@ -433,7 +433,7 @@ class SealedStore:
             writes[META_RECOVERY_DATA] = state.recovery_data
         try:
             revision = await self._inner.commit(writes, expected_revision=self._revision)
-        except ConflictError:
+        except StoreError:  # a conflict, or a backend failure: re-read the backend before trusting memory
             self._stale = True
             raise
         self._crypto, self._state, self._revision = crypto, state, revision
