@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives import serialization
 from marblekeep.client.jsend import EndpointMissing, clean_text, decode_envelope
 from marblekeep.client.pinning import NotFromPinnedRoot, parse_chain, pinned_context
 from marblekeep.crypto.signing import verify_manifest_signature
-from marblekeep.errors import AttestationError, CoordinatorError
+from marblekeep.errors import AttestationError, ConfigError, CoordinatorError
 
 __all__ = [
     "DEFAULT_CLIENT_PORT",
@@ -48,17 +48,17 @@ def base_url(addr: str) -> str:
     if text.startswith("https://"):
         text = text[len("https://") :]
     elif "://" in text:
-        raise CoordinatorError(
+        raise ConfigError(
             f"Coordinator address {addr!r}: use HOST:PORT (the Client API speaks HTTPS only)"
         )
     if not text or "/" in text or any(c.isspace() for c in text):
-        raise CoordinatorError(f"Coordinator address {addr!r}: expected HOST:PORT, e.g. localhost:4433")
+        raise ConfigError(f"Coordinator address {addr!r}: expected HOST:PORT, e.g. localhost:4433")
     if text.startswith("["):
         host, _, rest = text.partition("]")
         host += "]"
         port = rest[1:] if rest.startswith(":") else ""
         if rest and not rest.startswith(":"):
-            raise CoordinatorError(f"Coordinator address {addr!r}: expected [IPv6]:PORT")
+            raise ConfigError(f"Coordinator address {addr!r}: expected [IPv6]:PORT")
     elif text.count(":") > 1:  # a bare IPv6 address
         host, port = f"[{text}]", ""
     else:
@@ -68,7 +68,7 @@ def base_url(addr: str) -> str:
     if port == "":
         port = str(DEFAULT_CLIENT_PORT)
     if not port.isdigit() or not 0 < int(port) < 65536:
-        raise CoordinatorError(f"Coordinator address {addr!r}: the port must be a number from 1 to 65535")
+        raise ConfigError(f"Coordinator address {addr!r}: the port must be a number from 1 to 65535")
     return f"https://{host}:{int(port)}"
 
 

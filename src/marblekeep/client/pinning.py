@@ -102,6 +102,11 @@ def save_pinned_root(path: Path, root: x509.Certificate) -> None:
 class NotFromPinnedRoot(ssl.SSLCertVerificationError):
     """The TLS server certificate is not signed directly by the pinned root."""
 
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.verify_message = message
+        self.verify_code = 0
+
 
 def _check_peer(context: ssl.SSLContext, leaf_der: bytes | None) -> None:
     if not isinstance(context, PinnedRootContext):  # pragma: no cover - the classes are only set on it

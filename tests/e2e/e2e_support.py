@@ -1,0 +1,168 @@
+"""Helpers for the end-to-end tests: free ports, the ``marblekeep`` executable, an in-process
+Coordinator on loopback, and small aiohttp stub servers (v1-only Coordinator, impostors) that run
+in a background event loop so that blocking clients (CliRunner, httpx) can talk to them."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import shutil
+import socket
+import ssl
+import sys
+import threading
+import uuid
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from aiohttp import web
+
+from marblekeep.api.server import Listeners
+from marblekeep.api.tls import ServerCredentials, make_server_credentials
+from marblekeep.crypto.pki import CertifiedKey, IssuedLeaf, LeafIssuer, create_intermediate, create_root_ca
+from marblekeep.service import Coordinator, CoordinatorConfig
+
+T = TypeVar("T")
+
+STATUS_2 = "Coordinator is ready to accept a manifest."
+STATUS_3 = "Coordinator is running correctly and ready to accept marbles."
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def marblekeep_argv() -> list[str]:
+    """How to run the installed ``marblekeep`` command of this virtualenv."""
+    beside = Path(sys.executable).with_name("marblekeep")
+    if beside.exists():
+        return [str(beside)]
+    found = shutil.which("marblekeep")
+    assert found, "the marblekeep console script is not installed (pip install -e .)"
+    return [found]
+
+
+def python3() -> str:
+    return shutil.which("python3") or sys.executable
+
+
+class BackgroundLoop:
+    """An asyncio loop on a daemon thread."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=30)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+        self.loop.close()
+
+
+class InProcessCoordinator:
+    """A simulation Coordinator with real HTTPS listeners on loopback, in a background loop."""
+
+    def __init__(self, seal_dir: Path) -> None:
+        self.bg = BackgroundLoop()
+        self.client_port = free_port()
+        self.config = CoordinatorConfig(
+            client_addr=f"127.0.0.1:{self.client_port}",
+            mesh_addr=f"127.0.0.1:{free_port()}",
+            seal_dir=seal_dir,
+            simulation=True,
+        )
+        self.coord: Coordinator = self.bg.run(Coordinator.open(self.config))
+        self.listeners = Listeners(self.coord, self.config)
+        self.bg.run(self.listeners.start())
+
+    @property
+    def addr(self) -> str:
+        return f"127.0.0.1:{self.client_port}"
+
+    @property
+    def root_pem(self) -> bytes:
+        return self.coord.deployment.ca.root.cert_pem
+
+    @property
+    def intermediate_pem(self) -> bytes:
+        return self.coord.deployment.ca.intermediate.cert_pem
+
+    def stop(self) -> None:
+        self.bg.run(self.listeners.stop())
+        self.bg.run(self.coord.close())
+        self.bg.close()
+
+
+@dataclass(frozen=True)
+class StubPki:
+    """A Coordinator-like PKI for stub servers: root → intermediate (key K) → a Marble leaf."""
+
+    root: CertifiedKey
+    intermediate: CertifiedKey
+    marble_root: CertifiedKey
+    listener: ServerCredentials
+    marble_leaf: IssuedLeaf
+
+    @property
+    def chain_pem(self) -> str:
+        return (self.intermediate.cert_pem + self.root.cert_pem).decode()
+
+    @classmethod
+    def create(cls) -> StubPki:
+        now = dt.datetime.now(dt.UTC)
+        root = create_root_ca(["localhost"], now)
+        intermediate, marble_root = create_intermediate(root, ["localhost"], now)
+        leaf = LeafIssuer(marble_root).issue(uuid.uuid4(), "impostor", ["localhost"], now)
+        return cls(root, intermediate, marble_root, make_server_credentials(root, ["localhost"], now), leaf)
+
+    def impostor_credentials(self) -> ServerCredentials:
+        """A Marble's own TLS credentials plus the intermediate: a chain that reaches the root."""
+        return ServerCredentials(
+            self.marble_leaf.cert_pem + self.intermediate.cert_pem, self.marble_leaf.key_pem
+        )
+
+
+class StubServer:
+    """An aiohttp HTTPS server on loopback with the given routes and TLS credentials."""
+
+    def __init__(self, app: web.Application, credentials: ServerCredentials) -> None:
+        self.bg = BackgroundLoop()
+        self.port = free_port()
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        credentials.load_into(ctx)
+        self.runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        self.bg.run(self.runner.setup())
+        self.bg.run(web.TCPSite(self.runner, "127.0.0.1", self.port, ssl_context=ctx).start())
+
+    @property
+    def addr(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.bg.run(self.runner.cleanup())
+        self.bg.close()
+
+
+def jsend(data: Any, status: int = 200) -> web.Response:
+    return web.Response(
+        body=json.dumps({"status": "success", "data": data}).encode() + b"\n",
+        status=status,
+        content_type="application/json",
+    )
+
+
+def jsend_error(message: str, status: int) -> web.Response:
+    doc: dict[str, Any] = {"status": "error" if status >= 500 or status == 405 else "fail", "data": None}
+    if message:
+        doc["message"] = message
+    return web.Response(body=json.dumps(doc).encode() + b"\n", status=status, content_type="text/plain")
