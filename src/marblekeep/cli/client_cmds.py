@@ -38,6 +38,7 @@ from marblekeep.client import (
     manifest_json,
     parse_era_config,
 )
+from marblekeep.core.governance import consolidate_manifest
 from marblekeep.errors import ConfigError, CoordinatorError, ManifestError, MarbleKeepError
 from marblekeep.manifest import yaml_to_json
 
@@ -384,10 +385,18 @@ def manifest_set(file: Path, addr: str, recoverydata: Path | None, **kwargs: Any
     is_flag=True,
     help='Print {"ManifestSignature": fingerprint, "ManifestSignatureRootECDSA": ..., "Manifest": ...}.',
 )
+@click.option(
+    "-u",
+    "--display-update",
+    is_flag=True,
+    help="Show the SecurityVersions raised by package updates since (from the update log).",
+)
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Write to this file.")
 @_trust_options
 @_handle_errors
-def manifest_get(addr: str, with_signature: bool, output: Path | None, **kwargs: Any) -> None:
+def manifest_get(
+    addr: str, with_signature: bool, display_update: bool, output: Path | None, **kwargs: Any
+) -> None:
     """Print the manifest the Coordinator runs, byte for byte as it was set.
 
     Its fingerprint and its signature by the Coordinator's root are checked first.
@@ -404,12 +413,15 @@ def manifest_get(addr: str, with_signature: bool, output: Path | None, **kwargs:
                 f"the Coordinator at {addr} has no manifest yet: set one with `manifest set`"
             )
         info.check(conn.cert_quote.root)
+        log_lines = conn.client.update_log() if display_update else []
     data = info.raw
+    if display_update:  # the signature stays that of the raw manifest as set
+        data = consolidate_manifest(info.raw, log_lines)
     if with_signature:
         doc = {
             "ManifestSignature": info.fingerprint.lower(),
             "ManifestSignatureRootECDSA": base64.b64encode(info.signature).decode(),
-            "Manifest": manifest_json(info.raw),
+            "Manifest": manifest_json(data),
         }
         data = (json.dumps(doc, indent=2) + "\n").encode()
     _write_output(data, output, "manifest")

@@ -15,6 +15,7 @@ from marblekeep.cli.client_cmds import (
     status,
 )
 from marblekeep.cli.coordinator_cmd import coordinator
+from marblekeep.cli.governance_cmds import add_governance_commands
 from marblekeep.cli.manifest_cmds import manifest
 from marblekeep.cli.marble_cmds import marble
 
@@ -39,3 +40,4 @@ manifest.add_command(manifest_set)
 manifest.add_command(manifest_get)
 manifest.add_command(manifest_verify)
 manifest.add_command(manifest_log)
+add_governance_commands(main, manifest)

@@ -1,0 +1,569 @@
+"""Governance commands: user-defined secrets, manifest updates, and the audit log.
+
+``marblekeep secret get NAME... ADDR -c CERT -k KEY [-o FILE]``,
+``marblekeep secret set FILE ADDR -c CERT -k KEY [--from-pem NAME]``,
+``marblekeep manifest update apply|acknowledge FILE ADDR -c CERT -k KEY [-r FILE]``,
+``marblekeep manifest update cancel ADDR -c CERT -k KEY``,
+``marblekeep manifest update get ADDR [--missing] [-o FILE]``,
+``marblekeep log get ADDR [-o FILE]`` and ``marblekeep log verify [ADDR] [--file FILE]``.
+
+Connections, trust (attest on first contact, then the pinned root) and error handling are those of
+the other client commands (:mod:`marblekeep.cli.client_cmds`). User-authenticated commands send
+the manifest user's certificate and key (``-c/--cert``, ``-k/--key``) as the TLS client
+certificate. Exit status: 0 ok, 1 refused or failed (for ``log verify``: the log is broken), 2 usage.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import click
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from marblekeep.cli.client_cmds import (
+    _handle_errors,
+    _open,
+    _read_manifest,
+    _trust_options,
+    _write_output,
+    client_cert_pair,
+    user_cert_options,
+)
+from marblekeep.client import CoordinatorClient, clean_text, default_cert_path, load_pinned_root
+from marblekeep.core.auditlog import LogHead, LogVerification, parse_head, verify_log
+from marblekeep.crypto.pki import der_to_pem
+from marblekeep.errors import ConfigError, CoordinatorError, RequestError
+
+__all__ = ["add_governance_commands", "log_group", "secret", "update"]
+
+
+# ---------------------------------------------------------------------------------- SDK calls
+
+
+def _call(
+    client: CoordinatorClient, v2: tuple[str, str, dict[str, Any]], v1: tuple[str, str, dict[str, Any]]
+) -> tuple[int, Any]:
+    return client._v2_or_v1(v2, v1)  # the SDK's v2-then-v1 request with JSend decoding
+
+
+def _object(data: Any, what: str) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise CoordinatorError(f"{what}: the answer's data is not a JSON object")
+    return data
+
+
+def _recovery(doc: Mapping[str, Any]) -> dict[str, str]:
+    secrets = doc.get("recoverySecrets")
+    if not isinstance(secrets, dict):
+        return {}
+    return {str(k): v for k, v in secrets.items() if isinstance(v, str)}
+
+
+def _save_recovery(secrets: Mapping[str, str], path: Path | None) -> None:
+    if not secrets:
+        return
+    text = json.dumps({"RecoverySecrets": dict(secrets)}, indent=2) + "\n"
+    if path is None:
+        click.echo("The update changed the recovery keys. New recovery data (keep it safe):", err=True)
+        click.echo(text, nl=False)
+        return
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+    except OSError as exc:
+        click.echo(text, nl=False)
+        raise ConfigError(
+            f"cannot write the recovery data to {path} ({exc.strerror}); it is printed above: save it"
+        ) from None
+    click.echo(f"New recovery data saved to {path}", err=True)
+
+
+def _user(cert: Path | None, key: Path | None) -> tuple[Path, Path]:
+    pair = client_cert_pair(cert, key)
+    if pair is None:
+        raise click.UsageError(
+            "this command needs a manifest user's certificate and key: -c/--cert CERT -k/--key KEY"
+        )
+    return pair
+
+
+# ---------------------------------------------------------------------------------- secrets
+
+
+@click.group()
+def secret() -> None:
+    """Read and set user-defined secrets (needs a manifest user with ReadSecret / WriteSecret)."""
+
+
+def _pem_or_none(label: str, value: Any) -> str | None:
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        return der_to_pem(base64.b64decode(value, validate=True), label).decode()
+    except (binascii.Error, ValueError):
+        return None
+
+
+def _format_secret(name: str, doc: Any) -> str:
+    if not isinstance(doc, dict):
+        return f"{clean_text(name)}: (malformed answer)\n"
+    kind = str(doc.get("Type", ""))
+    lines = [f"{clean_text(name)}:", f"  Type:        {clean_text(kind)}"]
+    if doc.get("Size"):
+        lines.append(f"  Size:        {doc.get('Size')}")
+    lines.append(f"  Shared:      {bool(doc.get('Shared'))}")
+    lines.append(f"  UserDefined: {bool(doc.get('UserDefined'))}")
+    private = doc.get("Private")
+    if kind.startswith("cert-"):
+        if doc.get("ValidFor"):
+            lines.append(f"  ValidFor:    {doc.get('ValidFor')} days")
+        for label, field_name, pem_label in (
+            ("Cert", "Cert", "CERTIFICATE"),
+            ("Public", "Public", "PUBLIC KEY"),
+            ("Private", "Private", "PRIVATE KEY"),
+        ):
+            pem = _pem_or_none(pem_label, doc.get(field_name))
+            lines.append(f"  {label}:" + ("\n" + pem.rstrip("\n") if pem else " (not set)"))
+    elif not isinstance(private, str) or not private:
+        lines.append("  Value:       (not set)")
+    else:
+        try:
+            value = base64.b64decode(private, validate=True)
+        except (binascii.Error, ValueError):
+            lines.append("  Value:       (malformed answer)")
+        else:
+            if kind == "plain":
+                try:
+                    lines.append(f"  Value:       {clean_text(value.decode('utf-8'))}")
+                except UnicodeDecodeError:
+                    lines.append(f"  Value (hex): {value.hex()}")
+            else:
+                lines.append(f"  Value (hex): {value.hex()}")
+    return "\n".join(lines) + "\n"
+
+
+@secret.command("get")
+@click.argument("names", metavar="NAME...", nargs=-1, required=True)
+@click.argument("addr", metavar="ADDR")
+@user_cert_options
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the secrets as JSON (name → MarbleRun Secret object) to this file (mode 0600).",
+)
+@_trust_options
+@_handle_errors
+def secret_get(
+    names: tuple[str, ...], addr: str, cert: Path | None, key: Path | None, output: Path | None, **kwargs: Any
+) -> None:
+    """Print the user-defined or shared secrets NAME... (the read is recorded in the audit log).
+
+    \b
+    Example:
+      marblekeep secret get api_key db_cert localhost:4433 -c alice.crt -k alice.key
+      marblekeep secret get api_key localhost:4433 -c alice.crt -k alice.key -o secrets.json
+    """
+    with _open(addr, kwargs, _user(cert, key)) as conn:
+        params = [("s", name) for name in names]
+        version, data = _call(
+            conn.client,
+            ("GET", "/api/v2/secrets", {"params": params}),
+            ("GET", "/secrets", {"params": params}),
+        )
+    doc = _object(data, "secret get")
+    secrets = _object(doc.get("secrets"), "secret get") if version == 2 else doc
+    if output is not None:
+        text = json.dumps(secrets, indent=2) + "\n"
+        try:
+            fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+        except OSError as exc:
+            raise ConfigError(f"cannot write the secrets to {output} ({exc.strerror})") from None
+        click.echo(f"Secrets written to {output}", err=True)
+        return
+    for name in names:
+        if name in secrets:
+            click.echo(_format_secret(name, secrets[name]), nl=False)
+
+
+def _pem_upload(data: bytes, name: str) -> dict[str, Any]:
+    """``{NAME: {Cert, Private}}`` from the first CERTIFICATE and the first *PRIVATE KEY* PEM block."""
+    cert_der: bytes | None = None
+    private_der: bytes | None = None
+    text = data.decode("ascii", "replace")
+    for block in text.split("-----BEGIN ")[1:]:
+        label, _, rest = block.partition("-----")
+        body, _, _ = rest.partition("-----END ")
+        try:
+            der = base64.b64decode("".join(body.split()), validate=True)
+        except (binascii.Error, ValueError):
+            raise RequestError(f"--from-pem: the {label} block is not valid base64") from None
+        if label == "CERTIFICATE" and cert_der is None:
+            cert_der = der
+        elif "PRIVATE" in label and private_der is None:
+            if "ENCRYPTED" in label:
+                raise RequestError("--from-pem: the private key is encrypted: decrypt it first")
+            private_der = der
+    if cert_der is None:
+        raise RequestError("--from-pem: the file has no CERTIFICATE block")
+    try:
+        x509.load_der_x509_certificate(cert_der)
+    except ValueError:
+        raise RequestError("--from-pem: the CERTIFICATE block is not an X.509 certificate") from None
+    if private_der is not None:
+        try:
+            serialization.load_der_private_key(private_der, password=None)
+        except (ValueError, TypeError):
+            raise RequestError(
+                "--from-pem: the PRIVATE KEY block is not an unencrypted private key"
+            ) from None
+    entry: dict[str, Any] = {"Cert": base64.b64encode(cert_der).decode()}
+    if private_der is not None:
+        entry["Private"] = base64.b64encode(private_der).decode()
+    return {name: entry}
+
+
+@secret.command("set")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("addr", metavar="ADDR")
+@user_cert_options
+@click.option(
+    "--from-pem",
+    "from_pem",
+    metavar="NAME",
+    help="FILE is PEM: upload its first certificate and first private key as the secret NAME.",
+)
+@_trust_options
+@_handle_errors
+def secret_set(
+    file: Path, addr: str, cert: Path | None, key: Path | None, from_pem: str | None, **kwargs: Any
+) -> None:
+    """Set user-defined secrets from FILE: JSON mapping names to {"Cert", "Private", "Key"}
+    (base64), or with --from-pem NAME a PEM certificate and key. All or nothing.
+
+    \b
+    Example:
+      marblekeep secret set secrets.json localhost:4433 -c alice.crt -k alice.key
+      marblekeep secret set tls.pem localhost:4433 -c alice.crt -k alice.key --from-pem web_cert
+    """
+    try:
+        data = file.read_bytes()
+    except OSError as exc:
+        raise click.FileError(str(file), hint=exc.strerror or "cannot be read") from None
+    if from_pem is not None:
+        upload = _pem_upload(data, from_pem)
+    else:
+        try:
+            upload = json.loads(data)
+        except (ValueError, UnicodeDecodeError):
+            raise RequestError(f"{file}: not valid JSON (use --from-pem NAME for a PEM file)") from None
+        if not isinstance(upload, dict):
+            raise RequestError(
+                f"{file}: must be a JSON object mapping secret names to {{Cert, Private, Key}}"
+            )
+    with _open(addr, kwargs, _user(cert, key)) as conn:
+        _call(
+            conn.client,
+            ("POST", "/api/v2/secrets", {"json": {"secrets": upload}}),
+            ("POST", "/secrets", {"json": upload}),
+        )
+    click.echo(f"Secret{'s' if len(upload) != 1 else ''} set: {', '.join(sorted(upload))}")
+
+
+# ---------------------------------------------------------------------------------- updates
+
+
+@click.group()
+def update() -> None:
+    """Update the manifest: raise package SecurityVersions, or replace the manifest with the
+    acknowledgement of the users who hold UpdateManifest."""
+
+
+def _print_missing(missing: Any, users: Any) -> None:
+    if isinstance(missing, int) and missing > 0:
+        names = ", ".join(clean_text(str(u)) for u in users) if isinstance(users, list) else ""
+        click.echo(f"{missing} acknowledgement(s) missing; waiting for: {names}")
+
+
+@update.command("apply")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("addr", metavar="ADDR")
+@user_cert_options
+@click.option(
+    "-r",
+    "--recoverydata",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Save new recovery secrets (if the update changes the recovery keys) to this file.",
+)
+@_trust_options
+@_handle_errors
+def update_apply(
+    file: Path, addr: str, cert: Path | None, key: Path | None, recoverydata: Path | None, **kwargs: Any
+) -> None:
+    """Propose FILE as an update: a package update ({"Packages": {...}} raising SecurityVersion)
+    applies at once; a full manifest applies once enough users acknowledged it (you count as one).
+
+    \b
+    Example:
+      marblekeep manifest update apply svn-update.json localhost:4433 -c alice.crt -k alice.key
+    """
+    raw = _read_manifest(file)
+    with _open(addr, kwargs, _user(cert, key)) as conn:
+        version, data = _call(
+            conn.client,
+            ("POST", "/api/v2/update", {"json": {"manifest": base64.b64encode(raw).decode()}}),
+            ("POST", "/update", {"content": raw}),
+        )
+    doc = data if isinstance(data, dict) and version == 2 else {}
+    missing = doc.get("missingAcknowledgments", 0)
+    if isinstance(missing, int) and missing > 0:
+        click.echo("Update proposed.")
+        _print_missing(missing, doc.get("missingUsers"))
+    else:
+        click.echo("Update applied. Restart running Marbles to pick up the change.")
+    _save_recovery(_recovery(doc), recoverydata)
+
+
+@update.command("acknowledge")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("addr", metavar="ADDR")
+@user_cert_options
+@click.option(
+    "-r",
+    "--recoverydata",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Save new recovery secrets (if the update changes the recovery keys) to this file.",
+)
+@_trust_options
+@_handle_errors
+def update_acknowledge(
+    file: Path, addr: str, cert: Path | None, key: Path | None, recoverydata: Path | None, **kwargs: Any
+) -> None:
+    """Acknowledge the pending update; FILE must be byte-identical to it (after YAML→JSON).
+
+    \b
+    Example:
+      marblekeep manifest update get localhost:4433 -o pending.json
+      marblekeep manifest update acknowledge pending.json localhost:4433 -c bob.crt -k bob.key
+    """
+    raw = _read_manifest(file)
+    with _open(addr, kwargs, _user(cert, key)) as conn:
+        version, data = _call(
+            conn.client,
+            ("POST", "/api/v2/update-manifest", {"json": {"manifest": base64.b64encode(raw).decode()}}),
+            ("POST", "/update-manifest", {"content": raw}),
+        )
+    if version == 2:
+        doc = _object(data, "acknowledge")
+        message = doc.get("message")
+        click.echo(clean_text(message) if isinstance(message, str) else "Acknowledged.")
+        _save_recovery(_recovery(doc), recoverydata)
+    else:
+        click.echo(clean_text(data) if isinstance(data, str) else "Acknowledged.")
+
+
+@update.command("cancel")
+@click.argument("addr", metavar="ADDR")
+@user_cert_options
+@_trust_options
+@_handle_errors
+def update_cancel(addr: str, cert: Path | None, key: Path | None, **kwargs: Any) -> None:
+    """Cancel the pending update (needs UpdateManifest).
+
+    \b
+    Example:
+      marblekeep manifest update cancel localhost:4433 -c alice.crt -k alice.key
+    """
+    with _open(addr, kwargs, _user(cert, key)) as conn:
+        version, data = _call(
+            conn.client, ("POST", "/api/v2/update-cancel", {}), ("POST", "/update-cancel", {})
+        )
+    message = _object(data, "cancel").get("message") if version == 2 else data
+    click.echo(clean_text(message) if isinstance(message, str) else "Update cancelled.")
+
+
+@update.command("get")
+@click.argument("addr", metavar="ADDR")
+@click.option("--missing", is_flag=True, help="Print only who still has to acknowledge.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Write to this file.")
+@_trust_options
+@_handle_errors
+def update_get(addr: str, missing: bool, output: Path | None, **kwargs: Any) -> None:
+    """Print the pending update manifest (byte for byte), or with --missing who still has to
+    acknowledge it. Anyone may read it.
+
+    \b
+    Example:
+      marblekeep manifest update get localhost:4433 -o pending.json
+      marblekeep manifest update get localhost:4433 --missing
+    """
+    with _open(addr, kwargs) as conn:
+        _version, data = _call(
+            conn.client, ("GET", "/api/v2/update-manifest", {}), ("GET", "/update-manifest", {})
+        )
+    doc = _object(data, "pending update")
+    if missing:
+        message = doc.get("message")
+        users = doc.get("missingUsers")
+        click.echo(clean_text(message) if isinstance(message, str) else "")
+        if isinstance(users, list) and users:
+            click.echo("Missing: " + ", ".join(clean_text(str(u)) for u in users))
+        return
+    value = doc.get("manifest")
+    try:
+        raw = base64.b64decode(value if isinstance(value, str) else "", validate=True)
+    except (binascii.Error, ValueError):
+        raise CoordinatorError("pending update: the manifest in the answer is not valid base64") from None
+    _write_output(raw, output, "pending update manifest")
+
+
+# ---------------------------------------------------------------------------------- audit log
+
+
+@click.group("log")
+def log_group() -> None:
+    """Export and verify the tamper-evident update log (docs/governance.md)."""
+
+
+def _fetch_log(client: CoordinatorClient) -> dict[str, Any]:
+    data = client._request("GET", "/api/v2/update")
+    return _object(data, "update log")
+
+
+def _export(doc: Mapping[str, Any]) -> dict[str, Any]:
+    return {"updateLog": doc.get("updateLog") or [], "updateLogHead": doc.get("updateLogHead")}
+
+
+@log_group.command("get")
+@click.argument("addr", metavar="ADDR")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Write to this file.")
+@_trust_options
+@_handle_errors
+def log_get(addr: str, output: Path | None, **kwargs: Any) -> None:
+    """Export the update log with its signed head as JSON (for `marblekeep log verify --file`).
+
+    \b
+    Example:
+      marblekeep log get localhost:4433 -o update-log.json
+    """
+    with _open(addr, kwargs) as conn:
+        doc = _export(_fetch_log(conn.client))
+    _write_output((json.dumps(doc, indent=2) + "\n").encode(), output, "update log")
+
+
+def _load_export(path: Path) -> tuple[list[str], LogHead | None]:
+    """An exported log: ``log get`` JSON, the data or the whole JSend answer of GET /api/v2/update,
+    or bare JSON lines (no head)."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise click.FileError(str(path), hint=exc.strerror or "cannot be read") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise RequestError(f"{path}: not UTF-8 text") from None
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        doc = None
+    if isinstance(doc, dict):
+        if isinstance(doc.get("data"), dict):
+            doc = doc["data"]
+        lines = doc.get("updateLog")
+        if not isinstance(lines, list) or not all(isinstance(line, str) for line in lines):
+            raise RequestError(f"{path}: updateLog must be a list of strings")
+        head = parse_head(doc.get("updateLogHead"))
+        if doc.get("updateLogHead") is not None and head is None:
+            raise RequestError(f"{path}: updateLogHead is malformed")
+        return list(lines), head
+    return [line for line in text.split("\n") if line.strip()], None
+
+
+def _root_from_file(path: Path) -> x509.Certificate:
+    try:
+        return x509.load_pem_x509_certificate(path.read_bytes())
+    except OSError as exc:
+        raise click.FileError(str(path), hint=exc.strerror or "cannot be read") from None
+    except ValueError:
+        raise ConfigError(f"{path}: not a PEM certificate") from None
+
+
+def _report(result: LogVerification) -> None:
+    click.echo(result.describe())
+    if not result.ok:
+        raise SystemExit(1)
+
+
+@log_group.command("verify")
+@click.argument("addr", metavar="[ADDR]", required=False)
+@click.option(
+    "--file",
+    "file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Verify this exported log (from `marblekeep log get`) instead of the Coordinator's.",
+)
+@click.option(
+    "--root-cert",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="The Coordinator's root certificate (PEM) to check the head signature with [default: from "
+    "ADDR, else the pinned root].",
+)
+@_trust_options
+@_handle_errors
+def log_verify(addr: str | None, file: Path | None, root_cert: Path | None, **kwargs: Any) -> None:
+    """Check the update log's hash chain and the root's signature over its head.
+
+    Prints "ok: ..." (exit 0) or "BROKEN: entry N: ..." naming the first entry that is not as the
+    Coordinator wrote it (exit 1): edited, removed, inserted or reordered entries are all found.
+
+    \b
+    Example:
+      marblekeep log verify localhost:4433
+      marblekeep log verify --file update-log.json --root-cert root.pem
+    """
+    if addr is None and file is None:
+        raise click.UsageError("give the Coordinator's ADDR, or --file FILE (or both)")
+    root = _root_from_file(root_cert) if root_cert is not None else None
+    if file is not None:
+        lines, head = _load_export(file)
+        if root is None and addr is not None:
+            with _open(addr, kwargs) as conn:
+                root = conn.cert_quote.root
+        if root is None:
+            pinned_path = kwargs.get("coordinator_cert") or default_cert_path(os.environ, Path.home())
+            root = load_pinned_root(pinned_path)
+        if root is None:
+            raise ConfigError(
+                "no root certificate to check the log's signature with: give --root-cert FILE or the "
+                "Coordinator's ADDR"
+            )
+        _report(verify_log(lines, head, root))
+        return
+    assert addr is not None
+    with _open(addr, kwargs) as conn:
+        doc = _fetch_log(conn.client)
+        root = root or conn.cert_quote.root
+    served = doc.get("updateLog") or []
+    if not isinstance(served, list) or not all(isinstance(line, str) for line in served):
+        raise CoordinatorError("update log: updateLog in the answer is not a list of strings")
+    _report(verify_log(served, parse_head(doc.get("updateLogHead")), root))
+
+
+# ---------------------------------------------------------------------------------- registration
+
+
+def add_governance_commands(main: click.Group, manifest: click.Group) -> None:
+    """Register ``secret``, ``log`` and ``manifest update`` (called by cli/main.py)."""
+    main.add_command(secret)
+    main.add_command(log_group)
+    manifest.add_command(update)
