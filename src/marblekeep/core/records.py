@@ -30,6 +30,7 @@ import base64
 import binascii
 import dataclasses
 import json
+import re
 from collections.abc import Mapping
 
 from marblekeep.core.deployment import CaSet, CoordinatorState, Deployment, PendingUpdate
@@ -58,6 +59,8 @@ P_UPDATE_LOG = "updateLog:"
 K_UPDATE_LOG_HEAD = "updateLogHead"
 K_PENDING_UPDATE = "pendingUpdate"
 P_PACKAGE_SVN = "packageSecurityVersion:"
+SECRET_SIZE = 32  # rootSecret, previousRootSecret, sealMasterSecret
+_HEX_COUNT = re.compile(rb"[0-9a-fA-F]{1,16}")
 
 
 def _b64(data: bytes | None) -> str | None:
@@ -240,17 +243,37 @@ def deployment_from_records(records: Mapping[str, bytes]) -> Deployment | None:
             )
         return value
 
+    def pair(cert_key: str, key_key: str) -> CertifiedKey:
+        cert_der, key_der = need(cert_key), need(key_key)
+        try:
+            return CertifiedKey.from_der(cert_der, key_der)
+        except IntegrityError:
+            raise IntegrityError(
+                f"stored records {cert_key} and {key_key} do not form a P-384 certificate and its key: "
+                "restore a backup or recover the Coordinator"
+            ) from None
+
+    def secret32(key: str, value: bytes) -> bytes:
+        if len(value) != SECRET_SIZE:
+            raise _damaged(key)
+        return value
+
     try:
         state = CoordinatorState(int(need(K_STATE).decode("ascii")))
     except (ValueError, UnicodeDecodeError):
         raise _damaged(K_STATE) from None
-    root = CertifiedKey.from_der(need(K_ROOT_CERT), need(K_ROOT_KEY))
-    intermediate_key = need(K_INTERMEDIATE_KEY)
     ca = CaSet(
-        root=root,
-        intermediate=CertifiedKey.from_der(need(K_INTERMEDIATE_CERT), intermediate_key),
-        marble_root=CertifiedKey.from_der(need(K_MARBLE_ROOT_CERT), intermediate_key),
+        root=pair(K_ROOT_CERT, K_ROOT_KEY),
+        intermediate=pair(K_INTERMEDIATE_CERT, K_INTERMEDIATE_KEY),
+        marble_root=pair(K_MARBLE_ROOT_CERT, K_INTERMEDIATE_KEY),
     )
+    root_secret = secret32(K_ROOT_SECRET, need(K_ROOT_SECRET))
+    seal_master_secret = secret32(K_SEAL_MASTER, need(K_SEAL_MASTER))
+    previous_root_secret = records.get(K_PREVIOUS_ROOT_SECRET)
+    if previous_root_secret is not None:
+        secret32(K_PREVIOUS_ROOT_SECRET, previous_root_secret)
+    if state is CoordinatorState.ACCEPTING_MARBLES:
+        need(K_MANIFEST)  # Marbles are only accepted under a manifest
     manifest: Manifest | None = None
     secrets: dict[str, Secret] = {}
     previous: dict[str, Secret] = {}
@@ -268,20 +291,23 @@ def deployment_from_records(records: Mapping[str, bytes]) -> Deployment | None:
         manifest, svns, update_log = _load_governance(records, manifest)
         if K_PENDING_UPDATE in records:
             pending = _load_pending(records[K_PENDING_UPDATE])
+        need(K_SIGNATURE)
         secrets = _load_secrets(records, P_SECRET, manifest)
+        for name in manifest.secrets:
+            if name not in secrets:  # every manifest secret has a value or its definition stored
+                need(P_SECRET + name)
         previous = _load_secrets(records, P_PREVIOUS_SECRET, manifest)
         for key, value in records.items():
             if key.startswith(P_ACTIVATIONS):
-                try:
-                    activations[key[len(P_ACTIVATIONS) :]] = int(value.decode("ascii"), 16)
-                except (ValueError, UnicodeDecodeError):
-                    raise _damaged(key) from None
+                if not _HEX_COUNT.fullmatch(value):
+                    raise _damaged(key)
+                activations[key[len(P_ACTIVATIONS) :]] = int(value, 16)
     return Deployment(
         state=state,
         ca=ca,
-        root_secret=need(K_ROOT_SECRET),
-        seal_master_secret=need(K_SEAL_MASTER),
-        previous_root_secret=records.get(K_PREVIOUS_ROOT_SECRET),
+        root_secret=root_secret,
+        seal_master_secret=seal_master_secret,
+        previous_root_secret=previous_root_secret,
         manifest=manifest,
         manifest_signature=records.get(K_SIGNATURE, b""),
         secrets=secrets,
