@@ -34,6 +34,7 @@ from marblekeep.core import governance
 from marblekeep.core.activation import ActivationInput, PreparedDeployment, activate, refusal
 from marblekeep.core.auditlog import LogHead, entry_hash
 from marblekeep.core.deployment import (
+    NOT_IN_EXPECTED_STATE,
     STATUS_MESSAGES,
     CoordinatorState,
     Deployment,
@@ -42,17 +43,18 @@ from marblekeep.core.deployment import (
     set_manifest,
 )
 from marblekeep.core.governance import UpdateOutcome, log_initial_manifest
-from marblekeep.core.records import deployment_from_records, deployment_to_records, record_changes
+from marblekeep.core.records import K_MANIFEST, deployment_from_records, deployment_to_records, record_changes
 from marblekeep.core.users import user_certificates
 from marblekeep.errors import (
     AttestationError,
     AuthorizationError,
     ConfigError,
+    RecoveryError,
     RequestTooLarge,
     StateError,
 )
 from marblekeep.manifest import load_manifest, manifest_fingerprint
-from marblekeep.manifest.model import SealMode, Secret
+from marblekeep.manifest.model import Manifest, SealMode, Secret
 from marblekeep.marble.evidence import EvidenceIssuer
 from marblekeep.marble.protocol import (
     ChallengeBook,
@@ -62,6 +64,8 @@ from marblekeep.marble.protocol import (
     parse_activation_request,
     seal_parameters,
 )
+from marblekeep.recovery.keys import generate_recovery_keys
+from marblekeep.recovery.recoverer import Recoverer
 from marblekeep.store.base import Store
 from marblekeep.store.kek import KeyEncryptionKeyProvider, SimulationKeyFileProvider
 from marblekeep.store.sealed import NeedsRecovery, PendingRecovery, SealedStore, open_sealed_store
@@ -148,6 +152,7 @@ class Coordinator:
         self._store = store
         self._records: dict[str, bytes] = dict(records)
         self._pending_recovery = pending_recovery
+        self._recoverer: Recoverer | None = None
         self.recovery_reason = recovery_reason
         self.lock = asyncio.Lock()
         self.observers: list[Callable[[Deployment], None]] = []
@@ -248,6 +253,10 @@ class Coordinator:
     def state(self) -> CoordinatorState:
         return self._dep.state
 
+    @staticmethod
+    def _persists(dep: Deployment) -> bool:
+        return dep.manifest is not None and dep.manifest.config.seal_mode is not SealMode.DISABLED
+
     async def commit(self, new: Deployment) -> None:
         """Persist ``new`` (only the changed records) and publish it. Caller holds :attr:`lock`."""
         manifest = new.manifest
@@ -292,19 +301,89 @@ class Coordinator:
             now = self.clock()
             if dep.state is CoordinatorState.RECOVERY:
                 # Setting a manifest in Recovery discards the old state (as MarbleRun).
+                # The temporary root served during Recovery (which the user may have verified
+                # through the quote endpoint) becomes the new deployment's root.
                 if self._pending_recovery is not None:
                     self._store = await self._pending_recovery.discard()
                     self._pending_recovery = None
+                    self._recoverer = None
                 self._records = {}
-                dep = new_deployment(self.config.dns_names, now, self.rng)
                 log.warning("manifest set in recovery mode: the old sealed state was discarded")
             new = log_initial_manifest(set_manifest(dep, manifest, now, self.rng), now)
+            material = generate_recovery_keys(
+                manifest.recovery_keys, manifest.config.recovery_threshold, rng=self.rng
+            )
+            if self._persists(new) and self._store is not None:
+                # The state is sealed under the DEK the recovery secrets open.
+                await self._store.rekey(material.dek, recovery_data=material.recovery_data)
             await self.commit(new)
         log.info(
             "manifest set",
             extra={"fingerprint": manifest_fingerprint(raw), "marbles": len(manifest.marbles)},
         )
-        return {}
+        return dict(material.secrets)
+
+    async def _reissue_recovery(self, manifest: Manifest) -> dict[str, bytes]:
+        """New DEK and recovery secrets for ``manifest``'s recovery keys (a full update changed them).
+
+        The caller holds :attr:`lock` and commits the update afterwards."""
+        material = generate_recovery_keys(
+            manifest.recovery_keys, manifest.config.recovery_threshold, rng=self.rng
+        )
+        if self._store is not None and manifest.config.seal_mode is not SealMode.DISABLED:
+            await self._store.rekey(material.dek, recovery_data=material.recovery_data)
+        return dict(material.secrets)
+
+    # ------------------------------------------------------------------ recovery
+
+    def _require_recovery(self) -> Recoverer:
+        if self._dep.state is not CoordinatorState.RECOVERY or self._pending_recovery is None:
+            raise StateError(NOT_IN_EXPECTED_STATE)
+        if self._recoverer is None:
+            pending = self._pending_recovery
+
+            def recovery_keys(dek: bytes) -> tuple[Mapping[str, str], int]:
+                raw = pending.peek(dek, K_MANIFEST)
+                if raw is None:
+                    raise RecoveryError("the recovered state holds no manifest; set a new manifest instead")
+                stored = load_manifest(raw)
+                return stored.recovery_keys, stored.config.recovery_threshold
+
+            self._recoverer = Recoverer(pending.recovery_data, pending.try_key, recovery_keys)
+        return self._recoverer
+
+    def recovery_public_key(self) -> bytes:
+        """The ephemeral RSA-4096 key (PKIX DER) for encrypted recovery uploads; Recovery only."""
+        return self._require_recovery().public_key_der()
+
+    async def recover(self, secret: bytes, signature: bytes) -> tuple[int, str]:
+        """One recovery secret upload; when the key is complete, load the sealed state."""
+        async with self.lock:
+            recoverer = self._require_recovery()
+            progress = recoverer.upload(secret, signature)
+            if not progress.complete:
+                return progress.remaining, progress.message
+            assert self._pending_recovery is not None and progress.dek is not None
+            keep: dict[str, object] = {}
+            if progress.recovery_data is not None:
+                keep["recovery_data"] = progress.recovery_data
+            store = await self._pending_recovery.complete(
+                progress.dek,
+                allow_rollback=self.config.allow_rollback,
+                **keep,  # type: ignore[arg-type]
+            )
+            records = await store.list("")
+            dep = deployment_from_records(records)
+            if dep is None:
+                raise RecoveryError("the recovered state holds no deployment; set a new manifest instead")
+            self._store = store
+            self._records = dict(records)
+            self._pending_recovery = None
+            self._recoverer = None
+            self.recovery_reason = ""
+            self._publish(dep)
+        log.warning("recovery successful: the sealed state was loaded with the recovered key")
+        return 0, progress.message
 
     def manifest(self) -> tuple[bytes, bytes, str] | None:
         """(raw manifest, signature, hex fingerprint), or None when no manifest is set."""

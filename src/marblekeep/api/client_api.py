@@ -227,6 +227,32 @@ async def recover_v1(request: web.Request) -> web.Response:
     )
 
 
+MAX_RECOVER_BODY = 20480
+
+
+async def recover_v2(request: web.Request) -> web.Response:
+    if request.content_length is not None and request.content_length > MAX_RECOVER_BODY:
+        return jsend.fail(f"request body too large: the limit is {MAX_RECOVER_BODY} bytes", 413)
+    raw = await request.content.read(MAX_RECOVER_BODY + 1)
+    if len(raw) > MAX_RECOVER_BODY:
+        return jsend.fail(f"request body too large: the limit is {MAX_RECOVER_BODY} bytes", 413)
+    try:
+        doc = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise RequestError("request body is not valid JSON: send a JSON object") from None
+    if not isinstance(doc, dict):
+        raise RequestError("request body must be a JSON object")
+    secret = _b64_field(doc, "recoverySecret")
+    signature = _b64_field(doc, "recoverySecretSignature")
+    remaining, message = await _coord(request).recover(secret, signature)
+    return jsend.success({"remaining": remaining, "message": message})
+
+
+async def recover_public_key_v2(request: web.Request) -> web.Response:
+    der = _coord(request).recovery_public_key()
+    return jsend.success({"algorithm": "RSA", "ephemeralPublicKey": base64.b64encode(der).decode()})
+
+
 def add_client_routes(app: web.Application) -> None:
     r = app.router
     r.add_get("/api/v2/status", status_v2)
@@ -234,6 +260,8 @@ def add_client_routes(app: web.Application) -> None:
     r.add_get("/api/v2/manifest", manifest_get_v2)
     r.add_post("/api/v2/manifest", manifest_post_v2)
     r.add_post("/api/v2/sign-quote", sign_quote_v2)
+    r.add_post("/api/v2/recover", recover_v2)
+    r.add_get("/api/v2/recover/public-key", recover_public_key_v2)
     r.add_get("/status", status_v1)
     r.add_get("/quote", quote_v1)
     r.add_get("/manifest", manifest_get_v1)

@@ -23,6 +23,7 @@ from marblekeep.api import jsend
 from marblekeep.api.client_api import COORDINATOR_KEY, add_client_routes
 from marblekeep.api.governance_api import add_governance_routes
 from marblekeep.api.tls import TLSContexts, make_server_credentials
+from marblekeep.core.deployment import Deployment
 from marblekeep.errors import ActivationRefused, ConfigError, MarbleKeepError
 from marblekeep.manifest.model import SealMode
 from marblekeep.marble.evidence import GramineIssuer
@@ -166,13 +167,19 @@ class Listeners:
         self.config = config
         self.metrics = Metrics(lambda: float(coord.state), coord.collateral_status)
         self.runners: list[web.AppRunner] = []
-        credentials = make_server_credentials(coord.deployment.ca.root, config.dns_names, coord.clock())
-        self.client_tls = TLSContexts(credentials, coord.user_certificates.values())
-        self.marble_tls = TLSContexts(credentials)
-        # New handshakes see the manifest's current users without a restart.
-        coord.observers.append(
-            lambda _dep: self.client_tls.update(credentials, coord.user_certificates.values())
-        )
+        self._root_der = coord.deployment.ca.root.cert_der
+        self.credentials = make_server_credentials(coord.deployment.ca.root, config.dns_names, coord.clock())
+        self.client_tls = TLSContexts(self.credentials, coord.user_certificates.values())
+        self.marble_tls = TLSContexts(self.credentials)
+        # New handshakes see the current users (and, after a recovery, the recovered root) without a restart.
+        coord.observers.append(self._on_change)
+
+    def _on_change(self, dep: Deployment) -> None:
+        if dep.ca.root.cert_der != self._root_der:
+            self._root_der = dep.ca.root.cert_der
+            self.credentials = make_server_credentials(dep.ca.root, self.config.dns_names, self.coord.clock())
+            self.marble_tls.update(self.credentials, ())
+        self.client_tls.update(self.credentials, self.coord.user_certificates.values())
 
     async def _start(self, app: web.Application, addr: str, what: str, tls: ssl.SSLContext | None) -> None:
         host, port = parse_addr(addr, what)
