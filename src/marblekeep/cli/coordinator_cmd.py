@@ -83,6 +83,20 @@ def _tee_present(attestation_root: Path) -> bool:
     "(restoring a backup). Logged.",
 )
 @click.option(
+    "--pccs-url",
+    envvar="MARBLEKEEP_PCCS_URL",
+    default="",
+    help="Fetch attestation collateral from this PCCS / Intel PCS base URL (env MARBLEKEEP_PCCS_URL).",
+)
+@click.option(
+    "--collateral-dir",
+    envvar="MARBLEKEEP_COLLATERAL_DIR",
+    default=None,
+    type=click.Path(path_type=Path),
+    help="Air-gapped: load attestation collateral (dcap-qvl JSON files) from this directory "
+    "(env MARBLEKEEP_COLLATERAL_DIR).",
+)
+@click.option(
     "--log-format",
     type=click.Choice(["text", "json"]),
     default="text",
