@@ -10,17 +10,9 @@ from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DIR = REPO_ROOT.parent / "shared"
-VECTORS_DIR = SHARED_DIR / "vectors"
+from testsupport import REPO_ROOT, SHARED_DIR, VECTORS_DIR, shared_path
 
-
-def shared_path(*parts: str) -> Path:
-    """Path under ../shared; skips the calling test when it is not there."""
-    path = SHARED_DIR.joinpath(*parts)
-    if not path.exists():
-        pytest.skip(f"{path} is absent: these tests need ../shared (the vectors) beside the checkout")
-    return path
+__all__ = ["REPO_ROOT", "SHARED_DIR", "VECTORS_DIR", "shared_path"]
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import pytest
 from templating_support import BYTES_0_15, make_data
 
 import marblekeep.templating as templating
-from conftest import shared_path
+from testsupport import shared_path
 from marblekeep.errors import ManifestError, TemplateError
 from marblekeep.manifest.model import Secret, SecretType
 from marblekeep.templating import FunctionSet, ReservedSecret, Template, TemplateData, parse_template, render
