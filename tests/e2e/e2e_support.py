@@ -13,7 +13,7 @@ import ssl
 import sys
 import threading
 import uuid
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -135,11 +135,18 @@ class StubPki:
 class StubServer:
     """An aiohttp HTTPS server on loopback with the given routes and TLS credentials."""
 
-    def __init__(self, app: web.Application, credentials: ServerCredentials) -> None:
+    def __init__(
+        self,
+        app: web.Application,
+        credentials: ServerCredentials,
+        configure: Callable[[ssl.SSLContext], None] | None = None,
+    ) -> None:
         self.bg = BackgroundLoop()
         self.port = free_port()
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         credentials.load_into(ctx)
+        if configure is not None:
+            configure(ctx)
         self.runner = web.AppRunner(app, access_log=None, handle_signals=False)
         self.bg.run(self.runner.setup())
         self.bg.run(web.TCPSite(self.runner, "127.0.0.1", self.port, ssl_context=ctx).start())
