@@ -412,8 +412,10 @@ def _check_package_update(dep: Deployment, manifest: Manifest, update: Manifest)
 def _package_update(dep: Deployment, user: str, raw: bytes, now: dt.datetime, rng: Rng) -> UpdateOutcome:
     manifest = _manifest_of(dep)
     parsed = parse_manifest_tree(raw, parse_json(raw, "update manifest"))
-    # Permission before content (as MarbleRun): over every package the update names.
-    require_permission(manifest, user, Permission.UPDATE_SECURITY_VERSION, parsed.manifest.packages)
+    # Permission before content (as MarbleRun), over every listed package the manifest has (no
+    # role can grant one it lacks; those are reported by name below, as are all content problems).
+    named = [name for name in parsed.manifest.packages if name in manifest.packages]
+    require_permission(manifest, user, Permission.UPDATE_SECURITY_VERSION, named)
     if parsed.problems:
         raise ManifestError(f"update manifest is invalid: {parsed.problems[0]}", problems=parsed.problems)
     svns = _check_package_update(dep, manifest, parsed.manifest)
