@@ -1,6 +1,6 @@
 """Marble activations over HTTPS on loopback, against a real ``marblekeep coordinator`` process.
 
-    .venv/bin/python bench/activation.py [--seconds 3] [--levels 1,16,64] [--clients 1]
+    .venv/bin/python bench/activation.py [--seconds 3] [--levels 1,16,64] [--clients 2]
                                          [--profile-server FILE]
 
 Starts ``marblekeep coordinator --simulation`` as a subprocess on free loopback ports (state in a
@@ -55,7 +55,6 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from core import MANIFEST  # the same Marble as bench/core.py
-
 from marblekeep.api.server import serve
 from marblekeep.crypto.pki import leaf_floor
 from marblekeep.logs import configure_logging
@@ -324,7 +323,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--seconds", type=float, default=3.0, help="duration of each measured level")
     parser.add_argument("--levels", default="1,16,64", help="comma-separated concurrency levels N")
-    parser.add_argument("--clients", type=int, default=1, help="load-generator processes")
+    parser.add_argument("--clients", type=int, default=2, help="load-generator processes")
     parser.add_argument("--profile-server", type=Path, default=None, help="cProfile the Coordinator to FILE")
     parser.add_argument("--serve-coordinator", metavar="CLIENT,MESH,DIR", help=argparse.SUPPRESS)
     args = parser.parse_args()
