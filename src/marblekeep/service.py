@@ -32,7 +32,7 @@ from marblekeep.attestation.evidence import parse_header, strip_oe_header
 from marblekeep.attestation.signquote import sign_quote_payload
 from marblekeep.core import governance
 from marblekeep.core.activation import ActivationInput, PreparedDeployment, activate, refusal
-from marblekeep.core.auditlog import LogHead, entry_hash
+from marblekeep.core.auditlog import LogHead, decode_head
 from marblekeep.core.deployment import (
     NOT_IN_EXPECTED_STATE,
     STATUS_MESSAGES,
@@ -500,10 +500,7 @@ class Coordinator:
         """The update log's entries and its signed head (None before the first entry)."""
         dep = self._dep
         dep.require(CoordinatorState.ACCEPTING_MARBLES)
-        if not dep.update_log_head:
-            return dep.update_log, None
-        last = entry_hash(dep.update_log[-1]) if dep.update_log else "0" * 64
-        return dep.update_log, LogHead(len(dep.update_log), last, dep.update_log_head)
+        return dep.update_log, decode_head(dep.update_log_head)
 
     # ------------------------------------------------------------------ Marble API operations
 

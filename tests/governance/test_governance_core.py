@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from governance_support import NOW, changed, deployed, manifest_bytes, manifest_doc, user
 
-from marblekeep.core.auditlog import LogHead, entry_hash, verify_log
+from marblekeep.core.auditlog import decode_head, verify_log
 from marblekeep.core.deployment import Deployment, new_deployment
 from marblekeep.core.governance import (
     ALL_ACKNOWLEDGED,
@@ -54,8 +54,7 @@ def entries(dep: Deployment) -> list[dict[str, object]]:
 
 def chain_ok(dep: Deployment) -> bool:
     """The log verifies against the head signature stored with the deployment."""
-    stored = LogHead(len(dep.update_log), entry_hash(dep.update_log[-1]), dep.update_log_head)
-    return verify_log(dep.update_log, stored, dep.ca.root.cert).ok
+    return verify_log(dep.update_log, decode_head(dep.update_log_head), dep.ca.root.cert).ok
 
 
 def with_user_key(dep: Deployment, key: bytes = KEY16) -> Deployment:

@@ -48,6 +48,8 @@ __all__ = [
     "LogHead",
     "LogVerification",
     "append_entry",
+    "decode_head",
+    "encode_head",
     "entry_hash",
     "format_entry",
     "format_time",
@@ -137,6 +139,19 @@ def sign_head(root_key: ec.EllipticCurvePrivateKey, log: Sequence[str]) -> LogHe
     """Sign the head of ``log`` with the root key (an empty log has ``last`` = 64 zeros)."""
     last = entry_hash(log[-1]) if log else "0" * 64
     return LogHead(len(log), last, sign_sha256(root_key, head_statement(len(log), last)))
+
+
+def encode_head(head: LogHead) -> bytes:
+    """The head as stored (its JSON form, UTF-8)."""
+    return json.dumps(head.to_json(), separators=(",", ":")).encode()
+
+
+def decode_head(data: bytes) -> LogHead | None:
+    """A stored head (:func:`encode_head`); None when empty or malformed."""
+    try:
+        return parse_head(json.loads(data)) if data else None
+    except (ValueError, UnicodeDecodeError):
+        return None
 
 
 def parse_head(doc: object) -> LogHead | None:

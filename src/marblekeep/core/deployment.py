@@ -107,9 +107,10 @@ class Deployment:
     secrets: Mapping[str, Secret] = field(default_factory=dict, repr=False)
     previous_secrets: Mapping[str, Secret] = field(default_factory=dict, repr=False)
     activations: Mapping[str, int] = field(default_factory=dict)
-    #: Governance (core/governance.py): the hash-chained update log (JSON lines), the root's
-    #: signature over its head, the pending full update, and the SecurityVersions raised by
-    #: package updates (already applied to ``manifest.packages``; the raw manifest is unchanged).
+    #: Governance (core/governance.py): the hash-chained update log (JSON lines), its head
+    #: signed by the root (core/auditlog.py encode_head), the pending full update, and the
+    #: SecurityVersions raised by package updates (already applied to ``manifest.packages``;
+    #: the raw manifest is unchanged).
     update_log: tuple[str, ...] = ()
     update_log_head: bytes = b""
     pending_update: PendingUpdate | None = None

@@ -43,7 +43,7 @@ from typing import Any
 
 from cryptography import x509
 
-from marblekeep.core.auditlog import FieldValue, append_entry, sign_head
+from marblekeep.core.auditlog import FieldValue, append_entry, encode_head, sign_head
 from marblekeep.core.deployment import CaSet, CoordinatorState, Deployment, PendingUpdate
 from marblekeep.core.usersecrets import parse_user_secrets
 from marblekeep.crypto.pki import CertifiedKey, create_intermediate
@@ -195,7 +195,7 @@ def _log(
     for message, fields in events:
         lines = append_entry(lines, root_der, now, message, fields)
     head = sign_head(dep.ca.root.key, lines)
-    return dataclasses.replace(dep, update_log=lines, update_log_head=head.signature)
+    return dataclasses.replace(dep, update_log=lines, update_log_head=encode_head(head))
 
 
 def log_initial_manifest(dep: Deployment, now: dt.datetime) -> Deployment:

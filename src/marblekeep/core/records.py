@@ -17,7 +17,7 @@ key                                       value
 ``secret:<name>`` / ``previousSecret:``   JSON of the secret's value (definition comes from manifest)
 ``activations:<type>``                    hexadecimal ASCII count (as MarbleRun)
 ``updateLog:<seq, 10 digits>``            one update-log entry (a JSON line; docs/governance.md)
-``updateLogHead``                         DER signature by the root key over the log's head
+``updateLogHead``                         the log's head signed by the root key (JSON)
 ``pendingUpdate``                         JSON of the pending full update (raw manifest, users, acks)
 ``packageSecurityVersion:<package>``      decimal SecurityVersion raised by a package update; applied
                                           over the stored raw manifest's package on load
