@@ -18,6 +18,7 @@ from marblekeep.cli.coordinator_cmd import coordinator
 from marblekeep.cli.governance_cmds import add_governance_commands
 from marblekeep.cli.manifest_cmds import manifest
 from marblekeep.cli.marble_cmds import marble
+from marblekeep.cli.recover_cmds import add_recover_commands
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -41,3 +42,4 @@ manifest.add_command(manifest_get)
 manifest.add_command(manifest_verify)
 manifest.add_command(manifest_log)
 add_governance_commands(main, manifest)
+add_recover_commands(main)
