@@ -9,6 +9,7 @@ import asyncio
 import base64
 import copy
 import datetime as dt
+import hashlib
 import json
 import os
 import socket
@@ -59,10 +60,10 @@ class User:
     cert_der: bytes
 
     def files(self, directory: Path) -> tuple[Path, Path]:
-        cert, key = directory / f"{self.name}.crt", directory / f"{self.name}.key"
-        if not cert.exists():
-            cert.write_bytes(self.cert_pem)
-            key.write_bytes(self.key_pem)
+        tag = hashlib.sha256(self.cert_der).hexdigest()[:12]  # two users may share a name
+        cert, key = directory / f"{self.name}-{tag}.crt", directory / f"{self.name}-{tag}.key"
+        cert.write_bytes(self.cert_pem)
+        key.write_bytes(self.key_pem)
         return cert, key
 
 
