@@ -11,10 +11,12 @@ import ssl
 from collections.abc import Iterator
 from pathlib import Path
 
+import click
 import httpx
 import pytest
 import trustme
 from aiohttp import web
+from click.testing import CliRunner
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from e2e_support import STATUS_3, StubPki, StubServer, jsend
@@ -22,6 +24,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import marblekeep.client as client_pkg
+from marblekeep.cli.client_cmds import client_cert_pair, user_cert_options
 from marblekeep.client import (
     CoordinatorClient,
     EndpointMissing,
@@ -133,6 +136,8 @@ def test_clean_text_escapes_terminal_control_sequences_and_caps_length() -> None
         ("::1", "https://[::1]:4433"),
         ("https://host:99/", "https://host:99"),
         (":4433", "https://localhost:4433"),
+        ("[0:0::1]", "https://[::1]:4433"),
+        ("10.0.0.1", "https://10.0.0.1:4433"),
     ],
 )
 def test_base_url(addr: str, url: str) -> None:
@@ -145,6 +150,18 @@ def test_base_url(addr: str, url: str) -> None:
 def test_bad_addresses_are_config_errors(addr: str) -> None:
     with pytest.raises(ConfigError, match="Coordinator address"):
         base_url(addr)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=40) | st.from_regex(r"\[?[0-9a-fA-F:.\]]{0,20}(:[0-9]{1,6})?", fullmatch=True))
+def test_any_address_gives_a_url_httpx_accepts_or_a_config_error(addr: str) -> None:
+    try:
+        url = base_url(addr)
+    except ConfigError as exc:
+        assert "Coordinator address" in exc.message
+        return
+    parsed = httpx.URL(url)
+    assert parsed.scheme == "https" and parsed.port is not None
 
 
 def test_default_cert_path() -> None:
@@ -389,3 +406,29 @@ def test_httpx_transport_injection_works_for_in_memory_tests() -> None:
         status = client.status()
     assert (status.code, status.message) == (2, "ok")
     assert calls == ["/api/v2/status", "/status"]
+
+
+def test_cli_user_cert_options_reach_the_sdk(
+    user_server: tuple[str, trustme.LeafCert, Path], tmp_path: Path
+) -> None:
+    """-c/--cert and -k/--key (for the user-authenticated commands to come) end up as the TLS
+    client certificate; giving only one of them is a usage error."""
+    addr, user, pin = user_server
+    cert_file, key_file = tmp_path / "alice.crt", tmp_path / "alice.key"
+    user.cert_chain_pems[0].write_to_path(str(cert_file))
+    user.private_key_pem.write_to_path(str(key_file))
+    root = load_pinned_root(pin)
+    assert root is not None
+
+    @click.command()
+    @user_cert_options
+    def whoami(cert: Path | None, key: Path | None) -> None:
+        with CoordinatorClient(addr, root, client_cert=client_cert_pair(cert, key)) as client:
+            click.echo(client._request("GET", "/whoami")["leaf"])
+
+    ok = CliRunner().invoke(whoami, ["-c", str(cert_file), "-k", str(key_file)])
+    assert ok.exit_code == 0, ok.output
+    leaf = x509.load_pem_x509_certificate(cert_file.read_bytes()).public_bytes(serialization.Encoding.DER)
+    assert ok.stdout.strip() == hashlib.sha256(leaf).hexdigest()
+    half = CliRunner().invoke(whoami, ["-c", str(cert_file)])
+    assert half.exit_code == 2 and "-k/--key" in half.output

@@ -11,7 +11,9 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import ipaddress
 import json
+import re
 import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -42,29 +44,38 @@ DEFAULT_CLIENT_PORT = 4433
 DEFAULT_TIMEOUT = 30.0
 
 
+_HOST_NAME = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?$")
+
+
 def base_url(addr: str) -> str:
     """``host:port`` (or ``[v6]:port``, ``host``, ``https://host:port``) → ``https://host:port``."""
     text = addr.strip().rstrip("/")
     if text.startswith("https://"):
         text = text[len("https://") :]
     elif "://" in text:
-        raise ConfigError(
-            f"Coordinator address {addr!r}: use HOST:PORT (the Client API speaks HTTPS only)"
-        )
-    if not text or "/" in text or any(c.isspace() for c in text):
-        raise ConfigError(f"Coordinator address {addr!r}: expected HOST:PORT, e.g. localhost:4433")
+        raise ConfigError(f"Coordinator address {addr!r}: use HOST:PORT (the Client API speaks HTTPS only)")
+    bad = ConfigError(f"Coordinator address {addr!r}: expected HOST:PORT, e.g. localhost:4433 or [::1]:4433")
+    if not text:
+        raise bad
     if text.startswith("["):
-        host, _, rest = text.partition("]")
-        host += "]"
-        port = rest[1:] if rest.startswith(":") else ""
-        if rest and not rest.startswith(":"):
-            raise ConfigError(f"Coordinator address {addr!r}: expected [IPv6]:PORT")
+        host, closed, rest = text[1:].partition("]")
+        if not closed or (rest and not rest.startswith(":")):
+            raise bad
+        port = rest[1:]
+        try:
+            host = f"[{ipaddress.IPv6Address(host)}]"
+        except ValueError:
+            raise bad from None
     elif text.count(":") > 1:  # a bare IPv6 address
-        host, port = f"[{text}]", ""
+        try:
+            host, port = f"[{ipaddress.IPv6Address(text)}]", ""
+        except ValueError:
+            raise bad from None
     else:
         host, _, port = text.partition(":")
-    if not host or host == "[]":
-        host = "localhost"
+        host = host or "localhost"
+        if len(host) > 253 or not _HOST_NAME.match(host):
+            raise bad
     if port == "":
         port = str(DEFAULT_CLIENT_PORT)
     if not port.isdigit() or not 0 < int(port) < 65536:
@@ -241,6 +252,8 @@ class CoordinatorClient:
             response = self._http.request(method, path, **kwargs)
         except httpx.HTTPError as exc:
             raise self._transport_error(exc, what) from None
+        except (httpx.InvalidURL, UnicodeError):
+            raise ConfigError(f"Coordinator address {self.addr!r}: not a valid HOST:PORT") from None
         return decode_envelope(response.status_code, response.content, what)
 
     def _v2_or_v1(
