@@ -16,7 +16,7 @@ import socket
 import ssl
 import threading
 import uuid as uuid_mod
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -296,9 +296,12 @@ class RunningCoordinator:
             r = c.post("/api/v2/manifest", json={"manifest": b64(raw or manifest_bytes())})
         assert r.status_code == 200, r.text
 
-    def restart(self) -> None:
+    def restart(self, while_stopped: Callable[[], Coroutine[Any, Any, None]] | None = None) -> None:
+        """Stop and reopen on the same seal directory (new ports); ``while_stopped`` runs between."""
         self.run(self.listeners.stop())
         self.run(self.coord.close())
+        if while_stopped is not None:
+            self.run(while_stopped())
         self.client_port, self.marble_port = free_port(), free_port()
         self.config = CoordinatorConfig(
             client_addr=f"127.0.0.1:{self.client_port}",
