@@ -18,6 +18,7 @@ from typing import Any
 
 import httpx
 import pytest
+import trustme
 from api_support import MarbleClient, Prepared, RunningCoordinator, manifest_bytes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from hypothesis import HealthCheck, given, settings
@@ -374,6 +375,10 @@ POST_ENDPOINTS = [
     ("client", "/manifest", True),
     ("client", "/api/v2/sign-quote", True),
     ("client", "/recover", False),  # always 410
+    ("client", "/api/v2/recover", True),
+    *[("client", path, True) for path in ("/api/v2/secrets", "/api/v2/update", "/secrets", "/update")],
+    ("client", "/api/v2/update-manifest", True),
+    ("client", "/api/v2/update-cancel", True),
     ("marble", ACTIVATE_PATH, True),
     ("marble", CHALLENGE_PATH, False),  # ignores its body: a fresh challenge for anyone
 ]
@@ -422,3 +427,83 @@ def test_random_quote_nonces_are_200_or_400(fuzz_target: RunningCoordinator, non
     except ValueError:
         valid = False
     assert response.status_code == (200 if valid else 400), (nonce, response.text)
+
+
+# ------------------------------------------------------------------- every POST endpoint, with a user
+
+ALL_CLIENT_POSTS = [
+    "/api/v2/manifest",
+    "/api/v2/sign-quote",
+    "/api/v2/recover",
+    "/api/v2/secrets",
+    "/api/v2/update",
+    "/api/v2/update-manifest",
+    "/api/v2/update-cancel",
+    "/manifest",
+    "/secrets",
+    "/update",
+    "/update-manifest",
+    "/update-cancel",
+]
+
+HOSTILE_BODIES = {
+    "deep arrays": b"[" * 20000,
+    "deep objects": b'{"a":' * 5000,
+    "not json": b"\x00\xff garbage",
+    "wrong types": b'{"manifest": 1, "secrets": [1], "recoverySecret": {}, "sgxQuote": []}',
+    "bad base64": b'{"manifest": "%%%", "recoverySecret": "%%%", "recoverySecretSignature": "%%%"}',
+}
+
+
+@pytest.mark.parametrize("path", ALL_CLIENT_POSTS)
+def test_hostile_bodies_on_every_client_post_are_4xx(coordinator: RunningCoordinator, path: str) -> None:
+    with coordinator.client() as client:
+        for name, body in HOSTILE_BODIES.items():
+            response = client.post(path, content=body)
+            assert 400 <= response.status_code < 500, (name, response.status_code, response.text)
+            assert response.json()["status"] == "fail"
+    assert coordinator.coord.status()[0] == 2
+
+
+@pytest.fixture
+def admin(tmp_path: Path) -> Iterator[tuple[RunningCoordinator, Path, Path]]:
+    """A Coordinator whose manifest has a user holding every permission; returns its cert and key."""
+    ca = trustme.CA()
+    leaf = ca.issue_cert("admin@example")
+    cert, key = tmp_path / "admin.pem", tmp_path / "admin.key"
+    leaf.cert_chain_pems[0].write_to_path(str(cert))
+    leaf.private_key_pem.write_to_path(str(key))
+    manifest = json.loads(manifest_bytes())
+    manifest["Secrets"]["user_key"] = {"Type": "symmetric-key", "Size": 128, "UserDefined": True}
+    manifest["Users"] = {"admin": {"Certificate": cert.read_text(), "Roles": ["secrets", "pkgs", "update"]}}
+    manifest["Roles"] = {
+        "secrets": {
+            "ResourceType": "Secrets",
+            "ResourceNames": ["user_key"],
+            "Actions": ["ReadSecret", "WriteSecret"],
+        },
+        "pkgs": {"ResourceType": "Packages", "ResourceNames": ["pkg"], "Actions": ["UpdateSecurityVersion"]},
+        "update": {"ResourceType": "Manifest", "Actions": ["UpdateManifest"]},
+    }
+    running = RunningCoordinator(tmp_path / "seal")
+    try:
+        running.set_manifest(json.dumps(manifest).encode())
+        yield running, cert, key
+    finally:
+        running.stop()
+
+
+@pytest.mark.parametrize("path", ALL_CLIENT_POSTS)
+def test_hostile_bodies_from_an_authenticated_user_are_4xx(
+    admin: tuple[RunningCoordinator, Path, Path], path: str
+) -> None:
+    running, cert, key = admin
+    ctx = running.ssl_context()
+    ctx.load_cert_chain(cert, key)
+    with httpx.Client(base_url=running.client_url, verify=ctx, trust_env=False, timeout=30) as client:
+        for name, body in HOSTILE_BODIES.items():
+            response = client.post(path, content=body)
+            assert 400 <= response.status_code < 500, (name, response.status_code, response.text)
+            assert response.status_code != 401, "the user certificate was not accepted"
+            assert response.json()["status"] == "fail"
+        assert client.get("/api/v2/status").json()["data"]["code"] == 3

@@ -361,7 +361,7 @@ def test_coordinator_client_api_trusts_the_manifest_users(tmp_path: Path, setup:
         }
         raw = json.dumps(users_manifest).encode()
 
-        def status(identity: Identity | None) -> int:
+        def get(identity: Identity | None, path: str) -> tuple[int, dict[str, Any]]:
             ctx = running.ssl_context()
             if identity is not None:
                 ctx.load_cert_chain(identity.cert_file, identity.key_file)
@@ -369,11 +369,15 @@ def test_coordinator_client_api_trusts_the_manifest_users(tmp_path: Path, setup:
                 socket.create_connection(("127.0.0.1", running.client_port), timeout=10) as raw_sock,
                 ctx.wrap_socket(raw_sock, server_hostname="localhost", suppress_ragged_eofs=False) as tls,
             ):
-                tls.sendall(b"GET /api/v2/status HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                tls.sendall(f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode())
                 data = b""
                 while chunk := tls.recv(65536):
                     data += chunk
-            code: int = json.loads(data.partition(b"\r\n\r\n")[2])["data"]["code"]
+            head, _, body = data.partition(b"\r\n\r\n")
+            return int(head.split()[1]), json.loads(body)
+
+        def status(identity: Identity | None) -> int:
+            code: int = get(identity, "/api/v2/status")[1]["data"]["code"]
             return code
 
         # Before the manifest there are no users: any client certificate is ignored.
@@ -385,6 +389,15 @@ def test_coordinator_client_api_trusts_the_manifest_users(tmp_path: Path, setup:
         assert status(None) == 3
         with pytest.raises(ssl.SSLError):
             status(setup.bob)
+        # A user-only endpoint: no certificate is MarbleRun's 401; Alice is authenticated (and then
+        # lacks the permission: 403).
+        code, doc = get(None, "/api/v2/secrets?s=shared_key")
+        assert code == 401
+        assert doc["message"].startswith(
+            "unauthorized user: client certificate did not match any MarbleRun users"
+        )
+        code, doc = get(setup.alice, "/api/v2/secrets?s=shared_key")
+        assert code == 403, doc
         # The Marble API does not ask for user certificates.
         with running.marble() as marble:
             assert len(marble.challenge()) == 32

@@ -48,7 +48,7 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
     raw = await request.read()
     try:
         doc = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: deep nesting
         raise RequestError("request body is not valid JSON: send a JSON object") from None
     if not isinstance(doc, dict):
         raise RequestError("request body must be a JSON object")
@@ -238,7 +238,7 @@ async def recover_v2(request: web.Request) -> web.Response:
         return jsend.fail(f"request body too large: the limit is {MAX_RECOVER_BODY} bytes", 413)
     try:
         doc = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise RequestError("request body is not valid JSON: send a JSON object") from None
     if not isinstance(doc, dict):
         raise RequestError("request body must be a JSON object")
