@@ -439,9 +439,17 @@ class Coordinator:
         names = sorted(n for n, s in new.secrets.items() if dep.secrets.get(n) is not s)
         log.info("user-defined secrets set", extra={"user": user, "secrets": names})
 
-    async def _after_update(self, outcome: UpdateOutcome) -> dict[str, bytes] | None:
-        """After an update outcome was committed: raise its error (the cancellation is committed),
-        or reissue recovery secrets when an applied update changed the recovery keys."""
+    async def _commit_update(self, outcome: UpdateOutcome) -> dict[str, bytes] | None:
+        """Commit an update outcome (caller holds :attr:`lock`). An applied full update that changed
+        the recovery keys first gets a new DEK and recovery secrets, which are returned."""
+        recovery: dict[str, bytes] | None = None
+        if outcome.error is None and outcome.new_recovery_manifest is not None:
+            recovery = await self._reissue_recovery(outcome.new_recovery_manifest)
+        await self.commit(outcome.deployment)
+        return recovery
+
+    def _after_update(self, outcome: UpdateOutcome) -> None:
+        """Log a committed outcome; raise its error (the cancellation is committed by then)."""
         if outcome.error is not None:
             log.warning(
                 "manifest update cancelled: it could not be applied", extra={"reason": outcome.error.message}
@@ -456,18 +464,6 @@ class Coordinator:
                     "fingerprint": manifest_fingerprint(manifest.raw) if manifest else "",
                 },
             )
-        if outcome.new_recovery_manifest is None:
-            return None
-        reissue = getattr(self, "_reissue_recovery", None)
-        if reissue is None:
-            # TODO(lead): recovery is being wired into the service; once `_reissue_recovery`
-            # exists it is called here and its secrets are returned to the updater.
-            log.warning(
-                "the update changed the recovery keys, but this build cannot reissue recovery secrets"
-            )
-            return None
-        secrets: dict[str, bytes] = await reissue(outcome.new_recovery_manifest)
-        return secrets
 
     async def update_manifest(self, user: str, raw: bytes) -> tuple[UpdateOutcome, dict[str, bytes] | None]:
         """A package update, or the start of a full update (applied at once if no one else must
@@ -475,8 +471,9 @@ class Coordinator:
         self._check_manifest_size(raw)
         async with self.lock:
             outcome = governance.update_manifest(self._dep, user, raw, self.clock(), self.rng)
-            await self.commit(outcome.deployment)
-        return outcome, await self._after_update(outcome)
+            recovery = await self._commit_update(outcome)
+        self._after_update(outcome)
+        return outcome, recovery
 
     async def acknowledge_update(
         self, user: str, raw: bytes
@@ -485,8 +482,9 @@ class Coordinator:
         self._check_manifest_size(raw)
         async with self.lock:
             outcome = governance.acknowledge_update(self._dep, user, raw, self.clock(), self.rng)
-            await self.commit(outcome.deployment)
-        return outcome, await self._after_update(outcome)
+            recovery = await self._commit_update(outcome)
+        self._after_update(outcome)
+        return outcome, recovery
 
     async def cancel_update(self, user: str) -> None:
         async with self.lock:

@@ -12,6 +12,8 @@ from typing import Any
 
 import httpx
 import pytest
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from governance_support import RunningCoordinator, b64, changed, make_user, manifest_bytes, user
 
 from marblekeep.core.auditlog import parse_head, verify_log
@@ -362,5 +364,31 @@ def test_governance_endpoints_before_a_manifest(tmp_path: Any) -> None:
             assert c.get("/api/v2/update").status_code == 409
             assert c.get("/api/v2/update-manifest").status_code == 404
             assert c.get("/api/v2/secrets", params={"s": "x"}).status_code == 401
+    finally:
+        rc.stop()
+
+
+def test_a_full_update_that_changes_recovery_keys_returns_new_recovery_secrets(tmp_path: Any) -> None:
+    recovery_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = recovery_key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    rc = RunningCoordinator(tmp_path / "seal")
+    try:
+        rc.set_manifest(manifest_bytes(threshold=1))
+        with rc.client(user("alice")) as c:
+            svn = c.post("/api/v2/update", json={"manifest": b64(SVN_5)}).json()["data"]
+            assert "recoverySecrets" not in svn  # omitted when nothing was reissued
+            doc = changed(threshold=1)
+            doc["RecoveryKeys"] = {"admin": pem.decode()}
+            data = c.post("/api/v2/update", json={"manifest": b64(manifest_bytes(doc))}).json()["data"]
+        secret = base64.b64decode(data["recoverySecrets"]["admin"])
+        dek = recovery_key.decrypt(
+            secret, padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
+        )
+        assert len(dek) == 32
+        rc.restart()  # the state was re-sealed under the new key and still opens
+        assert rc.coord.state == 3
+        assert rc.coord.manifest() is not None and rc.coord.manifest()[0] == manifest_bytes(doc)  # type: ignore[index]
     finally:
         rc.stop()
