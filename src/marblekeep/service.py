@@ -31,7 +31,13 @@ from marblekeep.attestation.claims import TeeClaims, TeeKind
 from marblekeep.attestation.evidence import parse_header, strip_oe_header
 from marblekeep.attestation.signquote import sign_quote_payload
 from marblekeep.core import governance
-from marblekeep.core.activation import ActivationInput, PreparedDeployment, activate, refusal
+from marblekeep.core.activation import (
+    ActivationInput,
+    ActivationResult,
+    PreparedDeployment,
+    activate,
+    refusal,
+)
 from marblekeep.core.auditlog import LogHead, decode_head
 from marblekeep.core.deployment import (
     NOT_IN_EXPECTED_STATE,
@@ -57,6 +63,7 @@ from marblekeep.manifest import load_manifest, manifest_fingerprint
 from marblekeep.manifest.model import Manifest, SealMode, Secret
 from marblekeep.marble.evidence import EvidenceIssuer
 from marblekeep.marble.protocol import (
+    ActivationRequest,
     ChallengeBook,
     EvidenceType,
     MarbleParameters,
@@ -553,6 +560,9 @@ class Coordinator:
         if marble is not None and marble.max_activations > 0:
             async with self.lock:
                 result = activate(self._prepared, inp, now, simulation=self.simulation, rng=self.rng)
+                # Seal before counting: a request that cannot be answered (e.g. a low-order HPKE
+                # key) must not use up one of the type's activations.
+                sealed = _seal(result, req)
                 if result.new_activation_count is not None:
                     dep = self._dep
                     counts = dict(dep.activations)
@@ -560,8 +570,13 @@ class Coordinator:
                     await self.commit(_replace_activations(dep, counts))
         else:
             result = activate(self._prepared, inp, now, simulation=self.simulation, rng=self.rng)
-        params = MarbleParameters(files=result.files, env=result.env, argv=result.argv)
-        return ActivationOutcome(seal_parameters(params, req), req.marble_type, str(req.uuid))
+            sealed = _seal(result, req)
+        return ActivationOutcome(sealed, req.marble_type, str(req.uuid))
+
+
+def _seal(result: ActivationResult, req: ActivationRequest) -> bytes:
+    params = MarbleParameters(files=result.files, env=result.env, argv=result.argv)
+    return seal_parameters(params, req)
 
 
 def _replace_activations(dep: Deployment, counts: Mapping[str, int]) -> Deployment:

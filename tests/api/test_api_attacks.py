@@ -149,6 +149,19 @@ def test_altered_type_does_not_consume_a_max_activations_slot(deployed: RunningC
         assert "ONCE_KEY" in marble.activate("once").env  # the one activation is still available
 
 
+@pytest.mark.parametrize("key", [bytes(32), b"\x01" + bytes(31)], ids=["zero", "one"])
+def test_low_order_hpke_key_is_400_and_uses_no_activation(deployed: RunningCoordinator, key: bytes) -> None:
+    """A self-consistent request (binding over the bad key) whose answer cannot be sealed."""
+    with deployed.marble() as marble:
+        prepared = marble.prepare("once")
+        bad = replace(prepared.request, hpke_public_key=key)
+        bad = replace(bad, evidence=expected_report_data(bad))
+        message = refusal(marble.post(encode_activation_request(bad)), 400)
+        assert "'hpkePublicKey'" in message
+        assert deployed.coord.deployment.activations.get("once", 0) == 0
+        assert "ONCE_KEY" in marble.activate("once").env  # the single activation is still there
+
+
 # ------------------------------------------------------------------------------------- simulation
 
 
