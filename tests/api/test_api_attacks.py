@@ -87,6 +87,18 @@ def test_concurrent_replays_activate_exactly_once(deployed: RunningCoordinator) 
             assert REPLAY in r.json()["message"]
 
 
+def test_concurrent_distinct_activations_respect_max_activations(deployed: RunningCoordinator) -> None:
+    with deployed.marble() as marble:
+        bodies = [marble.prepare("twice").body() for _ in range(8)]
+        with ThreadPoolExecutor(8) as pool:
+            responses = list(pool.map(marble.post, bodies))
+    assert sorted(r.status_code for r in responses) == [200, 200] + [403] * 6
+    assert deployed.coord.deployment.activations["twice"] == 2
+    for r in responses:
+        if r.status_code == 403:
+            assert "reached max activations count (2)" in r.json()["message"]
+
+
 def test_unknown_nonce_is_refused_as_replay(deployed: RunningCoordinator) -> None:
     with deployed.marble() as marble:
         prepared = marble.prepare()
