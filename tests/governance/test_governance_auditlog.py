@@ -98,6 +98,7 @@ def test_swapping_neighbours_is_detected_at_the_first_of_them(index: int) -> Non
     result = verify_log(tampered, HEAD, CA.root.cert)
     assert not result.ok
     assert result.first_broken == index + 1
+    assert "reordered" in result.reason
 
 
 @pytest.mark.parametrize("index", range(6))

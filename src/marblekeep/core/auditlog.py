@@ -216,6 +216,8 @@ def verify_log(lines: Sequence[str], head: LogHead | None, root_cert: x509.Certi
         if not isinstance(seq, int) or isinstance(seq, bool):
             return _broken(n, index, f"has no {SEQ_FIELD} number (the entry was edited)")
         if seq > index:
+            if any(f'"{SEQ_FIELD}":{index},' in later for later in lines[index:]):
+                return _broken(n, index, f"found entry {seq} at position {index}: entries were reordered")
             missing = f"entry {index} is" if seq == index + 1 else f"entries {index}..{seq - 1} are"
             return _broken(n, index, f"{missing} missing (found entry {seq} in its place)")
         if seq < index:
