@@ -103,6 +103,8 @@ _INDEX_INFO = b"marblekeep/record-index/v1"
 _STATE = struct.Struct(">4s16sQQ32s32s")
 _STATE_MAGIC = b"MKS1"
 _MOD = 1 << 256
+#: How an operator applies the rollback override (named in every rollback refusal).
+_OVERRIDE = "(marblekeep coordinator --allow-rollback; allow_rollback in the configuration)"
 
 Rng = Callable[[int], bytes]
 
@@ -665,7 +667,7 @@ def _rollback_message(state_epoch: int, anchor: AnchorReading, path: object) -> 
         f"already sealed epoch {anchor.epoch} (rollback anchor {path}). The state is older than the "
         "newest one this Coordinator wrote: someone may be replaying an old copy to undo later changes "
         "(revoked users, package updates, activation counters). If you are deliberately restoring a "
-        "backup, start once with the rollback override (allow_rollback); the override is logged."
+        f"backup, start once with the rollback override {_OVERRIDE}; the override is logged."
     )
 
 
@@ -685,19 +687,19 @@ def _check_anchor(
                 f"refusing to load the stored state at epoch {state.epoch}: its rollback anchor "
                 f"{anchor.path} is missing, so it cannot be told apart from a replayed old copy. If you "
                 "moved or restored the state deliberately, start once with the rollback override "
-                "(allow_rollback); the override is logged."
+                f"{_OVERRIDE}; the override is logged."
             )
     elif reading.status is AnchorStatus.INVALID:
         problem = (
             f"refusing to load the stored state: the rollback anchor {anchor.path} does not verify under "
             "this Coordinator's key (damaged or replaced). If you restored the state deliberately, start "
-            "once with the rollback override (allow_rollback); the override is logged."
+            f"once with the rollback override {_OVERRIDE}; the override is logged."
         )
     elif reading.store_id != state.store_id:
         problem = (
             f"refusing to load the stored state: the rollback anchor {anchor.path} belongs to another "
             "state (the state was replaced by a different one). If that was deliberate, start once with "
-            "the rollback override (allow_rollback); the override is logged."
+            f"the rollback override {_OVERRIDE}; the override is logged."
         )
     elif state.epoch < reading.epoch:
         problem = _rollback_message(state.epoch, reading, anchor.path)
@@ -749,7 +751,7 @@ async def open_sealed_store(
                     f"refusing to start with an empty state: the rollback anchor {anchor.path} shows "
                     f"that this Coordinator already sealed a state (epoch {reading.epoch}). The state "
                     "was deleted or lost; restore it from a backup, or start once with the rollback "
-                    "override (allow_rollback) to begin a new deployment deliberately."
+                    f"override {_OVERRIDE} to begin a new deployment deliberately."
                 )
             SEAL_LOG.warning(
                 "ROLLBACK OVERRIDE: starting a new, empty state although the anchor %s records epoch %d",
