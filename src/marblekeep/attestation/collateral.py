@@ -162,9 +162,7 @@ class PccsCollateralSource:
                 hint = ": the PCCS has no such collateral (unknown FMSPC? not cached by an offline PCCS?)"
             elif response.status_code in (401, 403):
                 hint = ": the service refused access (API key?)"
-            raise CollateralError(
-                f"collateral: {what} from {url} answered HTTP {response.status_code}{hint}"
-            )
+            raise CollateralError(f"collateral: {what} from {url} answered HTTP {response.status_code}{hint}")
         return response
 
     @staticmethod
@@ -385,7 +383,7 @@ class CollateralCache:
         key = collateral_key_of_quote(quote)
         now = self.clock()
         entry = self._entries.get(key)
-        if entry is not None and entry.collateral.not_before <= now <= entry.collateral.not_after:
+        if entry is not None and _usable(entry.collateral, now):
             if self._due(entry, now) and key not in self._inflight:
                 task = asyncio.get_running_loop().create_task(self._refresh(key, entry.quote))
                 self._background.add(task)
@@ -421,9 +419,16 @@ class CollateralCache:
             log.warning("collateral refresh for %s failed: %s", key, exc.message)
             raise
         fetched_at = self.clock()
-        if entry is None or (fresh.not_before, fresh.not_after) >= (
-            entry.collateral.not_before,
-            entry.collateral.not_after,
+        if entry is not None and not _usable(fresh, fetched_at) and _usable(entry.collateral, fetched_at):
+            entry.last_error = (
+                f"fetched collateral is valid only from {rfc3339(fresh.not_before)} to"
+                f" {rfc3339(fresh.not_after)}; kept the current one (check the clock)"
+            )
+            return entry.collateral
+        if (
+            entry is None
+            or not _usable(entry.collateral, fetched_at)
+            or (fresh.not_before, fresh.not_after) >= (entry.collateral.not_before, entry.collateral.not_after)
         ):
             self._entries[key] = _Entry(fresh, fetched_at, quote, last_attempt=now)
             log.info("collateral for %s fetched, valid until %s", key, rfc3339(fresh.not_after))
@@ -494,6 +499,10 @@ class CollateralCache:
                 }
             )
         return report
+
+
+def _usable(collateral: Collateral, now: dt.datetime) -> bool:
+    return collateral.not_before <= now <= collateral.not_after
 
 
 def _consume(task: asyncio.Task[Any]) -> None:

@@ -274,9 +274,7 @@ class Collateral:
 
 def _aware(at: dt.datetime) -> dt.datetime:
     if at.tzinfo is None:
-        raise ConfigError(
-            "verification time: a timezone-aware datetime is required (e.g. datetime.now(UTC))"
-        )
+        raise ConfigError("verification time: a timezone-aware datetime is required (e.g. datetime.now(UTC))")
     return at.astimezone(dt.UTC)
 
 
@@ -709,12 +707,11 @@ class QuoteVerifierPool:
                 _settle(request.future, failure)
 
     def _worker_died(self, worker: _Worker, exc: BaseException | None) -> None:
+        loop = worker.loop
         worker.detach()
         worker.alive = False
         reason = f" ({type(exc).__name__})" if exc else ""
-        failure = AttestationError(
-            f"quote verifier worker exited{reason}; the quote was not verified: retry"
-        )
+        failure = AttestationError(f"quote verifier worker exited{reason}; the quote was not verified: retry")
         for batch in worker.in_flight.values():
             for request in batch:
                 _settle(request.future, failure)
@@ -723,6 +720,9 @@ class QuoteVerifierPool:
             worker.stop()
         if worker in self._pool:
             self._pool.remove(worker)
+        if loop is not None and self._queue and not self._dispatch_scheduled and not self._closed:
+            self._dispatch_scheduled = True  # queued requests go to a fresh worker
+            loop.call_soon(self._dispatch, loop)
 
     def close(self) -> None:
         """Stop the workers. Requests still in flight fail with :class:`AttestationError`."""

@@ -118,9 +118,7 @@ def _body(quote: bytes, header: QuoteHeader) -> tuple[int, int]:
     return offset, size
 
 
-def read_report(
-    quote: bytes, *, tcb_status: str = "", advisory_ids: tuple[str, ...] = ()
-) -> TeeClaims:
+def read_report(quote: bytes, *, tcb_status: str = "", advisory_ids: tuple[str, ...] = ()) -> TeeClaims:
     """Read the report body of a *verified* raw quote into :class:`TeeClaims`."""
     header = parse_header(quote)
     offset, _size = _body(quote, header)

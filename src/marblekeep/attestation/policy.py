@@ -150,8 +150,7 @@ def _sgx_checks(name: str, package: Package, claims: TeeClaims) -> list[FailedCh
                 f"Packages.{name}.SecurityVersion",
                 f">= {package.security_version}",
                 str(claims.isv_svn),
-                f"ISVSVN {claims.isv_svn} is below package {name} SecurityVersion"
-                f" {package.security_version}",
+                f"ISVSVN {claims.isv_svn} is below package {name} SecurityVersion {package.security_version}",
             )
         )
     return failed
