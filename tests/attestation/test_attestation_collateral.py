@@ -219,7 +219,10 @@ def test_directory_source_indexes_by_content(tmp_path: Path, sgx_collateral: Col
     for name in ("sgx_quote_collateral.json", "tdx_quote_collateral.json"):
         shutil.copy(VECTORS / name, tmp_path / f"renamed-{name}")
     source = DirectoryCollateralSource(tmp_path)
-    assert [str(k) for k in source] == ["sgx/00A067110000/processor", "tdx/B0C06F000000/platform"]
+    assert [str(k) for k in source.available_keys()] == [
+        "sgx/00A067110000/processor",
+        "tdx/B0C06F000000/platform",
+    ]
     assert source.find(sgx_collateral.key) == sgx_collateral
 
 
@@ -239,7 +242,7 @@ async def test_directory_source_fetch_and_missing_key(
 
 def test_directory_source_picks_up_new_files(tmp_path: Path, tdx_collateral: Collateral) -> None:
     source = DirectoryCollateralSource(tmp_path)
-    assert source.keys() == []
+    assert source.available_keys() == []
     shutil.copy(VECTORS / "tdx_quote_collateral.json", tmp_path / "new.json")
     assert source.find(tdx_collateral.key) == tdx_collateral
 

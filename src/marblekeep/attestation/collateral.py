@@ -308,7 +308,7 @@ class DirectoryCollateralSource:
         self._files = seen
         return index, problems
 
-    def keys(self) -> list[CollateralKey]:
+    def available_keys(self) -> list[CollateralKey]:
         index, _problems = self._scan()
         return sorted(index, key=str)
 
@@ -425,14 +425,16 @@ class CollateralCache:
                 f" {rfc3339(fresh.not_after)}; kept the current one (check the clock)"
             )
             return entry.collateral
+        old = entry.collateral if entry is not None else None
         if (
-            entry is None
-            or not _usable(entry.collateral, fetched_at)
-            or (fresh.not_before, fresh.not_after) >= (entry.collateral.not_before, entry.collateral.not_after)
+            old is None
+            or not _usable(old, fetched_at)
+            or (fresh.not_before, fresh.not_after) >= (old.not_before, old.not_after)
         ):
             self._entries[key] = _Entry(fresh, fetched_at, quote, last_attempt=now)
             log.info("collateral for %s fetched, valid until %s", key, rfc3339(fresh.not_after))
             return fresh
+        assert entry is not None
         entry.last_error = "the source returned older collateral than the cached one"
         return entry.collateral
 
