@@ -49,7 +49,7 @@ def _read_quote(path: Path) -> bytes:
     try:
         data = path.read_bytes() if str(path) != "-" else sys.stdin.buffer.read()
     except OSError as exc:
-        raise click.FileError(str(path), hint=exc.strerror or "cannot be read") from None
+        raise click.UsageError(f"QUOTE {path}: {exc.strerror or 'cannot be read'}") from None
     text = data.strip()
     if text and all(chr(c) in string.hexdigits for c in text) and len(text) % 2 == 0:
         return bytes.fromhex(text.decode("ascii"))
@@ -81,7 +81,7 @@ def _load_package(manifest_path: Path, name: str) -> Package:
     try:
         data = manifest_path.read_bytes()
     except OSError as exc:
-        raise click.FileError(str(manifest_path), hint=exc.strerror or "cannot be read") from None
+        raise click.UsageError(f"--manifest {manifest_path}: {exc.strerror or 'cannot be read'}") from None
     try:
         manifest = load_manifest(yaml_to_json(data))
     except ManifestError as exc:
@@ -230,7 +230,9 @@ def _print_human(report: _Report) -> None:
 
 @attestation.command()
 @click.argument(
-    "quote_file", metavar="QUOTE", type=click.Path(dir_okay=False, path_type=Path, allow_dash=True)
+    "quote_file",
+    metavar="QUOTE",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path, allow_dash=True),
 )
 @click.option(
     "--collateral",
