@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 from attestation_vectors import SGX_AT, VECTORS
+from click.testing import CliRunner
 
 from marblekeep.attestation.claims import TeeKind
 from marblekeep.attestation.collateral import (
@@ -30,6 +31,7 @@ from marblekeep.attestation.collateral import (
     load_collateral_file,
 )
 from marblekeep.attestation.dcap import Collateral, CollateralKey, verify_quote
+from marblekeep.cli.main import main
 from marblekeep.errors import CollateralError, ConfigError
 
 
@@ -447,3 +449,51 @@ async def test_directory_source_through_cache(tmp_path: Path, sgx_quote: bytes) 
     collateral = await cache.fetch(sgx_quote)
     assert verify_quote(sgx_quote, collateral, SGX_AT).tcb_status == "ConfigurationAndSWHardeningNeeded"
     assert os.path.exists(tmp_path / "c.json")
+
+
+async def test_cli_fetch_collateral_for_air_gapped_use(
+    pccs: tuple[FakePccs, str], tmp_path: Path, sgx_quote: bytes
+) -> None:
+    """`marblekeep attestation fetch-collateral` writes a file that the offline verifier accepts."""
+    _fake, url = pccs
+    runner = CliRunner()
+    args = [
+        "attestation",
+        "fetch-collateral",
+        str(VECTORS / "sgx_quote"),
+        "--pccs-url",
+        url,
+        "-o",
+        str(tmp_path),
+    ]
+    result = await asyncio.to_thread(runner.invoke, main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    written = tmp_path / "sgx-00A067110000-processor.json"
+    assert f"wrote {written}: sgx/00A067110000/processor: valid 2025-06-19T10:56:11Z" in result.output
+    (collateral,) = load_collateral_file(written)
+    assert verify_quote(sgx_quote, collateral, SGX_AT).tcb_status == "ConfigurationAndSWHardeningNeeded"
+    offline = await asyncio.to_thread(
+        runner.invoke,
+        main,
+        [
+            "attestation",
+            "verify",
+            str(VECTORS / "sgx_quote"),
+            "--collateral",
+            str(tmp_path),
+            "--at",
+            "2025-06-25T00:00:00Z",
+        ],
+    )
+    assert offline.exit_code == 0, offline.output
+
+
+async def test_cli_fetch_collateral_failure(pccs: tuple[FakePccs, str]) -> None:
+    fake, url = pccs
+    fake.fail_with = 404
+    args = ["attestation", "fetch-collateral", str(VECTORS / "sgx_quote"), "--pccs-url", url]
+    result = await asyncio.to_thread(
+        CliRunner().invoke, main, args, env={"MARBLEKEEP_PCS_API_KEY": "k-9f8e7d"}
+    )
+    assert result.exit_code == 1
+    assert "answered HTTP 404" in result.output and "k-9f8e7d" not in result.output

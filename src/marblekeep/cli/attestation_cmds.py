@@ -305,3 +305,51 @@ def verify(
         _print_human(report)
     if not report.accepted:
         raise SystemExit(1)
+
+
+@attestation.command("fetch-collateral")
+@click.argument(
+    "quote_file",
+    metavar="QUOTE",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path, allow_dash=True),
+)
+@click.option("--pccs-url", required=True, help="PCCS or Intel PCS (https://api.trustedservices.intel.com).")
+@click.option("--api-key", envvar="MARBLEKEEP_PCS_API_KEY", help="Intel PCS subscription key, if needed.")
+@click.option("--insecure-tls", is_flag=True, help="Accept a PCCS with a self-signed TLS certificate.")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=True, writable=True, path_type=Path),
+    help="File to write, or a directory (file named <tee>-<FMSPC>-<ca>.json). Default: stdout.",
+)
+def fetch_collateral(
+    quote_file: Path, pccs_url: str, api_key: str | None, insecure_tls: bool, output: Path | None
+) -> None:
+    """Fetch the collateral for QUOTE's platform, for air-gapped verification.
+
+    Run it on a connected machine; copy the file into the Coordinator's collateral directory.
+    Collateral is signed by Intel, so --insecure-tls does not weaken verification.
+    """
+    quote = _read_quote(quote_file)
+    source = PccsCollateralSource(pccs_url, api_key=api_key, verify_tls=not insecure_tls)
+    try:
+        collateral = asyncio.run(source.fetch(quote))
+    except MarbleKeepError as exc:
+        click.echo(f"error: {exc.message}", err=True)
+        raise SystemExit(1) from None
+    summary = (
+        f"{collateral.key}: valid {rfc3339(collateral.not_before)} .. {rfc3339(collateral.not_after)}"
+        f" (TCB evaluation data number {collateral.tcb_evaluation_data_number})"
+    )
+    if output is None:
+        click.echo(collateral.raw_json.decode("utf-8"))
+        click.echo(summary, err=True)
+        return
+    target = output
+    if output.is_dir():
+        target = output / f"{collateral.tee.value}-{collateral.fmspc}-{collateral.ca}.json"
+    try:
+        target.write_bytes(collateral.raw_json)
+    except OSError as exc:
+        raise click.UsageError(f"--output {target}: {exc.strerror or 'cannot be written'}") from None
+    click.echo(f"wrote {target}: {summary}", err=True)
