@@ -284,7 +284,12 @@ def _attested(addr: str, kwargs: dict[str, Any]) -> Iterator[tuple[Connection, P
     pin = settings.cert_path
     with tempfile.TemporaryDirectory(prefix="marblekeep-recover-") as tmp:
         fresh = dataclasses.replace(settings, cert_path=Path(tmp) / "recovery-root.pem")
-        conn = connect(addr, fresh, now=_now(), warn=_warn)
+        temporary = f", and pinning it in {fresh.cert_path}"
+
+        def warn(message: str) -> None:  # the temporary pin file is an implementation detail
+            _warn(message.replace(temporary, " for this command only (nothing is pinned)"))
+
+        conn = connect(addr, fresh, now=_now(), warn=warn)
         try:
             if conn.attested:
                 click.echo(
