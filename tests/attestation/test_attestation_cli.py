@@ -215,3 +215,22 @@ def test_subprocess_end_to_end(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr.decode()
     report = json.loads(done.stdout)
     assert report["verdict"] == "verified" and report["tee"] == "sgx"
+
+
+def test_docs_example_is_the_real_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/attestation.md's explanation example is exactly what the CLI prints."""
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "attestation.md").read_text()
+
+    def block_after(marker: str) -> str:
+        rest = doc.split(f"<!-- {marker} -->", 1)[1]
+        return rest.split("```", 2)[1].split("\n", 1)[1]
+
+    manifest_path = tmp_path / "manifest.json"
+    manifest_path.write_text(block_after("attestation-doc-manifest"))
+    command, *expected = block_after("attestation-doc-output").rstrip("\n").split("\n")
+    args = command.removeprefix("$ marblekeep ").split()
+    args = [str(manifest_path) if a == "manifest.json" else a for a in args]
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 1
+    assert result.output.rstrip("\n").split("\n") == expected
