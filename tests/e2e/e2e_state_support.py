@@ -161,6 +161,19 @@ def cli(site: Site, *args: str, ok: bool = True, input: str | None = None) -> Re
     return result
 
 
+def cli_process(site: Site, *args: str) -> subprocess.CompletedProcess[str]:
+    """The installed ``marblekeep`` console script as a subprocess (what an operator runs)."""
+    return subprocess.run(
+        [*marblekeep_argv(), *args],
+        check=False,
+        cwd=site.workdir,
+        env=site.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 def marble(site: Site, marble_type: str, uuid_file: str) -> subprocess.CompletedProcess[str]:
     env = dict(
         site.env,

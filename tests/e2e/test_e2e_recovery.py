@@ -28,12 +28,15 @@ from e2e_state_support import (
     CoordinatorProcess,
     Site,
     cli,
+    cli_process,
     openssl_decrypt,
     recovery_secrets,
     rsa_owner,
     run_marble,
     status_v2,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from marblekeep.cli.recover_cmds import decode_secret_file, decode_signature, plaintext_secret
 from marblekeep.errors import ConfigError, RecoveryError
@@ -88,6 +91,13 @@ def test_secret_file_forms_raw_base64_and_recovery_json(owner_key: rsa.RSAPrivat
     assert set(decode_secret_file(data, "f")) == {"alice", "bob"}
     assert plaintext_secret(decode_secret_file(data, "f"), owner_key, "f") == plain  # the one it opens
     assert plaintext_secret(decode_secret_file(data, "f", "bob"), other, "f") == b"\x01" * 32
+
+
+@settings(max_examples=150, deadline=None)
+@given(secret=st.sampled_from([16, 32, 33]).flatmap(lambda n: st.binary(min_size=n, max_size=n)))
+def test_plaintext_secrets_pass_through_raw_and_base64(secret: bytes) -> None:
+    for data in (secret, base64.b64encode(secret), base64.b64encode(secret) + b"\n"):
+        assert plaintext_secret(decode_secret_file(data, "f"), None, "f") == secret
 
 
 def test_secret_file_errors_name_the_file_and_the_fix_but_no_secret(owner_key: rsa.RSAPrivateKey) -> None:
@@ -309,8 +319,12 @@ def test_shamir_two_of_three_recovers_with_any_two_owners(tmp_path: Path) -> Non
         again = upload(lost, str(carol_plain), "-k", str(lost.keys["carol"]), ok=False)
         assert again.exit_code == 1 and "already used" in again.stderr
 
-        # alice gives the whole recovery data file; the CLI picks the entry her key opens
-        done = upload(lost, str(lost.recovery_file), "-k", str(lost.keys["alice"]))
+        # alice runs the installed command with the whole recovery data file; it picks her entry
+        done = cli_process(
+            site, "recover", str(lost.recovery_file), site.client_addr, "-k", str(lost.keys["alice"]),
+            "--insecure", *pin(site),
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
         assert done.stdout == "Recovery successful.\n"
         assert_recovered(lost, done.stderr)
     finally:
