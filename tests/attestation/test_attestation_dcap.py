@@ -178,6 +178,26 @@ def test_flipped_td_report_byte_fails(
         verify_quote(bytes(tampered), tdx_collateral, SGX_AT)
 
 
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_mangled_quotes_only_raise_attestation_errors(
+    sgx_quote: bytes, sgx_collateral: Collateral, data: st.DataObject
+) -> None:
+    """Truncated, extended or overwritten quotes: a clear AttestationError, never a bare exception."""
+    cut = data.draw(st.integers(0, len(sgx_quote)))
+    tail = data.draw(st.binary(max_size=64))
+    mangled = bytearray(sgx_quote[:cut] + tail)
+    for _ in range(data.draw(st.integers(0, 4))):
+        if mangled:
+            mangled[data.draw(st.integers(0, len(mangled) - 1))] = data.draw(st.integers(0, 255))
+    if bytes(mangled) == sgx_quote:
+        return
+    with pytest.raises(AttestationError):
+        verify_quote(bytes(mangled), sgx_collateral, SGX_AT)
+    with contextlib.suppress(AttestationError):
+        collateral_key_of_quote(bytes(mangled))
+
+
 # --------------------------------------------------------------------------- collateral parsing
 
 

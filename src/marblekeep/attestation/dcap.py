@@ -375,7 +375,11 @@ def verify_quote(quote: bytes, collateral: Collateral, at: dt.datetime) -> TeeCl
         report = dcap_qvl.verify(raw, _qvl_collateral(collateral.raw_json), int(at.timestamp()))
         status = _normalise_status(str(report.status))
         advisories = tuple(str(a) for a in report.advisory_ids)
-    except (ValueError, RuntimeError, TypeError, OverflowError) as exc:
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except (
+        BaseException
+    ) as exc:  # ValueError from dcap-qvl; a Rust panic is pyo3's PanicException(BaseException)
         raise AttestationError(_explain_failure(str(exc), raw, collateral)) from None
     return read_report(raw, tcb_status=status, advisory_ids=advisories)
 
