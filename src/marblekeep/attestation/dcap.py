@@ -377,9 +377,7 @@ def verify_quote(quote: bytes, collateral: Collateral, at: dt.datetime) -> TeeCl
         advisories = tuple(str(a) for a in report.advisory_ids)
     except (KeyboardInterrupt, SystemExit):
         raise
-    except (
-        BaseException
-    ) as exc:  # ValueError from dcap-qvl; a Rust panic is pyo3's PanicException(BaseException)
+    except BaseException as exc:  # dcap-qvl raises ValueError; a Rust panic is a BaseException
         raise AttestationError(_explain_failure(str(exc), raw, collateral)) from None
     return read_report(raw, tcb_status=status, advisory_ids=advisories)
 
@@ -582,7 +580,7 @@ class QuoteVerifierPool:
         self._pool: list[_Worker] = []
         self._queue: collections.deque[_Request] = collections.deque()
         self._next_batch = 0
-        self._dispatch_scheduled = False
+        self._scheduled_on: asyncio.AbstractEventLoop | None = None  # a dispatch is pending there
         self._closed = False
 
     def start(self) -> None:
@@ -600,11 +598,14 @@ class QuoteVerifierPool:
         self.start()
         request = _Request(quote, collateral, at, loop.create_future())
         self._queue.append(request)
-        if not self._dispatch_scheduled:
-            # dispatch after the callers woken in this loop iteration had a chance to queue
-            self._dispatch_scheduled = True
-            loop.call_soon(self._dispatch, loop)
+        self._schedule_dispatch(loop)
         return await request.future
+
+    def _schedule_dispatch(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Dispatch soon: after the callers woken in this loop iteration had a chance to queue."""
+        if self._scheduled_on is not loop:  # (a dispatch pending on a closed loop never runs)
+            self._scheduled_on = loop
+            loop.call_soon(self._dispatch, loop)
 
     def _attach(self, worker: _Worker, loop: asyncio.AbstractEventLoop) -> None:
         if worker.loop is not loop:
@@ -615,7 +616,7 @@ class QuoteVerifierPool:
                 loop.add_writer(worker.wfd, self._on_writable, worker)
 
     def _dispatch(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._dispatch_scheduled = False
+        self._scheduled_on = None
         if self._closed:
             return
         self.start()
@@ -687,9 +688,8 @@ class QuoteVerifierPool:
             payload = bytes(worker.inbuf[8 : 4 + length])
             del worker.inbuf[: 4 + length]
             self._resolve(worker.in_flight.pop(batch_id, []), payload)
-        if worker.loop is not None and not self._dispatch_scheduled and self._queue:
-            self._dispatch_scheduled = True
-            worker.loop.call_soon(self._dispatch, worker.loop)
+        if worker.loop is not None and self._queue:
+            self._schedule_dispatch(worker.loop)
 
     @staticmethod
     def _resolve(batch: list[_Request], payload: bytes) -> None:
@@ -724,9 +724,8 @@ class QuoteVerifierPool:
             worker.stop()
         if worker in self._pool:
             self._pool.remove(worker)
-        if loop is not None and self._queue and not self._dispatch_scheduled and not self._closed:
-            self._dispatch_scheduled = True  # queued requests go to a fresh worker
-            loop.call_soon(self._dispatch, loop)
+        if loop is not None and self._queue and not self._closed and not loop.is_closed():
+            self._schedule_dispatch(loop)  # queued requests go to a fresh worker
 
     def close(self) -> None:
         """Stop the workers. Requests still in flight fail with :class:`AttestationError`."""
