@@ -75,7 +75,7 @@ from marblekeep.recovery.keys import generate_recovery_keys
 from marblekeep.recovery.recoverer import Recoverer
 from marblekeep.store.base import Store
 from marblekeep.store.kek import KeyEncryptionKeyProvider, SimulationKeyFileProvider
-from marblekeep.store.sealed import NeedsRecovery, PendingRecovery, SealedStore, open_sealed_store
+from marblekeep.store.sealed import NeedsRecovery, Opened, PendingRecovery, SealedStore, open_sealed_store
 from marblekeep.store.sqlite import SQLiteStore
 
 __all__ = ["ActivationOutcome", "Coordinator", "CoordinatorConfig", "EvidenceVerifier"]
@@ -148,8 +148,12 @@ class Coordinator:
         quote_issuer: EvidenceIssuer | None = None,
         clock: Clock = utcnow,
         rng: Rng = os.urandom,
+        seal_providers: Mapping[SealMode, KeyEncryptionKeyProvider] | None = None,
+        seal_mode_in_use: SealMode = SealMode.PRODUCT_KEY,
     ) -> None:
         self.config = config
+        self._seal_providers = dict(seal_providers or {})
+        self._seal_mode_in_use = seal_mode_in_use
         self.simulation = config.simulation
         self.clock = clock
         self.rng = rng
@@ -175,6 +179,7 @@ class Coordinator:
         verifier: EvidenceVerifier | None = None,
         quote_issuer: EvidenceIssuer | None = None,
         kek_provider: KeyEncryptionKeyProvider | None = None,
+        seal_providers: Mapping[SealMode, KeyEncryptionKeyProvider] | None = None,
         clock: Clock = utcnow,
         rng: Rng = os.urandom,
     ) -> Coordinator:
@@ -188,18 +193,41 @@ class Coordinator:
             seal_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
             raise ConfigError(f"cannot create the seal directory {seal_dir}: {exc.strerror}") from None
-        provider = kek_provider
-        if provider is None:
-            if not config.simulation:
-                raise ConfigError(
-                    "no key-encryption key provider: outside simulation the Coordinator seals its state "
-                    "with the TEE's sealing key (run it under Gramine-SGX)"
-                )
-            provider = SimulationKeyFileProvider(seal_dir / SIMULATION_KEK_FILE)
+        if seal_providers is None:
+            provider = kek_provider
+            if provider is None:
+                if not config.simulation:
+                    raise ConfigError(
+                        "no key-encryption key provider: outside simulation the Coordinator seals its "
+                        "state with the TEE's sealing key (run it under Gramine-SGX)"
+                    )
+                provider = SimulationKeyFileProvider(seal_dir / SIMULATION_KEK_FILE)
+            seal_providers = {SealMode.PRODUCT_KEY: provider, SealMode.UNIQUE_KEY: provider}
         inner: Store = await SQLiteStore.open(seal_dir / STATE_DB)
-        opened = await open_sealed_store(inner, provider, allow_rollback=config.allow_rollback, rng=rng)
+        # The seal mode is part of the sealed manifest, so it is not known before unsealing: try the
+        # product key first (MarbleRun's default), then the unique key.
+        opened: Opened | NeedsRecovery | None = None
+        mode_in_use = SealMode.PRODUCT_KEY
+        for mode in (SealMode.PRODUCT_KEY, SealMode.UNIQUE_KEY):
+            candidate = seal_providers.get(mode)
+            if candidate is None:
+                continue
+            attempt = await open_sealed_store(inner, candidate, allow_rollback=config.allow_rollback, rng=rng)
+            if opened is None or isinstance(attempt, Opened):
+                opened, mode_in_use = attempt, mode
+            if isinstance(attempt, Opened):
+                break
+        if opened is None:
+            raise ConfigError("no key-encryption key provider for SealMode ProductKey or UniqueKey")
         now = clock()
-        common = {"verifier": verifier, "quote_issuer": quote_issuer, "clock": clock, "rng": rng}
+        common = {
+            "verifier": verifier,
+            "quote_issuer": quote_issuer,
+            "clock": clock,
+            "rng": rng,
+            "seal_providers": seal_providers,
+            "seal_mode_in_use": mode_in_use,
+        }
         if isinstance(opened, NeedsRecovery):
             log.warning(
                 "sealed state cannot be opened: entering recovery mode",
@@ -275,7 +303,23 @@ class Coordinator:
                 revision = await self._store.revision()
                 await self._store.commit(changes, expected_revision=revision)
             self._records = new_records
+            await self._follow_seal_mode(new)
         self._publish(new)
+
+    async def _follow_seal_mode(self, dep: Deployment) -> None:
+        """Re-wrap the DEK when the manifest asks for another seal mode than the one in use."""
+        assert dep.manifest is not None and self._store is not None
+        wanted = dep.manifest.config.seal_mode
+        if wanted is SealMode.DISABLED or wanted is self._seal_mode_in_use:
+            return
+        current = self._seal_providers.get(self._seal_mode_in_use)
+        target = self._seal_providers.get(wanted)
+        if target is None:
+            return
+        if target is not current:
+            await self._store.rewrap(target)
+            log.info("state re-sealed for the manifest's seal mode", extra={"seal_mode": wanted.value})
+        self._seal_mode_in_use = wanted
 
     # ------------------------------------------------------------------ client API operations
 
@@ -385,6 +429,10 @@ class Coordinator:
                 raise RecoveryError("the recovered state holds no deployment; set a new manifest instead")
             self._store = store
             self._records = dict(records)
+            # Recovery re-sealed the state under the first (product) key provider.
+            self._seal_mode_in_use = SealMode.PRODUCT_KEY
+            if self._persists(dep):
+                await self._follow_seal_mode(dep)
             self._pending_recovery = None
             self._recoverer = None
             self.recovery_reason = ""

@@ -35,7 +35,7 @@ from marblekeep.marble.protocol import (
 )
 from marblekeep.metrics import Metrics
 from marblekeep.service import Coordinator, CoordinatorConfig, utcnow
-from marblekeep.store.kek import GramineSealKeyProvider
+from marblekeep.store.kek import GramineSealKeyProvider, KeyEncryptionKeyProvider
 from marblekeep.verification import DcapEvidenceVerifier, collateral_source
 
 __all__ = ["Listeners", "build_client_app", "build_marble_app", "parse_addr", "serve"]
@@ -217,19 +217,20 @@ class Listeners:
 async def serve(config: CoordinatorConfig, *, ready: Callable[[], None] | None = None) -> None:
     source = collateral_source(config.pccs_url or None, config.collateral_dir)
     verifier = DcapEvidenceVerifier(source, clock=utcnow) if source is not None else None
-    kek_provider = None
+    seal_providers: dict[SealMode, KeyEncryptionKeyProvider] | None = None
     quote_issuer = None
     if not config.simulation:
-        # ProductKey: MarbleRun's default seal mode (the manifest is not readable before unsealing).
-        kek_provider = GramineSealKeyProvider(
-            config.attestation_root, SealMode.PRODUCT_KEY, anchor_dir=config.seal_dir
-        )
+        # The manifest's SealMode is only known after unsealing: the Coordinator tries both keys.
+        seal_providers = {
+            mode: GramineSealKeyProvider(config.attestation_root, mode, anchor_dir=config.seal_dir)
+            for mode in (SealMode.PRODUCT_KEY, SealMode.UNIQUE_KEY)
+        }
         quote_issuer = GramineIssuer(config.attestation_root)
     if verifier is not None:
         verifier.start()
     try:
         coord = await Coordinator.open(
-            config, verifier=verifier, quote_issuer=quote_issuer, kek_provider=kek_provider
+            config, verifier=verifier, quote_issuer=quote_issuer, seal_providers=seal_providers
         )
     except BaseException:
         if verifier is not None:
