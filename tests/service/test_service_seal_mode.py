@@ -37,7 +37,9 @@ async def _open(tmp_path: Path) -> Coordinator:
 
 
 @pytest.mark.parametrize(("mode", "needed_key"), [("UniqueKey", "unique.key"), ("ProductKey", "product.key")])
-async def test_state_is_sealed_with_the_manifests_seal_mode(tmp_path: Path, mode: str, needed_key: str) -> None:
+async def test_state_is_sealed_with_the_manifests_seal_mode(
+    tmp_path: Path, mode: str, needed_key: str
+) -> None:
     coord = await _open(tmp_path)
     await coord.set_manifest(_manifest(mode))
     value = coord.deployment.secrets["k"].private
