@@ -49,7 +49,7 @@ from marblekeep.core.deployment import (
     set_manifest,
 )
 from marblekeep.core.governance import UpdateOutcome, log_initial_manifest
-from marblekeep.core.records import K_MANIFEST, deployment_from_records, deployment_to_records, record_changes
+from marblekeep.core.records import K_MANIFEST, deployment_changes, deployment_from_records
 from marblekeep.core.users import user_certificates
 from marblekeep.errors import (
     AttestationError,
@@ -161,7 +161,8 @@ class Coordinator:
         self.quote_issuer = quote_issuer
         self.challenges = ChallengeBook()
         self._store = store
-        self._records: dict[str, bytes] = dict(records)
+        #: The deployment as the store holds it (None: nothing stored yet), to commit only changes.
+        self._persisted: Deployment | None = deployment if records else None
         self._pending_recovery = pending_recovery
         self._recoverer: Recoverer | None = None
         self.recovery_reason = recovery_reason
@@ -272,7 +273,7 @@ class Coordinator:
     def _publish(self, dep: Deployment) -> None:
         old = getattr(self, "_dep", None)
         self._dep = dep
-        self._prepared = PreparedDeployment(dep)
+        self._prepared = PreparedDeployment(dep, getattr(self, "_prepared", None))
         if old is not None and old.manifest is not dep.manifest:
             self.user_certificates = user_certificates(dep.manifest)
             for observer in self.observers:
@@ -297,12 +298,11 @@ class Coordinator:
         manifest = new.manifest
         persist = manifest is not None and manifest.config.seal_mode is not SealMode.DISABLED
         if persist and self._store is not None:
-            new_records = deployment_to_records(new)
-            changes = record_changes(self._records, new_records)
+            changes = deployment_changes(self._persisted, new)
             if changes:
                 revision = await self._store.revision()
                 await self._store.commit(changes, expected_revision=revision)
-            self._records = new_records
+            self._persisted = new
             await self._follow_seal_mode(new)
         self._publish(new)
 
@@ -358,7 +358,7 @@ class Coordinator:
                     self._store = await self._pending_recovery.discard()
                     self._pending_recovery = None
                     self._recoverer = None
-                self._records = {}
+                self._persisted = None
                 log.warning("manifest set in recovery mode: the old sealed state was discarded")
             new = log_initial_manifest(set_manifest(dep, manifest, now, self.rng), now)
             material = generate_recovery_keys(
@@ -428,7 +428,7 @@ class Coordinator:
             if dep is None:
                 raise RecoveryError("the recovered state holds no deployment; set a new manifest instead")
             self._store = store
-            self._records = dict(records)
+            self._persisted = dep
             # Recovery re-sealed the state under the first (product) key provider.
             self._seal_mode_in_use = SealMode.PRODUCT_KEY
             if self._persists(dep):
@@ -488,10 +488,9 @@ class Coordinator:
     async def write_secrets(self, user: str, body: object) -> None:
         """Set user-defined secrets (all or nothing; see governance.write_secrets)."""
         async with self.lock:
-            dep = self._dep
-            new = governance.write_secrets(dep, user, body, self.clock())
+            new = governance.write_secrets(self._dep, user, body, self.clock())
             await self.commit(new)
-        names = sorted(n for n, s in new.secrets.items() if dep.secrets.get(n) is not s)
+        names = sorted(str(n) for n in body) if isinstance(body, Mapping) else []
         log.info("user-defined secrets set", extra={"user": user, "secrets": names})
 
     async def _commit_update(self, outcome: UpdateOutcome) -> dict[str, bytes] | None:

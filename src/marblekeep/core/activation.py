@@ -34,7 +34,7 @@ from marblekeep.core.deployment import CoordinatorState, Deployment
 from marblekeep.crypto.pki import IssuedLeaf, LeafIssuer, der_to_pem
 from marblekeep.crypto.secretgen import derive_seal_key, generate_marble_secrets
 from marblekeep.errors import ActivationRefused, AttestationError, MarbleKeepError, StateError, TemplateError
-from marblekeep.manifest.model import FileEntry, Marble, Secret, SecretType
+from marblekeep.manifest.model import FileEntry, Marble, Secret
 from marblekeep.templating import FunctionSet, ReservedSecret, Template, TemplateData, parse_template
 
 __all__ = [
@@ -90,8 +90,8 @@ class _PreparedMarble:
     files: tuple[_Entry, ...]
     env: tuple[_Entry, ...]
     uses_previous: bool
-    #: Names of user-defined secrets mentioned in this Marble's templates (for refusal hints).
-    mentions: frozenset[str]
+    #: The template sources (to name unset user-defined secrets in a refusal).
+    sources: tuple[bytes, ...]
 
 
 def _compile(
@@ -116,10 +116,16 @@ class PreparedDeployment:
     computed once per deployment snapshot: compiled templates, the leaf issuer, the reserved
     certificates in each encoding, the shared secret map."""
 
-    def __init__(self, dep: Deployment) -> None:
+    def __init__(self, dep: Deployment, previous: PreparedDeployment | None = None) -> None:
+        """``previous``: the preparation of the snapshot before ``dep``; what depends only on
+        the CA and the manifest is reused from it when those did not change (a secret write)."""
         self.deployment = dep
         ca = dep.ca
-        self.leaf_issuer = LeafIssuer(ca.marble_root)
+        self.leaf_issuer: LeafIssuer = (
+            previous.leaf_issuer
+            if previous is not None and previous.deployment.ca is ca
+            else LeafIssuer(ca.marble_root)
+        )
         self.root_ca = ReservedSecret(cert=ca.marble_root.cert_der)
         self.coordinator_root = ReservedSecret(cert=ca.root.cert_der)
         self.coordinator_intermediate = ReservedSecret(cert=ca.intermediate.cert_der)
@@ -130,18 +136,19 @@ class PreparedDeployment:
         manifest = dep.manifest
         if manifest is None:
             return
-        user_defined = {n for n, s in manifest.secrets.items() if s.user_defined}
+        if previous is not None and previous.deployment.manifest is manifest:
+            self.marbles = previous.marbles
+            return
         for marble_type, marble in manifest.marbles.items():
             files = _compile(marble_type, "Files", marble.parameters.files, FunctionSet.FILES)
             env = _compile(marble_type, "Env", marble.parameters.env, FunctionSet.ENV)
-            sources = [e.raw for e in (*files, *env) if e.template is not None]
-            mentions = frozenset(n for n in user_defined if any(n.encode() in s for s in sources))
+            sources = tuple(e.raw for e in (*files, *env) if e.template is not None)
             self.marbles[marble_type] = _PreparedMarble(
                 marble=marble,
                 files=files,
                 env=env,
                 uses_previous=any(b"Previous" in s for s in sources),
-                mentions=mentions,
+                sources=sources,
             )
 
 
@@ -239,7 +246,13 @@ def _render(
         try:
             out[entry.name] = entry.template.execute(data)
         except TemplateError as exc:
-            unset = sorted(n for n in prepared_marble.mentions if not data.secrets.get(n, _EMPTY).has_value)
+            unset = sorted(
+                n
+                for n, s in data.secrets.items()
+                if s.user_defined
+                and not s.has_value
+                and any(n.encode() in source for source in prepared_marble.sources)
+            )
             hint = ""
             if unset:
                 hint = (
@@ -253,8 +266,6 @@ def _render(
             ) from None
     return out
 
-
-_EMPTY = Secret(type=SecretType.PLAIN)
 
 
 def activate(

@@ -138,8 +138,25 @@ class UpdateKind(enum.Enum):
 # ---------------------------------------------------------------------------------- permissions
 
 
+#: Memo of :func:`user_permissions` for the most recent manifest (a Manifest is immutable, so the
+#: answer for one manifest object never changes); checking a permission is then O(names asked).
+_permissions_memo: tuple[Manifest | None, dict[str, dict[str, frozenset[str]]]] = (None, {})
+
+
 def user_permissions(manifest: Manifest, user: str) -> dict[str, frozenset[str]]:
     """permission ID → the resource names it covers, merged over every role of ``user``."""
+    global _permissions_memo  # noqa: PLW0603 (a memo of a pure function)
+    memo_manifest, memo = _permissions_memo
+    if memo_manifest is not manifest:
+        memo = {}
+        _permissions_memo = (manifest, memo)
+    cached = memo.get(user)
+    if cached is None:
+        cached = memo[user] = _user_permissions(manifest, user)
+    return cached
+
+
+def _user_permissions(manifest: Manifest, user: str) -> dict[str, frozenset[str]]:
     out: dict[str, set[str]] = {}
     account = manifest.users.get(user)
     if account is None:

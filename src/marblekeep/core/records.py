@@ -29,9 +29,12 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import itertools
 import json
+import operator
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from marblekeep.core.deployment import CaSet, CoordinatorState, Deployment, PendingUpdate
 from marblekeep.crypto.pki import CertifiedKey
@@ -39,7 +42,7 @@ from marblekeep.errors import IntegrityError, ManifestError
 from marblekeep.manifest import load_manifest
 from marblekeep.manifest.model import Manifest, Secret
 
-__all__ = ["deployment_from_records", "deployment_to_records", "record_changes"]
+__all__ = ["deployment_changes", "deployment_from_records", "deployment_to_records", "record_changes"]
 
 K_STATE = "state"
 K_MANIFEST = "manifest"
@@ -79,16 +82,20 @@ def _secret_value(secret: Secret) -> bytes:
     ).encode()
 
 
-def deployment_to_records(dep: Deployment) -> dict[str, bytes]:
-    """Every record of ``dep``."""
-    ca = dep.ca
-    out: dict[str, bytes] = {
-        K_STATE: str(int(dep.state)).encode(),
+def _ca_records(ca: CaSet) -> dict[str, bytes]:
+    return {
         K_ROOT_CERT: ca.root.cert_der,
         K_INTERMEDIATE_CERT: ca.intermediate.cert_der,
         K_MARBLE_ROOT_CERT: ca.marble_root.cert_der,
         K_ROOT_KEY: ca.root.key_pkcs8_der(),
         K_INTERMEDIATE_KEY: ca.intermediate.key_pkcs8_der(),
+    }
+
+
+def _fixed_records(dep: Deployment) -> dict[str, bytes]:
+    """The single records (everything but the CA and the keyed sections)."""
+    out: dict[str, bytes] = {
+        K_STATE: str(int(dep.state)).encode(),
         K_ROOT_SECRET: dep.root_secret,
         K_SEAL_MASTER: dep.seal_master_secret,
     }
@@ -97,21 +104,97 @@ def deployment_to_records(dep: Deployment) -> dict[str, bytes]:
     if dep.manifest is not None:
         out[K_MANIFEST] = dep.manifest.raw
         out[K_SIGNATURE] = dep.manifest_signature
-    for name, secret in dep.secrets.items():
-        out[P_SECRET + name] = _secret_value(secret)
-    for name, secret in dep.previous_secrets.items():
-        out[P_PREVIOUS_SECRET + name] = _secret_value(secret)
-    for marble_type, count in dep.activations.items():
-        out[P_ACTIVATIONS + marble_type] = f"{count:x}".encode()
-    for seq, line in enumerate(dep.update_log, start=1):
-        out[f"{P_UPDATE_LOG}{seq:010d}"] = line.encode("utf-8")
     if dep.update_log_head:
         out[K_UPDATE_LOG_HEAD] = dep.update_log_head
     if dep.pending_update is not None:
         out[K_PENDING_UPDATE] = _pending_value(dep.pending_update)
-    for package, svn in dep.package_svns.items():
-        out[P_PACKAGE_SVN + package] = str(svn).encode()
     return out
+
+
+def _count_value(count: int) -> bytes:
+    return f"{count:x}".encode()
+
+
+def _svn_value(svn: int) -> bytes:
+    return str(svn).encode()
+
+
+def _log_key(seq: int) -> str:
+    return f"{P_UPDATE_LOG}{seq:010d}"
+
+
+def _sections(dep: Deployment) -> list[tuple[str, Mapping[str, Any], Callable[[Any], bytes]]]:
+    """The keyed sections: (record prefix, the mapping, how one value is encoded)."""
+    return [
+        (P_SECRET, dep.secrets, _secret_value),
+        (P_PREVIOUS_SECRET, dep.previous_secrets, _secret_value),
+        (P_ACTIVATIONS, dep.activations, _count_value),
+        (P_PACKAGE_SVN, dep.package_svns, _svn_value),
+    ]
+
+
+def deployment_to_records(dep: Deployment) -> dict[str, bytes]:
+    """Every record of ``dep``."""
+    out = _fixed_records(dep)
+    out.update(_ca_records(dep.ca))
+    for prefix, mapping, encode in _sections(dep):
+        for name, value in mapping.items():
+            out[prefix + name] = encode(value)
+    for seq, line in enumerate(dep.update_log, start=1):
+        out[_log_key(seq)] = line.encode("utf-8")
+    return out
+
+
+def deployment_changes(old: Deployment | None, new: Deployment) -> dict[str, bytes | None]:
+    """The writes that turn the records of ``old`` into those of ``new`` (None = delete).
+
+    Equal to ``record_changes(deployment_to_records(old), deployment_to_records(new))``, but it
+    only encodes what changed: sections and entries that are the same objects are skipped, and the
+    update log is append-only. A commit therefore costs what it changes, not the size of the state.
+    """
+    if old is None:
+        return dict(deployment_to_records(new))
+    changes = record_changes(_fixed_records(old), _fixed_records(new))
+    if old.ca is not new.ca:
+        changes.update(record_changes(_ca_records(old.ca), _ca_records(new.ca)))
+    for (prefix, before, encode), (_, after, _) in zip(_sections(old), _sections(new), strict=True):
+        if before is after:
+            continue
+        changed, removed = _candidates(before, after)
+        for name in changed:
+            value = after[name]
+            previous = before.get(name, _MISSING)
+            encoded = encode(value)
+            if previous is _MISSING or encode(previous) != encoded:
+                changes[prefix + name] = encoded
+        for name in removed:
+            changes[prefix + name] = None
+    if old.update_log is not new.update_log:
+        n = len(old.update_log)
+        if new.update_log[:n] == old.update_log:
+            for seq in range(n + 1, len(new.update_log) + 1):
+                changes[_log_key(seq)] = new.update_log[seq - 1].encode("utf-8")
+        else:  # not an append: rewrite the log records
+            old_log = {_log_key(i): line.encode("utf-8") for i, line in enumerate(old.update_log, start=1)}
+            new_log = {_log_key(i): line.encode("utf-8") for i, line in enumerate(new.update_log, start=1)}
+            changes.update(record_changes(old_log, new_log))
+    return changes
+
+
+_MISSING = object()
+
+
+def _candidates(before: Mapping[str, Any], after: Mapping[str, Any]) -> tuple[list[str], list[str]]:
+    """(names in ``after`` whose value is not the very object ``before`` holds, names removed).
+
+    Fast path, at C speed, for the common commit (some values replaced, no name added or removed,
+    order kept as ``{**old, **changes}`` keeps it): compare the values pairwise by identity.
+    """
+    names = list(after)
+    if names == list(before):
+        return list(itertools.compress(names, map(operator.is_not, before.values(), after.values()))), []
+    changed = [name for name in names if before.get(name, _MISSING) is not after[name]]
+    return changed, [name for name in before if name not in after]
 
 
 def _pending_value(pending: PendingUpdate) -> bytes:

@@ -15,7 +15,7 @@ contain secret values. Nothing here does I/O.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 from marblekeep.errors import ManifestError, Problem
 from marblekeep.manifest.model import FileEntry, Manifest, Secret
@@ -27,15 +27,36 @@ _DUMMY = b"A"
 _DUMMY_SEAL_KEY = b"A" * 32
 
 
+class _DryRunSecrets(Mapping[str, Secret]):
+    """The manifest's secrets as the dry run sees them: the real value where one is given, else a
+    dummy. Built on access, so a dry run costs what the templates use, not the number of secrets."""
+
+    def __init__(self, manifest: Manifest, real: Mapping[str, Secret]) -> None:
+        self._defs = manifest.secrets
+        self._real = real
+        self._cache: dict[str, Secret] = {}
+
+    def __getitem__(self, name: str) -> Secret:
+        value = self._cache.get(name)
+        if value is None:
+            secret = self._defs[name]
+            given = self._real.get(name)
+            if given is not None and given.has_value:
+                value = given
+            else:
+                value = dataclasses.replace(secret, cert=_DUMMY, public=_DUMMY, private=_DUMMY)
+            self._cache[name] = value
+        return value
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._defs)
+
+    def __len__(self) -> int:
+        return len(self._defs)
+
+
 def _dummy_data(manifest: Manifest, secrets: Mapping[str, Secret] | None) -> TemplateData:
-    values: dict[str, Secret] = {}
-    real = secrets or {}
-    for name, secret in manifest.secrets.items():
-        given = real.get(name)
-        if given is not None and given.has_value:
-            values[name] = given
-        else:
-            values[name] = dataclasses.replace(secret, cert=_DUMMY, public=_DUMMY, private=_DUMMY)
+    values = _DryRunSecrets(manifest, secrets or {})
     reserved = ReservedSecret(cert=_DUMMY)
     return TemplateData(
         root_ca=reserved,

@@ -509,25 +509,38 @@ class SealedStore:
                 )
             if not checked:
                 return self._revision
-            elements = dict(self._state.elements)
+            # The element index is updated in place (copying it would cost the size of the state on
+            # every commit) and put back exactly as it was if the commit does not go through.
+            elements = self._state.elements
+            undo: dict[str, int | None] = {}
             digest = self._state.digest
             inner_writes: dict[str, bytes | None] = {}
-            for key, value in checked.items():
-                inner_key = DATA_PREFIX + key
-                old = elements.pop(inner_key, None)
-                if old is not None:
-                    digest = (digest - old) % _MOD
-                if value is None:
-                    inner_writes[inner_key] = None
-                else:
-                    blob = self._crypto.seal(inner_key, value)
-                    inner_writes[inner_key] = blob
-                    elements[inner_key] = self._crypto.element(inner_key, blob)
-                    digest = (digest + elements[inner_key]) % _MOD
-            state = _State(
-                self._state.store_id, self._state.epoch + 1, elements, digest, self._state.recovery_data
-            )
-            return await self._commit_inner(inner_writes, state, self._crypto)
+            try:
+                for key, value in checked.items():
+                    inner_key = DATA_PREFIX + key
+                    old = elements.pop(inner_key, None)
+                    undo.setdefault(inner_key, old)
+                    if old is not None:
+                        digest = (digest - old) % _MOD
+                    if value is None:
+                        inner_writes[inner_key] = None
+                    else:
+                        blob = self._crypto.seal(inner_key, value)
+                        inner_writes[inner_key] = blob
+                        elements[inner_key] = self._crypto.element(inner_key, blob)
+                        digest = (digest + elements[inner_key]) % _MOD
+                state = _State(
+                    self._state.store_id, self._state.epoch + 1, elements, digest, self._state.recovery_data
+                )
+                return await self._commit_inner(inner_writes, state, self._crypto)
+            except BaseException:
+                for inner_key, previous in undo.items():
+                    if previous is None:
+                        elements.pop(inner_key, None)
+                    else:
+                        elements[inner_key] = previous
+                self._stale = True  # re-read and re-verify the backend before trusting memory again
+                raise
 
     async def close(self) -> None:
         await self._inner.close()
