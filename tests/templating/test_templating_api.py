@@ -10,11 +10,11 @@ import pytest
 from templating_support import BYTES_0_15, make_data
 
 import marblekeep.templating as templating
-from testsupport import shared_path
 from marblekeep.errors import ManifestError, TemplateError
 from marblekeep.manifest.model import Secret, SecretType
 from marblekeep.templating import FunctionSet, ReservedSecret, Template, TemplateData, parse_template, render
 from marblekeep.templating import engine as engine_module
+from testsupport import shared_path
 
 
 def test_public_exports() -> None:
