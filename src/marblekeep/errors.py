@@ -54,6 +54,7 @@ __all__ = [
     "MarbleKeepError",
     "NotFoundError",
     "Problem",
+    "QuoteUnavailable",
     "RecoveryError",
     "RequestError",
     "RequestTooLarge",
@@ -154,6 +155,13 @@ class AttestationError(MarbleKeepError):
 
 class CollateralError(AttestationError):
     code = "collateral_unavailable"
+    http_status = 503
+
+
+class QuoteUnavailable(AttestationError):
+    """The Coordinator could not produce its own quote (the TEE's quoting failed): not the client's fault."""
+
+    code = "quote_unavailable"
     http_status = 503
 
 

@@ -55,6 +55,7 @@ from marblekeep.errors import (
     AttestationError,
     AuthorizationError,
     ConfigError,
+    QuoteUnavailable,
     RecoveryError,
     RequestTooLarge,
     StateError,
@@ -337,7 +338,13 @@ class Coordinator:
         if self.simulation or self.quote_issuer is None:
             return b""
         digest = hashlib.sha256(self._dep.ca.root.cert_der + (nonce or b"")).digest()
-        return self.quote_issuer.issue(digest + bytes(32))
+        try:
+            return self.quote_issuer.issue(digest + bytes(32))
+        except AttestationError as exc:
+            log.error("the Coordinator's own quote failed", extra={"reason": exc.message})
+            raise QuoteUnavailable(
+                f"the Coordinator cannot produce a quote right now: {exc.message}"
+            ) from None
 
     async def set_manifest(self, raw: bytes) -> dict[str, bytes]:
         """Validate and apply the first manifest; returns the recovery secrets (name → encrypted)."""

@@ -7,6 +7,7 @@ at a pinned time inside the collateral's validity window.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import shutil
 import uuid
@@ -18,7 +19,8 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from marblekeep.attestation.collateral import DirectoryCollateralSource
 from marblekeep.attestation.signquote import verify_sign_quote_signature
-from marblekeep.errors import ActivationRefused, AttestationError, AuthorizationError
+from marblekeep.errors import ActivationRefused, AttestationError, AuthorizationError, QuoteUnavailable
+from marblekeep.marble.evidence import GramineIssuer
 from marblekeep.marble.protocol import ActivationRequest, encode_activation_request
 from marblekeep.service import Coordinator, CoordinatorConfig
 from marblekeep.store.kek import SimulationKeyFileProvider
@@ -161,3 +163,41 @@ async def test_genuine_quote_not_bound_to_the_request_is_refused(
             await coord.activate(json.dumps(body).encode())
     finally:
         await _close(coord)
+
+
+class _FakeGramine:
+    """A directory laid out like Gramine's /dev/attestation, serving a fixed quote."""
+
+    def __init__(self, root: Path, quote: bytes) -> None:
+        root.mkdir()
+        (root / "attestation_type").write_text("dcap")
+        (root / "user_report_data").write_bytes(b"")
+        (root / "quote").write_bytes(quote)
+        self.root = root
+
+    @property
+    def report_data(self) -> bytes:
+        return (self.root / "user_report_data").read_bytes()
+
+
+async def test_coordinator_quote_binds_root_and_nonce(tmp_path: Path, sgx_quote: bytes) -> None:
+    """Outside simulation the quote endpoint asks Gramine for a quote over SHA-256(root DER ‖ nonce)."""
+    gramine = _FakeGramine(tmp_path / "attestation", sgx_quote)
+    coord = await Coordinator.open(
+        CoordinatorConfig(simulation=False, seal_dir=tmp_path / "seal"),
+        quote_issuer=GramineIssuer(gramine.root),
+        kek_provider=SimulationKeyFileProvider(tmp_path / "kek"),
+    )
+    try:
+        root_der = coord.deployment.ca.root.cert_der
+        assert coord.quote(b"nonce-1") == sgx_quote
+        assert gramine.report_data == hashlib.sha256(root_der + b"nonce-1").digest() + bytes(32)
+        assert coord.quote(None) == sgx_quote
+        assert gramine.report_data == hashlib.sha256(root_der).digest() + bytes(32)
+        # a broken quoting setup is the server's problem (503), not a refusal of the client
+        (gramine.root / "attestation_type").write_text("epid")
+        with pytest.raises(QuoteUnavailable, match="dcap") as err:
+            coord.quote(b"n")
+        assert err.value.http_status == 503
+    finally:
+        await coord.close()
