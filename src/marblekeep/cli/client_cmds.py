@@ -28,6 +28,7 @@ import click
 
 from marblekeep.attestation.collateral import DirectoryCollateralSource, PccsCollateralSource
 from marblekeep.attestation.dcap import Collateral
+from marblekeep.cli.files import read_file, save_recovery_data, write_output
 from marblekeep.client import (
     DEFAULT_ACCEPTED_TCB_STATUSES,
     Connection,
@@ -234,22 +235,8 @@ def _open(
         conn.client.close()
 
 
-def _write_output(data: bytes, output: Path | None, what: str) -> None:
-    if output is None:
-        click.echo(data, nl=False)
-        return
-    try:
-        output.write_bytes(data)
-    except OSError as exc:
-        raise ConfigError(f"cannot write {what} to {output} ({exc.strerror})") from None
-    click.echo(f"{what[0].upper()}{what[1:]} written to {output}", err=True)
-
-
 def _read_manifest(path: Path) -> bytes:
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise click.FileError(str(path), hint=exc.strerror or "cannot be read") from None
+    data = read_file(path)
     try:
         return yaml_to_json(data)
     except ManifestError as exc:
@@ -297,7 +284,7 @@ def _certificate_command(which: str, summary: str) -> click.Command:
     @_handle_errors
     def command(addr: str, output: Path | None, **kwargs: Any) -> None:
         with _open(addr, kwargs) as conn:
-            _write_output(conn.cert_quote.pem(which), output, f"{which} certificate")
+            write_output(conn.cert_quote.pem(which), output, f"{which} certificate")
 
     command.__doc__ = (
         f"{summary}\n\n"
@@ -358,22 +345,12 @@ def manifest_set(file: Path, addr: str, recoverydata: Path | None, **kwargs: Any
         if recoverydata is not None:
             click.echo("The manifest has no RecoveryKeys: no recovery data to save.", err=True)
         return
-    doc = {"RecoverySecrets": {name: base64.b64encode(value).decode() for name, value in secrets.items()}}
-    text = json.dumps(doc, indent=2) + "\n"
-    if recoverydata is None:
-        click.echo("Recovery data (keep it safe; it is needed to recover the Coordinator):", err=True)
-        click.echo(text, nl=False)
-        return
-    try:
-        fd = os.open(recoverydata, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-    except OSError as exc:
-        click.echo(text, nl=False)
-        raise ConfigError(
-            f"cannot write the recovery data to {recoverydata} ({exc.strerror}); it is printed above: save it"
-        ) from None
-    click.echo(f"Recovery data saved to {recoverydata}", err=True)
+    save_recovery_data(
+        {name: base64.b64encode(value).decode() for name, value in secrets.items()},
+        recoverydata,
+        heading="Recovery data (keep it safe; it is needed to recover the Coordinator):",
+        saved="Recovery data saved to",
+    )
 
 
 @click.command("get")
@@ -424,7 +401,7 @@ def manifest_get(
             "Manifest": manifest_json(data),
         }
         data = (json.dumps(doc, indent=2) + "\n").encode()
-    _write_output(data, output, "manifest")
+    write_output(data, output, "manifest")
 
 
 def _expected_fingerprint(target: str) -> tuple[str, str]:

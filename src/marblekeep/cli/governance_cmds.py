@@ -19,7 +19,6 @@ import base64
 import binascii
 import json
 import os
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,58 +31,30 @@ from marblekeep.cli.client_cmds import (
     _open,
     _read_manifest,
     _trust_options,
-    _write_output,
     client_cert_pair,
     user_cert_options,
 )
-from marblekeep.client import CoordinatorClient, clean_text, default_cert_path, load_pinned_root
+from marblekeep.cli.files import read_file, save_recovery_data, write_output
+from marblekeep.client import UpdateAnswer, clean_text, default_cert_path, load_pinned_root
 from marblekeep.core.auditlog import LogHead, LogVerification, parse_head, verify_log
 from marblekeep.crypto.pki import der_to_pem
-from marblekeep.errors import ConfigError, CoordinatorError, RequestError
+from marblekeep.errors import ConfigError, RequestError
 
 __all__ = ["add_governance_commands", "log_group", "secret", "update"]
 
 
-# ---------------------------------------------------------------------------------- SDK calls
+# ---------------------------------------------------------------------------------- helpers
 
 
-def _call(
-    client: CoordinatorClient, v2: tuple[str, str, dict[str, Any]], v1: tuple[str, str, dict[str, Any]]
-) -> tuple[int, Any]:
-    return client._v2_or_v1(v2, v1)  # the SDK's v2-then-v1 request with JSend decoding
-
-
-def _object(data: Any, what: str) -> dict[str, Any]:
-    if not isinstance(data, dict):
-        raise CoordinatorError(f"{what}: the answer's data is not a JSON object")
-    return data
-
-
-def _recovery(doc: Mapping[str, Any]) -> dict[str, str]:
-    secrets = doc.get("recoverySecrets")
-    if not isinstance(secrets, dict):
-        return {}
-    return {str(k): v for k, v in secrets.items() if isinstance(v, str)}
-
-
-def _save_recovery(secrets: Mapping[str, str], path: Path | None) -> None:
-    if not secrets:
+def _save_recovery(answer: UpdateAnswer, path: Path | None) -> None:
+    if not answer.recovery_secrets:
         return
-    text = json.dumps({"RecoverySecrets": dict(secrets)}, indent=2) + "\n"
-    if path is None:
-        click.echo("The update changed the recovery keys. New recovery data (keep it safe):", err=True)
-        click.echo(text, nl=False)
-        return
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-    except OSError as exc:
-        click.echo(text, nl=False)
-        raise ConfigError(
-            f"cannot write the recovery data to {path} ({exc.strerror}); it is printed above: save it"
-        ) from None
-    click.echo(f"New recovery data saved to {path}", err=True)
+    save_recovery_data(
+        answer.recovery_secrets,
+        path,
+        heading="The update changed the recovery keys. New recovery data (keep it safe):",
+        saved="New recovery data saved to",
+    )
 
 
 def _user(cert: Path | None, key: Path | None) -> tuple[Path, Path]:
@@ -173,23 +144,9 @@ def secret_get(
       marblekeep secret get api_key localhost:4433 -c alice.crt -k alice.key -o secrets.json
     """
     with _open(addr, kwargs, _user(cert, key)) as conn:
-        params = [("s", name) for name in names]
-        version, data = _call(
-            conn.client,
-            ("GET", "/api/v2/secrets", {"params": params}),
-            ("GET", "/secrets", {"params": params}),
-        )
-    doc = _object(data, "secret get")
-    secrets = _object(doc.get("secrets"), "secret get") if version == 2 else doc
+        secrets = conn.client.read_secrets(names)
     if output is not None:
-        text = json.dumps(secrets, indent=2) + "\n"
-        try:
-            fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
-        except OSError as exc:
-            raise ConfigError(f"cannot write the secrets to {output} ({exc.strerror})") from None
-        click.echo(f"Secrets written to {output}", err=True)
+        write_output((json.dumps(secrets, indent=2) + "\n").encode(), output, "secrets", private=True)
         return
     for name in names:
         if name in secrets:
@@ -256,10 +213,7 @@ def secret_set(
       marblekeep secret set secrets.json localhost:4433 -c alice.crt -k alice.key
       marblekeep secret set tls.pem localhost:4433 -c alice.crt -k alice.key --from-pem web_cert
     """
-    try:
-        data = file.read_bytes()
-    except OSError as exc:
-        raise click.FileError(str(file), hint=exc.strerror or "cannot be read") from None
+    data = read_file(file)
     if from_pem is not None:
         upload = _pem_upload(data, from_pem)
     else:
@@ -272,11 +226,7 @@ def secret_set(
                 f"{file}: must be a JSON object mapping secret names to {{Cert, Private, Key}}"
             )
     with _open(addr, kwargs, _user(cert, key)) as conn:
-        _call(
-            conn.client,
-            ("POST", "/api/v2/secrets", {"json": {"secrets": upload}}),
-            ("POST", "/secrets", {"json": upload}),
-        )
+        conn.client.write_secrets(upload)
     click.echo(f"Secret{'s' if len(upload) != 1 else ''} set: {', '.join(sorted(upload))}")
 
 
@@ -289,10 +239,10 @@ def update() -> None:
     acknowledgement of the users who hold UpdateManifest."""
 
 
-def _print_missing(missing: Any, users: Any) -> None:
-    if isinstance(missing, int) and missing > 0:
-        names = ", ".join(clean_text(str(u)) for u in users) if isinstance(users, list) else ""
-        click.echo(f"{missing} acknowledgement(s) missing; waiting for: {names}")
+def _print_missing(answer: UpdateAnswer) -> None:
+    if answer.missing_acknowledgments > 0:
+        names = ", ".join(clean_text(u) for u in answer.missing_users)
+        click.echo(f"{answer.missing_acknowledgments} acknowledgement(s) missing; waiting for: {names}")
 
 
 @update.command("apply")
@@ -319,19 +269,13 @@ def update_apply(
     """
     raw = _read_manifest(file)
     with _open(addr, kwargs, _user(cert, key)) as conn:
-        version, data = _call(
-            conn.client,
-            ("POST", "/api/v2/update", {"json": {"manifest": base64.b64encode(raw).decode()}}),
-            ("POST", "/update", {"content": raw}),
-        )
-    doc = data if isinstance(data, dict) and version == 2 else {}
-    missing = doc.get("missingAcknowledgments", 0)
-    if isinstance(missing, int) and missing > 0:
+        answer = conn.client.apply_update(raw)
+    if answer.missing_acknowledgments > 0:
         click.echo("Update proposed.")
-        _print_missing(missing, doc.get("missingUsers"))
+        _print_missing(answer)
     else:
         click.echo("Update applied. Restart running Marbles to pick up the change.")
-    _save_recovery(_recovery(doc), recoverydata)
+    _save_recovery(answer, recoverydata)
 
 
 @update.command("acknowledge")
@@ -358,18 +302,9 @@ def update_acknowledge(
     """
     raw = _read_manifest(file)
     with _open(addr, kwargs, _user(cert, key)) as conn:
-        version, data = _call(
-            conn.client,
-            ("POST", "/api/v2/update-manifest", {"json": {"manifest": base64.b64encode(raw).decode()}}),
-            ("POST", "/update-manifest", {"content": raw}),
-        )
-    if version == 2:
-        doc = _object(data, "acknowledge")
-        message = doc.get("message")
-        click.echo(clean_text(message) if isinstance(message, str) else "Acknowledged.")
-        _save_recovery(_recovery(doc), recoverydata)
-    else:
-        click.echo(clean_text(data) if isinstance(data, str) else "Acknowledged.")
+        answer = conn.client.acknowledge_update(raw)
+    click.echo(clean_text(answer.message) if answer.message is not None else "Acknowledged.")
+    _save_recovery(answer, recoverydata)
 
 
 @update.command("cancel")
@@ -385,11 +320,8 @@ def update_cancel(addr: str, cert: Path | None, key: Path | None, **kwargs: Any)
       marblekeep manifest update cancel localhost:4433 -c alice.crt -k alice.key
     """
     with _open(addr, kwargs, _user(cert, key)) as conn:
-        version, data = _call(
-            conn.client, ("POST", "/api/v2/update-cancel", {}), ("POST", "/update-cancel", {})
-        )
-    message = _object(data, "cancel").get("message") if version == 2 else data
-    click.echo(clean_text(message) if isinstance(message, str) else "Update cancelled.")
+        answer = conn.client.cancel_update()
+    click.echo(clean_text(answer.message) if answer.message is not None else "Update cancelled.")
 
 
 @update.command("get")
@@ -408,23 +340,13 @@ def update_get(addr: str, missing: bool, output: Path | None, **kwargs: Any) -> 
       marblekeep manifest update get localhost:4433 --missing
     """
     with _open(addr, kwargs) as conn:
-        _version, data = _call(
-            conn.client, ("GET", "/api/v2/update-manifest", {}), ("GET", "/update-manifest", {})
-        )
-    doc = _object(data, "pending update")
+        pending = conn.client.pending_update()
     if missing:
-        message = doc.get("message")
-        users = doc.get("missingUsers")
-        click.echo(clean_text(message) if isinstance(message, str) else "")
-        if isinstance(users, list) and users:
-            click.echo("Missing: " + ", ".join(clean_text(str(u)) for u in users))
+        click.echo(clean_text(pending.message) if pending.message is not None else "")
+        if pending.missing_users:
+            click.echo("Missing: " + ", ".join(clean_text(u) for u in pending.missing_users))
         return
-    value = doc.get("manifest")
-    try:
-        raw = base64.b64decode(value if isinstance(value, str) else "", validate=True)
-    except (binascii.Error, ValueError):
-        raise CoordinatorError("pending update: the manifest in the answer is not valid base64") from None
-    _write_output(raw, output, "pending update manifest")
+    write_output(pending.manifest, output, "pending update manifest")
 
 
 # ---------------------------------------------------------------------------------- audit log
@@ -433,15 +355,6 @@ def update_get(addr: str, missing: bool, output: Path | None, **kwargs: Any) -> 
 @click.group("log")
 def log_group() -> None:
     """Export and verify the tamper-evident update log (docs/governance.md)."""
-
-
-def _fetch_log(client: CoordinatorClient) -> dict[str, Any]:
-    data = client._request("GET", "/api/v2/update")
-    return _object(data, "update log")
-
-
-def _export(doc: Mapping[str, Any]) -> dict[str, Any]:
-    return {"updateLog": doc.get("updateLog") or [], "updateLogHead": doc.get("updateLogHead")}
 
 
 @log_group.command("get")
@@ -457,17 +370,15 @@ def log_get(addr: str, output: Path | None, **kwargs: Any) -> None:
       marblekeep log get localhost:4433 -o update-log.json
     """
     with _open(addr, kwargs) as conn:
-        doc = _export(_fetch_log(conn.client))
-    _write_output((json.dumps(doc, indent=2) + "\n").encode(), output, "update log")
+        log = conn.client.update_log_with_head()
+    doc = {"updateLog": list(log.lines), "updateLogHead": log.head}
+    write_output((json.dumps(doc, indent=2) + "\n").encode(), output, "update log")
 
 
 def _load_export(path: Path) -> tuple[list[str], LogHead | None]:
     """An exported log: ``log get`` JSON, the data or the whole JSend answer of GET /api/v2/update,
     or bare JSON lines (no head)."""
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise click.FileError(str(path), hint=exc.strerror or "cannot be read") from None
+    data = read_file(path)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
@@ -551,12 +462,9 @@ def log_verify(addr: str | None, file: Path | None, root_cert: Path | None, **kw
         return
     assert addr is not None
     with _open(addr, kwargs) as conn:
-        doc = _fetch_log(conn.client)
+        log = conn.client.update_log_with_head()
         root = root or conn.cert_quote.root
-    served = doc.get("updateLog") or []
-    if not isinstance(served, list) or not all(isinstance(line, str) for line in served):
-        raise CoordinatorError("update log: updateLog in the answer is not a list of strings")
-    _report(verify_log(served, parse_head(doc.get("updateLogHead")), root))
+    _report(verify_log(list(log.lines), parse_head(log.head), root))
 
 
 # ---------------------------------------------------------------------------------- registration

@@ -41,7 +41,6 @@ import binascii
 import dataclasses
 import inspect
 import json
-import os
 import string
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
@@ -60,8 +59,8 @@ from marblekeep.cli.client_cmds import (
     _settings,
     _trust_options,
     _warn,
-    _write_output,
 )
+from marblekeep.cli.files import write_output
 from marblekeep.client import Connection, CoordinatorClient, clean_text, connect, load_pinned_root
 from marblekeep.errors import ConfigError, CoordinatorError, MarbleKeepError, RecoveryError
 from marblekeep.recovery import (
@@ -83,8 +82,6 @@ __all__ = [
 
 #: Lengths of a plaintext recovery secret: a legacy 16-byte or a 32-byte DEK/XOR share, a Shamir share.
 PLAINTEXT_SECRET_SIZES = (16, 32, 33)
-RECOVER_PATH = "/api/v2/recover"
-PUBLIC_KEY_PATH = "/api/v2/recover/public-key"
 MAX_INPUT_BYTES = 1 << 20
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -255,16 +252,6 @@ def _private_key(path: Path, password_file: Path | None) -> rsa.RSAPrivateKey:
         raise RecoveryError(f"{path}: {exc.message}") from None
 
 
-def _write_private(path: Path, data: bytes, what: str) -> None:
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-    except OSError as exc:
-        raise ConfigError(f"cannot write {what} to {path} ({exc.strerror})") from None
-    click.echo(f"{what[0].upper()}{what[1:]} written to {path}", err=True)
-
-
 def _secret_from_file(secret_file: Path, name: str | None, key: rsa.RSAPrivateKey | None) -> bytes:
     source = str(secret_file)
     return plaintext_secret(
@@ -346,22 +333,13 @@ def _confirm_root(addr: str, pin: Path) -> None:
 
 
 def _upload(addr: str, secret: bytes, signature: bytes, kwargs: dict[str, Any]) -> None:
-    body = {
-        "recoverySecret": base64.b64encode(secret).decode(),
-        "recoverySecretSignature": base64.b64encode(signature).decode(),
-    }
     with _attested(addr, kwargs) as (conn, pin):
         try:
-            data = conn.client._request("POST", RECOVER_PATH, json=body)  # the SDK's JSend request
+            answer = conn.client.recover(secret, signature)
         except CoordinatorError as exc:
             raise _not_in_recovery_hint(conn.client, addr, exc) from None
-    if not isinstance(data, dict):
-        raise CoordinatorError("recover: the answer's data is not a JSON object")
-    remaining, message = data.get("remaining"), data.get("message")
-    if isinstance(remaining, bool) or not isinstance(remaining, int) or not isinstance(message, str):
-        raise CoordinatorError("recover: the answer lacks remaining (integer) or message (text)")
-    click.echo(clean_text(message))
-    if remaining == 0:
+    click.echo(clean_text(answer.message))
+    if answer.remaining == 0:
         _confirm_root(addr, pin)
 
 
@@ -493,21 +471,12 @@ def public_key(addr: str, output: Path | None, **kwargs: Any) -> None:
     """
     with _attested(addr, kwargs) as (conn, _pin):
         try:
-            data = conn.client._request("GET", PUBLIC_KEY_PATH)
+            der = conn.client.recovery_public_key()
         except CoordinatorError as exc:
             raise _not_in_recovery_hint(conn.client, addr, exc) from None
-    value = data.get("ephemeralPublicKey") if isinstance(data, dict) else None
-    if not isinstance(value, str):
-        raise CoordinatorError("recover public-key: the answer lacks ephemeralPublicKey (base64 DER)")
-    der = _base64_text(value.encode("ascii", "replace"))
-    if der is None:
-        raise CoordinatorError("recover public-key: ephemeralPublicKey is not base64")
-    try:
-        key = serialization.load_der_public_key(der)
-    except ValueError:
-        raise CoordinatorError("recover public-key: ephemeralPublicKey is not a DER public key") from None
+    key = serialization.load_der_public_key(der)
     pem = key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-    _write_output(pem, output, "the Coordinator's recovery public key")
+    write_output(pem, output, "the Coordinator's recovery public key")
 
 
 @recover.command("encrypt-secret")
@@ -544,7 +513,7 @@ def encrypt_secret(
     der = load_coordinator_public_key(_read(coordinator_pub_key, "public key file"), str(coordinator_pub_key))
     private = _private_key(key, key_password_file) if key is not None else None
     secret = _secret_from_file(secret_file, name, private)
-    _write_private(output, encrypt_for_coordinator(secret, der), "the encrypted recovery secret")
+    write_output(encrypt_for_coordinator(secret, der), output, "the encrypted recovery secret", private=True)
 
 
 @recover.command("sign-secret")
@@ -567,7 +536,7 @@ def sign_secret(
     """
     private = _private_key(key, key_password_file)
     secret = _secret_from_file(secret_file, name, private)
-    _write_private(output, sign_recovery_secret(secret, private), "the signature")
+    write_output(sign_recovery_secret(secret, private), output, "the signature", private=True)
 
 
 recover_with_signature = click.Command(

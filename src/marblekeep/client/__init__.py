@@ -6,13 +6,19 @@ Public API::
             now=..., warn=...) -> Connection          # attest on first contact, pin, then TLS-pinned
     CoordinatorClient(addr, root, client_cert=None)  # .status() .quote(nonce) .manifest()
                                                      # .set_manifest(raw) .update_log()
+                                                     # .pending_update() -> PendingUpdateInfo
+                                                     # .update_log_with_head() -> SignedUpdateLog
+        # user endpoints (client_cert of a manifest user): .read_secrets(names) .write_secrets(upload)
+        #     .apply_update(raw) / .acknowledge_update(raw) / .cancel_update() -> UpdateAnswer
+        # recovery mode: .recover(secret, signature) -> RecoverAnswer, .recovery_public_key() -> DER
     CoordinatorClient.unverified(addr)               # no TLS authentication (first-contact quote only)
     parse_era_config(data, source) -> EraConfig
     verify_coordinator_quote(quote, root, nonce, era, accepted_tcb_statuses, collateral, now)
     default_cert_path(env, home) / load_pinned_root(path) / save_pinned_root(path, cert)
     pinned_context(root, client_cert=None) -> PinnedRootContext
 
-Every call tries the v2 endpoint and falls back to v1 when the Coordinator answers 405.
+Every call tries the v2 endpoint and falls back to v1 when the Coordinator answers 405
+(``update_log_with_head``, ``recover`` and ``recovery_public_key`` exist in v2 only).
 Errors (all from :mod:`marblekeep.errors`)::
 
     CoordinatorError          the Coordinator failed the request (its message), sent something that
@@ -25,7 +31,18 @@ Errors (all from :mod:`marblekeep.errors`)::
     ConfigError               bad local input: era config, client certificate, pin file
 """
 
-from marblekeep.client.api import CertQuote, CoordinatorClient, ManifestInfo, Status, base_url, manifest_json
+from marblekeep.client.api import (
+    CertQuote,
+    CoordinatorClient,
+    ManifestInfo,
+    PendingUpdateInfo,
+    RecoverAnswer,
+    SignedUpdateLog,
+    Status,
+    UpdateAnswer,
+    base_url,
+    manifest_json,
+)
 from marblekeep.client.attest import (
     DEFAULT_ACCEPTED_TCB_STATUSES,
     EraConfig,
@@ -53,9 +70,13 @@ __all__ = [
     "EraConfig",
     "ManifestInfo",
     "NotFromPinnedRoot",
+    "PendingUpdateInfo",
     "PinnedRootContext",
+    "RecoverAnswer",
+    "SignedUpdateLog",
     "Status",
     "TrustSettings",
+    "UpdateAnswer",
     "base_url",
     "clean_text",
     "connect",

@@ -15,7 +15,7 @@ import ipaddress
 import json
 import re
 import ssl
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -35,7 +35,11 @@ __all__ = [
     "CertQuote",
     "CoordinatorClient",
     "ManifestInfo",
+    "PendingUpdateInfo",
+    "RecoverAnswer",
+    "SignedUpdateLog",
     "Status",
+    "UpdateAnswer",
     "base_url",
     "manifest_json",
 ]
@@ -136,6 +140,56 @@ class ManifestInfo:
             )
 
 
+@dataclass(frozen=True)
+class UpdateAnswer:
+    """The answer to a manifest update, an acknowledgement or a cancellation.
+
+    ``message`` is the Coordinator's text as sent (v2 ``message``, or the v1 answer), None when
+    it sent none; ``missing_acknowledgments`` and ``missing_users`` say who still has to
+    acknowledge a full update (0 and ``()`` once it applied); ``recovery_secrets`` holds the new
+    recovery secrets (name → base64, as sent) when the update changed the recovery keys.
+    """
+
+    message: str | None = None
+    missing_acknowledgments: int = 0
+    missing_users: tuple[str, ...] = ()
+    recovery_secrets: Mapping[str, str] = field(default_factory=dict, repr=False)
+
+
+@dataclass(frozen=True)
+class PendingUpdateInfo:
+    """The pending full update: the Coordinator's ``message``, who has not acknowledged yet,
+    and the proposed manifest (:attr:`manifest`, byte for byte)."""
+
+    message: str | None
+    missing_users: tuple[str, ...]
+    manifest_base64: str
+
+    @property
+    def manifest(self) -> bytes:
+        try:
+            return base64.b64decode(self.manifest_base64, validate=True)
+        except (binascii.Error, ValueError):
+            raise CoordinatorError("pending update: the manifest in the answer is not valid base64") from None
+
+
+@dataclass(frozen=True)
+class SignedUpdateLog:
+    """``GET /api/v2/update``: the log lines as the Coordinator wrote them (not sanitised: they
+    are hashed) and ``head``, its signed head as sent (None from a Coordinator without one)."""
+
+    lines: tuple[str, ...]
+    head: Any
+
+
+@dataclass(frozen=True)
+class RecoverAnswer:
+    """``POST /api/v2/recover``: how many secrets are still missing, and the Coordinator's text."""
+
+    remaining: int
+    message: str
+
+
 def _b64(value: Any, name: str, what: str, *, allow_empty: bool = False) -> bytes:
     if value is None and allow_empty:
         return b""
@@ -151,6 +205,27 @@ def _object(data: Any, what: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise CoordinatorError(f"{what}: the answer's data is not a JSON object")
     return data
+
+
+def _recovery_secrets(doc: Mapping[str, Any]) -> dict[str, str]:
+    secrets = doc.get("recoverySecrets")
+    if not isinstance(secrets, dict):
+        return {}
+    return {str(k): v for k, v in secrets.items() if isinstance(v, str)}
+
+
+def _names(users: Any) -> tuple[str, ...]:
+    return tuple(str(u) for u in users) if isinstance(users, list) else ()
+
+
+def _update_answer(doc: Mapping[str, Any]) -> UpdateAnswer:
+    message, missing = doc.get("message"), doc.get("missingAcknowledgments", 0)
+    return UpdateAnswer(
+        message=message if isinstance(message, str) else None,
+        missing_acknowledgments=missing if isinstance(missing, int) else 0,
+        missing_users=_names(doc.get("missingUsers")),
+        recovery_secrets=_recovery_secrets(doc),
+    )
 
 
 def _cause_chain(exc: BaseException) -> Iterator[BaseException]:
@@ -367,6 +442,113 @@ class CoordinatorClient:
         if not isinstance(lines, list) or not all(isinstance(line, str) for line in lines):
             raise CoordinatorError("update log: updateLog in the answer is not a list of strings")
         return [clean_text(line) for line in lines]
+
+    # ------------------------------------------------------------------- governance (user endpoints)
+
+    def read_secrets(self, names: Sequence[str]) -> dict[str, Any]:
+        """The secrets ``names`` as MarbleRun Secret objects (name → JSON object, base64 values).
+
+        Needs a user with ReadSecret; each read is recorded in the Coordinator's update log.
+        """
+        params = [("s", name) for name in names]
+        version, data = self._v2_or_v1(
+            ("GET", "/api/v2/secrets", {"params": params}), ("GET", "/secrets", {"params": params})
+        )
+        doc = _object(data, "secret get")
+        return _object(doc.get("secrets"), "secret get") if version == 2 else doc
+
+    def write_secrets(self, upload: Mapping[str, Any]) -> None:
+        """Set user-defined secrets, all or nothing: name → ``{"Cert", "Private", "Key"}`` (base64).
+
+        Needs a user with WriteSecret.
+        """
+        self._v2_or_v1(
+            ("POST", "/api/v2/secrets", {"json": {"secrets": dict(upload)}}),
+            ("POST", "/secrets", {"json": dict(upload)}),
+        )
+
+    def apply_update(self, raw: bytes) -> UpdateAnswer:
+        """Propose a manifest update: a package update applies at once, a full manifest once
+        enough users acknowledged it (the proposer counts as one). Needs UpdateManifest or
+        UpdateSecurityVersion."""
+        version, data = self._v2_or_v1(
+            ("POST", "/api/v2/update", {"json": {"manifest": base64.b64encode(raw).decode()}}),
+            ("POST", "/update", {"content": raw}),
+        )
+        return _update_answer(data if isinstance(data, dict) and version == 2 else {})
+
+    def acknowledge_update(self, raw: bytes) -> UpdateAnswer:
+        """Acknowledge the pending update; ``raw`` must be byte-identical to it."""
+        version, data = self._v2_or_v1(
+            ("POST", "/api/v2/update-manifest", {"json": {"manifest": base64.b64encode(raw).decode()}}),
+            ("POST", "/update-manifest", {"content": raw}),
+        )
+        if version == 2:
+            return _update_answer(_object(data, "acknowledge"))
+        return UpdateAnswer(message=data if isinstance(data, str) else None)
+
+    def cancel_update(self) -> UpdateAnswer:
+        """Cancel the pending update (needs UpdateManifest)."""
+        version, data = self._v2_or_v1(("POST", "/api/v2/update-cancel", {}), ("POST", "/update-cancel", {}))
+        message = _object(data, "cancel").get("message") if version == 2 else data
+        return UpdateAnswer(message=message if isinstance(message, str) else None)
+
+    def pending_update(self) -> PendingUpdateInfo:
+        """The pending full update (anyone may read it); 404 :class:`CoordinatorError` when none."""
+        _version, data = self._v2_or_v1(
+            ("GET", "/api/v2/update-manifest", {}), ("GET", "/update-manifest", {})
+        )
+        doc = _object(data, "pending update")
+        message, value = doc.get("message"), doc.get("manifest")
+        return PendingUpdateInfo(
+            message=message if isinstance(message, str) else None,
+            missing_users=_names(doc.get("missingUsers")),
+            manifest_base64=value if isinstance(value, str) else "",
+        )
+
+    def update_log_with_head(self) -> SignedUpdateLog:
+        """The update log with its signed head (v2 only: ``GET /api/v2/update``), for verification."""
+        doc = _object(self._request("GET", "/api/v2/update"), "update log")
+        lines = doc.get("updateLog") or []
+        if not isinstance(lines, list) or not all(isinstance(line, str) for line in lines):
+            raise CoordinatorError("update log: updateLog in the answer is not a list of strings")
+        return SignedUpdateLog(lines=tuple(lines), head=doc.get("updateLogHead"))
+
+    # ------------------------------------------------------------------------------------ recovery
+
+    def recover(self, secret: bytes, signature: bytes) -> RecoverAnswer:
+        """Upload one recovery secret and its signature (``POST /api/v2/recover``, status 1 only)."""
+        body = {
+            "recoverySecret": base64.b64encode(secret).decode(),
+            "recoverySecretSignature": base64.b64encode(signature).decode(),
+        }
+        data = self._request("POST", "/api/v2/recover", json=body)
+        if not isinstance(data, dict):
+            raise CoordinatorError("recover: the answer's data is not a JSON object")
+        remaining, message = data.get("remaining"), data.get("message")
+        if isinstance(remaining, bool) or not isinstance(remaining, int) or not isinstance(message, str):
+            raise CoordinatorError("recover: the answer lacks remaining (integer) or message (text)")
+        return RecoverAnswer(remaining=remaining, message=message)
+
+    def recovery_public_key(self) -> bytes:
+        """The Coordinator's ephemeral RSA key for encrypted recovery uploads (SubjectPublicKeyInfo
+        DER). It lives only as long as the Coordinator process (status 1 only)."""
+        data = self._request("GET", "/api/v2/recover/public-key")
+        value = data.get("ephemeralPublicKey") if isinstance(data, dict) else None
+        if not isinstance(value, str):
+            raise CoordinatorError("recover public-key: the answer lacks ephemeralPublicKey (base64 DER)")
+        compact = "".join(value.split())
+        try:
+            der = base64.b64decode(compact, validate=True) if compact else None
+        except (binascii.Error, ValueError):
+            der = None
+        if der is None:
+            raise CoordinatorError("recover public-key: ephemeralPublicKey is not base64")
+        try:
+            serialization.load_der_public_key(der)
+        except ValueError:
+            raise CoordinatorError("recover public-key: ephemeralPublicKey is not a DER public key") from None
+        return der
 
 
 def manifest_json(raw: bytes) -> Any:
