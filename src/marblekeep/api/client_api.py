@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import logging
 import re
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 from aiohttp import web
 
 from marblekeep.api import jsend
+from marblekeep.api.body import base64_field, json_object, parse_json_object
 from marblekeep.api.tls import match_user
 from marblekeep.core.deployment import CoordinatorState
 from marblekeep.errors import (
@@ -30,7 +30,7 @@ from marblekeep.errors import (
 )
 from marblekeep.service import Coordinator
 
-__all__ = ["COORDINATOR_KEY", "add_client_routes"]
+__all__ = ["COORDINATOR_KEY", "add_client_routes", "authenticated_user", "coordinator_of"]
 
 log = logging.getLogger("marblekeep.api")
 
@@ -40,29 +40,9 @@ _URLSAFE_B64 = re.compile(r"\A[A-Za-z0-9_-]*={0,2}\Z")
 _URLSAFE_TO_STD = str.maketrans("-_", "+/")
 
 
-def _coord(request: web.Request) -> Coordinator:
+def coordinator_of(request: web.Request) -> Coordinator:
+    """The :class:`Coordinator` the route serves (set on the application by api/server.py)."""
     return request.app[COORDINATOR_KEY]
-
-
-async def _json_body(request: web.Request) -> dict[str, Any]:
-    raw = await request.read()
-    try:
-        doc = json.loads(raw)
-    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: deep nesting
-        raise RequestError("request body is not valid JSON: send a JSON object") from None
-    if not isinstance(doc, dict):
-        raise RequestError("request body must be a JSON object")
-    return doc
-
-
-def _b64_field(doc: dict[str, Any], name: str) -> bytes:
-    value = doc.get(name)
-    if not isinstance(value, str):
-        raise RequestError(f"{name}: missing or not a string: send the value as standard base64")
-    try:
-        return base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        raise RequestError(f"{name}: not valid standard base64") from None
 
 
 def authenticated_user(request: web.Request) -> str:
@@ -73,7 +53,7 @@ def authenticated_user(request: web.Request) -> str:
     """
     ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
     leaf = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
-    user = match_user(leaf, _coord(request).user_certificates)
+    user = match_user(leaf, coordinator_of(request).user_certificates)
     if user is None:
         raise AuthenticationError(
             "unauthorized user: client certificate did not match any MarbleRun users "
@@ -96,7 +76,7 @@ def _simulation_extras(coord: Coordinator) -> dict[str, Any]:
 
 
 async def status_v2(request: web.Request) -> web.Response:
-    coord = _coord(request)
+    coord = coordinator_of(request)
     code, message = coord.status()
     data: dict[str, Any] = {"code": code, "message": message, **_simulation_extras(coord)}
     if coord.state is CoordinatorState.RECOVERY and coord.recovery_reason:
@@ -125,7 +105,7 @@ def _nonce(request: web.Request) -> bytes | None:
 
 
 async def quote_v2(request: web.Request) -> web.Response:
-    coord = _coord(request)
+    coord = coordinator_of(request)
     quote = coord.quote(_nonce(request))
     data = {
         "cert": coord.certificate_chain_pem().decode(),
@@ -136,7 +116,7 @@ async def quote_v2(request: web.Request) -> web.Response:
 
 
 async def manifest_get_v2(request: web.Request) -> web.Response:
-    current = _coord(request).manifest()
+    current = coordinator_of(request).manifest()
     if current is None:
         return jsend.fail("no manifest has been set yet: set one with `marblekeep manifest set`", 404)
     raw, signature, fingerprint = current
@@ -154,17 +134,17 @@ def _recovery_secrets_json(secrets: dict[str, bytes]) -> dict[str, str]:
 
 
 async def manifest_post_v2(request: web.Request) -> web.Response:
-    doc = await _json_body(request)
-    raw = _b64_field(doc, "manifest")
-    secrets = await _coord(request).set_manifest(raw)
+    doc = await json_object(request)
+    raw = base64_field(doc, "manifest")
+    secrets = await coordinator_of(request).set_manifest(raw)
     return jsend.success({"RecoverySecrets": _recovery_secrets_json(secrets)})
 
 
 async def sign_quote_v2(request: web.Request) -> web.Response:
-    doc = await _json_body(request)
-    quote = _b64_field(doc, "sgxQuote")
+    doc = await json_object(request)
+    quote = base64_field(doc, "sgxQuote")
     try:
-        status, signature = await _coord(request).sign_quote(quote)
+        status, signature = await coordinator_of(request).sign_quote(quote)
     except AuthorizationError as exc:
         return jsend.error(exc.message, 403)
     except AttestationError as exc:
@@ -183,13 +163,13 @@ def _deprecated(request: web.Request) -> None:
 
 async def status_v1(request: web.Request) -> web.Response:
     _deprecated(request)
-    code, message = _coord(request).status()
+    code, message = coordinator_of(request).status()
     return jsend.success({"StatusCode": code, "StatusMessage": message})
 
 
 async def quote_v1(request: web.Request) -> web.Response:
     _deprecated(request)
-    coord = _coord(request)
+    coord = coordinator_of(request)
     quote = coord.quote(None)
     return jsend.success(
         {"Cert": coord.certificate_chain_pem().decode(), "Quote": base64.b64encode(quote).decode()}
@@ -198,7 +178,7 @@ async def quote_v1(request: web.Request) -> web.Response:
 
 async def manifest_get_v1(request: web.Request) -> web.Response:
     _deprecated(request)
-    current = _coord(request).manifest()
+    current = coordinator_of(request).manifest()
     if current is None:  # MarbleRun answers 200 with empty fields here
         return jsend.success({"ManifestSignatureRootECDSA": None, "ManifestSignature": "", "Manifest": None})
     raw, signature, fingerprint = current
@@ -215,7 +195,7 @@ async def manifest_post_v1(request: web.Request) -> web.Response:
     _deprecated(request)
     raw = await request.read()
     try:
-        secrets = await _coord(request).set_manifest(raw)
+        secrets = await coordinator_of(request).set_manifest(raw)
     except (ManifestError, StateError) as exc:  # v1 reports every set-manifest failure as 400
         return jsend.from_exception(exc, status=400)
     return jsend.success({"RecoverySecrets": _recovery_secrets_json(secrets)} if secrets else None)
@@ -236,20 +216,15 @@ async def recover_v2(request: web.Request) -> web.Response:
     raw = await request.content.read(MAX_RECOVER_BODY + 1)
     if len(raw) > MAX_RECOVER_BODY:
         return jsend.fail(f"request body too large: the limit is {MAX_RECOVER_BODY} bytes", 413)
-    try:
-        doc = json.loads(raw)
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        raise RequestError("request body is not valid JSON: send a JSON object") from None
-    if not isinstance(doc, dict):
-        raise RequestError("request body must be a JSON object")
-    secret = _b64_field(doc, "recoverySecret")
-    signature = _b64_field(doc, "recoverySecretSignature")
-    remaining, message = await _coord(request).recover(secret, signature)
+    doc = parse_json_object(raw)
+    secret = base64_field(doc, "recoverySecret")
+    signature = base64_field(doc, "recoverySecretSignature")
+    remaining, message = await coordinator_of(request).recover(secret, signature)
     return jsend.success({"remaining": remaining, "message": message})
 
 
 async def recover_public_key_v2(request: web.Request) -> web.Response:
-    der = _coord(request).recovery_public_key()
+    der = coordinator_of(request).recovery_public_key()
     return jsend.success({"algorithm": "RSA", "ephemeralPublicKey": base64.b64encode(der).decode()})
 
 

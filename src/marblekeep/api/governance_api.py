@@ -23,7 +23,7 @@ plus the v1 variants (``/secrets``, ``/update``, ``/update-manifest``, ``/update
 bare bodies and data. marblekeep adds ``updateLogHead`` (the root-signed head of the hash-chained
 log, docs/governance.md) to ``GET /api/v2/update``.
 
-Deviations (docs/compatibility.d/governance.md): a client's mistake is never a 500 — a missing
+Deviations (docs/compatibility.md, governance): a client's mistake is never a 500 — a missing
 permission is 403, a bad body or a manifest that differs from the pending one is 400, no pending
 update is 404, the wrong state is 409.
 """
@@ -31,57 +31,25 @@ update is 404, the wrong state is 409.
 from __future__ import annotations
 
 import base64
-import binascii
-import json
 import logging
 from typing import Any
 
 from aiohttp import web
 
 from marblekeep.api import jsend
-from marblekeep.api.client_api import COORDINATOR_KEY, authenticated_user
+from marblekeep.api.body import base64_value, json_object
+from marblekeep.api.client_api import authenticated_user, coordinator_of
 from marblekeep.core.governance import CANCELLED, UpdateKind, UpdateOutcome, pending_message, secret_json
-from marblekeep.errors import MarbleKeepError, NotFoundError, RequestError
-from marblekeep.service import Coordinator
+from marblekeep.errors import MarbleKeepError, NotFoundError
+from marblekeep.manifest.gojson import go_field
 
 __all__ = ["add_governance_routes"]
 
 log = logging.getLogger("marblekeep.api")
 
 
-def _coord(request: web.Request) -> Coordinator:
-    return request.app[COORDINATOR_KEY]
-
-
-async def _json_object(request: web.Request) -> dict[str, Any]:
-    raw = await request.read()
-    try:
-        doc = json.loads(raw)
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        raise RequestError("request body is not valid JSON: send a JSON object") from None
-    if not isinstance(doc, dict):
-        raise RequestError("request body must be a JSON object")
-    return doc
-
-
-def _field(doc: dict[str, Any], name: str) -> Any:
-    """``doc[name]``, matching the key case-insensitively as Go's encoding/json does."""
-    if name in doc:
-        return doc[name]
-    for key, value in doc.items():
-        if key.lower() == name.lower():
-            return value
-    return None
-
-
 def _manifest_field(doc: dict[str, Any]) -> bytes:
-    value = _field(doc, "manifest")
-    if not isinstance(value, str):
-        raise RequestError("manifest: missing or not a string: send the manifest as standard base64")
-    try:
-        return base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        raise RequestError("manifest: not valid standard base64") from None
+    return base64_value(go_field(doc, "manifest"), "manifest", "the manifest")
 
 
 def _recovery_json(secrets: dict[str, bytes]) -> dict[str, str]:
@@ -119,14 +87,14 @@ def _secret_names(request: web.Request) -> list[str]:
 
 async def secrets_get_v2(request: web.Request) -> web.Response:
     user = authenticated_user(request)
-    secrets = await _coord(request).read_secrets(user, _secret_names(request))
+    secrets = await coordinator_of(request).read_secrets(user, _secret_names(request))
     return jsend.success({"secrets": {name: secret_json(s) for name, s in secrets.items()}})
 
 
 async def secrets_post_v2(request: web.Request) -> web.Response:
     user = authenticated_user(request)
-    doc = await _json_object(request)
-    await _coord(request).write_secrets(user, _field(doc, "secrets"))
+    doc = await json_object(request)
+    await coordinator_of(request).write_secrets(user, go_field(doc, "secrets"))
     return jsend.success(None)
 
 
@@ -134,7 +102,7 @@ async def secrets_get_v1(request: web.Request) -> web.Response:
     _deprecated(request)
     user = authenticated_user(request)
     try:
-        secrets = await _coord(request).read_secrets(user, _secret_names(request))
+        secrets = await coordinator_of(request).read_secrets(user, _secret_names(request))
     except MarbleKeepError as exc:
         return _v1_errors(exc)
     return jsend.success({name: secret_json(s) for name, s in secrets.items()})
@@ -144,7 +112,7 @@ async def secrets_post_v1(request: web.Request) -> web.Response:
     _deprecated(request)
     user = authenticated_user(request)
     try:
-        await _coord(request).write_secrets(user, await _json_object(request))
+        await coordinator_of(request).write_secrets(user, await json_object(request))
     except MarbleKeepError as exc:
         return _v1_errors(exc)
     return jsend.success(None)
@@ -154,7 +122,7 @@ async def secrets_post_v1(request: web.Request) -> web.Response:
 
 
 async def update_log_v2(request: web.Request) -> web.Response:
-    lines, head = _coord(request).update_log()
+    lines, head = coordinator_of(request).update_log()
     return jsend.success(
         {"updateLog": list(lines), "updateLogHead": head.to_json() if head is not None else None}
     )
@@ -162,7 +130,7 @@ async def update_log_v2(request: web.Request) -> web.Response:
 
 async def update_log_v1(request: web.Request) -> web.Response:
     _deprecated(request)
-    lines, _head = _coord(request).update_log()
+    lines, _head = coordinator_of(request).update_log()
     return jsend.success("".join(line + "\n" for line in lines))
 
 
@@ -171,8 +139,8 @@ async def update_log_v1(request: web.Request) -> web.Response:
 
 async def update_post_v2(request: web.Request) -> web.Response:
     user = authenticated_user(request)
-    raw = _manifest_field(await _json_object(request))
-    outcome, recovery = await _coord(request).update_manifest(user, raw)
+    raw = _manifest_field(await json_object(request))
+    outcome, recovery = await coordinator_of(request).update_manifest(user, raw)
     return jsend.success(_update_data(outcome, recovery))
 
 
@@ -180,7 +148,7 @@ async def update_post_v1(request: web.Request) -> web.Response:
     _deprecated(request)
     user = authenticated_user(request)
     try:
-        await _coord(request).update_manifest(user, await request.read())
+        await coordinator_of(request).update_manifest(user, await request.read())
     except MarbleKeepError as exc:
         return _v1_errors(exc)
     return jsend.success(None)
@@ -188,7 +156,7 @@ async def update_post_v1(request: web.Request) -> web.Response:
 
 async def pending_get(request: web.Request) -> web.Response:
     """GET /api/v2/update-manifest and /update-manifest: anyone may read the pending update."""
-    pending = _coord(request).pending_update()
+    pending = coordinator_of(request).pending_update()
     if pending is None:
         raise NotFoundError("no pending update: start one with `marblekeep manifest update apply`")
     return jsend.success(
@@ -202,8 +170,8 @@ async def pending_get(request: web.Request) -> web.Response:
 
 async def acknowledge_v2(request: web.Request) -> web.Response:
     user = authenticated_user(request)
-    raw = _manifest_field(await _json_object(request))
-    outcome, recovery = await _coord(request).acknowledge_update(user, raw)
+    raw = _manifest_field(await json_object(request))
+    outcome, recovery = await coordinator_of(request).acknowledge_update(user, raw)
     data: dict[str, Any] = {
         "message": outcome.message,
         "missingUsers": list(outcome.missing_users),
@@ -218,7 +186,7 @@ async def acknowledge_v1(request: web.Request) -> web.Response:
     _deprecated(request)
     user = authenticated_user(request)
     try:
-        outcome, _recovery = await _coord(request).acknowledge_update(user, await request.read())
+        outcome, _recovery = await coordinator_of(request).acknowledge_update(user, await request.read())
     except MarbleKeepError as exc:
         return _v1_errors(exc)
     return jsend.success(outcome.message)
@@ -226,7 +194,7 @@ async def acknowledge_v1(request: web.Request) -> web.Response:
 
 async def cancel_v2(request: web.Request) -> web.Response:
     user = authenticated_user(request)
-    await _coord(request).cancel_update(user)
+    await coordinator_of(request).cancel_update(user)
     return jsend.success({"message": CANCELLED})
 
 
@@ -234,7 +202,7 @@ async def cancel_v1(request: web.Request) -> web.Response:
     _deprecated(request)
     user = authenticated_user(request)
     try:
-        await _coord(request).cancel_update(user)
+        await coordinator_of(request).cancel_update(user)
     except MarbleKeepError as exc:
         return _v1_errors(exc)
     return jsend.success(CANCELLED)

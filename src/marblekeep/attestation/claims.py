@@ -9,7 +9,18 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-__all__ = ["TeeClaims", "TeeKind"]
+__all__ = ["TCB_STATUSES", "TeeClaims", "TeeKind"]
+
+#: The TCB statuses verified evidence can have (Intel's spelling, as MarbleRun compares them).
+TCB_STATUSES: tuple[str, ...] = (
+    "UpToDate",
+    "SWHardeningNeeded",
+    "ConfigurationNeeded",
+    "ConfigurationAndSWHardeningNeeded",
+    "OutOfDate",
+    "OutOfDateConfigurationNeeded",
+    "Revoked",
+)
 
 
 class TeeKind(enum.Enum):

@@ -31,7 +31,7 @@ import dcap_qvl
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from marblekeep.attestation.claims import TeeClaims, TeeKind
+from marblekeep.attestation.claims import TCB_STATUSES, TeeClaims, TeeKind
 from marblekeep.attestation.evidence import parse_header, read_report, strip_oe_header
 from marblekeep.attestation.explain import rfc3339
 from marblekeep.errors import AttestationError, CollateralError, ConfigError, MarbleKeepError
@@ -45,16 +45,6 @@ __all__ = [
     "verify_quote",
 ]
 
-#: The TCB statuses a verified quote can have (MarbleRun's / Intel's spelling).
-TCB_STATUSES: tuple[str, ...] = (
-    "UpToDate",
-    "SWHardeningNeeded",
-    "ConfigurationNeeded",
-    "ConfigurationAndSWHardeningNeeded",
-    "OutOfDate",
-    "OutOfDateConfigurationNeeded",
-    "Revoked",
-)
 
 # Older dcap-qvl releases (and Intel's QVL) use the SCREAMING_CASE result names.
 _STATUS_ALIASES: dict[str, str] = {

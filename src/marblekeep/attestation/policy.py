@@ -92,24 +92,40 @@ def _tcb_checks(name: str, package: Package, claims: TeeClaims) -> list[FailedCh
     return failed
 
 
+def _debug_checks(
+    name: str, package: Package, claims: TeeClaims, *, unit: str, flag: str, attribute: str
+) -> list[FailedCheck]:
+    """``Debug`` must equal the TEE's debug flag. ``unit``: enclave or TD; ``flag``: how the flag
+    is called when set; ``attribute``: the flag in the explanation."""
+    if package.debug == claims.debug:
+        return []
+    actual = f"a debug {unit} ({flag})" if claims.debug else f"a production {unit}"
+    return [
+        FailedCheck(
+            "Debug",
+            f"Packages.{name}.Debug",
+            str(package.debug).lower(),
+            str(claims.debug).lower(),
+            f"the quote is from {actual} but package {name} sets Debug: {str(package.debug).lower()}"
+            f" (Debug must equal {attribute})",
+        )
+    ]
+
+
 def _hex_equal(expected: str, actual: str) -> bool:
     return expected.strip().lower() == actual.lower()
 
 
 def _sgx_checks(name: str, package: Package, claims: TeeClaims) -> list[FailedCheck]:
     failed = _tcb_checks(name, package, claims)
-    if package.debug != claims.debug:
-        actual = "a debug enclave (DEBUG attribute set)" if claims.debug else "a production enclave"
-        failed.append(
-            FailedCheck(
-                "Debug",
-                f"Packages.{name}.Debug",
-                str(package.debug).lower(),
-                str(claims.debug).lower(),
-                f"the quote is from {actual} but package {name} sets Debug: {str(package.debug).lower()}"
-                " (Debug must equal the enclave's DEBUG attribute)",
-            )
-        )
+    failed += _debug_checks(
+        name,
+        package,
+        claims,
+        unit="enclave",
+        flag="DEBUG attribute set",
+        attribute="the enclave's DEBUG attribute",
+    )
     if package.unique_id and not _hex_equal(package.unique_id, claims.mrenclave):
         failed.append(
             FailedCheck(
@@ -160,18 +176,9 @@ def _tdx_checks(name: str, package: Package, claims: TeeClaims) -> list[FailedCh
     assert package.tdx is not None
     tdx = package.tdx
     failed = _tcb_checks(name, package, claims)
-    if package.debug != claims.debug:
-        actual = "a debug TD (TD attribute DEBUG set)" if claims.debug else "a production TD"
-        failed.append(
-            FailedCheck(
-                "Debug",
-                f"Packages.{name}.Debug",
-                str(package.debug).lower(),
-                str(claims.debug).lower(),
-                f"the quote is from {actual} but package {name} sets Debug: {str(package.debug).lower()}"
-                " (Debug must equal the TD attribute DEBUG)",
-            )
-        )
+    failed += _debug_checks(
+        name, package, claims, unit="TD", flag="TD attribute DEBUG set", attribute="the TD attribute DEBUG"
+    )
     for field_name, set_value in (
         ("UniqueID", package.unique_id),
         ("SignerID", package.signer_id),

@@ -245,16 +245,19 @@ def _print_missing(answer: UpdateAnswer) -> None:
         click.echo(f"{answer.missing_acknowledgments} acknowledgement(s) missing; waiting for: {names}")
 
 
-@update.command("apply")
-@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.argument("addr", metavar="ADDR")
-@user_cert_options
-@click.option(
+_recoverydata_option = click.option(
     "-r",
     "--recoverydata",
     type=click.Path(dir_okay=False, path_type=Path),
     help="Save new recovery secrets (if the update changes the recovery keys) to this file.",
 )
+
+
+@update.command("apply")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("addr", metavar="ADDR")
+@user_cert_options
+@_recoverydata_option
 @_trust_options
 @_handle_errors
 def update_apply(
@@ -282,12 +285,7 @@ def update_apply(
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("addr", metavar="ADDR")
 @user_cert_options
-@click.option(
-    "-r",
-    "--recoverydata",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Save new recovery secrets (if the update changes the recovery keys) to this file.",
-)
+@_recoverydata_option
 @_trust_options
 @_handle_errors
 def update_acknowledge(

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from marblekeep.cli.files import read_file
 from marblekeep.errors import ManifestError, Problem
 from marblekeep.manifest import ValidationResult, manifest_fingerprint, validate_manifest, yaml_to_json
 
@@ -18,11 +19,7 @@ def manifest() -> None:
 
 def _check_file(path: Path) -> ValidationResult:
     try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise click.FileError(str(path), hint=exc.strerror or "cannot be read") from None
-    try:
-        raw = yaml_to_json(data)
+        raw = yaml_to_json(read_file(path))
     except ManifestError as exc:
         return ValidationResult(manifest=None, problems=exc.problems or (Problem("", exc.message),))
     return validate_manifest(raw)
@@ -73,11 +70,7 @@ def signature(file: Path) -> None:
     This is the value the Coordinator reports for the manifest it runs.
     """
     try:
-        data = file.read_bytes()
-    except OSError as exc:
-        raise click.FileError(str(file), hint=exc.strerror or "cannot be read") from None
-    try:
-        raw = yaml_to_json(data)
+        raw = yaml_to_json(read_file(file))
     except ManifestError as exc:
         click.echo(f"Error: {file}: {exc.message}", err=True)
         raise SystemExit(exc.exit_code) from None

@@ -32,6 +32,7 @@ from marblekeep.attestation.dcap import Collateral, verify_quote
 from marblekeep.attestation.explain import AttestationRefused, FailedCheck
 from marblekeep.attestation.policy import check_report_data, package_checks
 from marblekeep.errors import ConfigError
+from marblekeep.manifest.gojson import go_field
 from marblekeep.manifest.model import Package
 
 __all__ = [
@@ -71,16 +72,6 @@ class EraConfig:
         )
 
 
-def _field(doc: dict[str, Any], name: str) -> Any:
-    """Go's encoding/json: field names match case-insensitively; the exact spelling wins."""
-    if name in doc:
-        return doc[name]
-    for key, value in doc.items():
-        if key.lower() == name.lower():
-            return value
-    return None
-
-
 def _hex32(value: Any, name: str, source: str) -> str:
     if value is None or value == "":
         return ""
@@ -113,17 +104,17 @@ def parse_era_config(data: bytes, source: str) -> EraConfig:
         raise ConfigError(f"era config {source}: not valid JSON") from None
     if not isinstance(doc, dict):
         raise ConfigError(f"era config {source}: must be a JSON object")
-    debug = _field(doc, "Debug")
+    debug = go_field(doc, "Debug")
     if debug is not None and not isinstance(debug, bool):
         raise ConfigError(f"era config {source}: Debug must be true or false")
     era = EraConfig(
-        unique_id=_hex32(_field(doc, "UniqueID"), "UniqueID", source),
-        signer_id=_hex32(_field(doc, "SignerID"), "SignerID", source),
-        product_id=_uint(_field(doc, "ProductID"), "ProductID", source, 0xFFFF),
-        security_version=_uint(_field(doc, "SecurityVersion"), "SecurityVersion", source, 0xFFFF),
+        unique_id=_hex32(go_field(doc, "UniqueID"), "UniqueID", source),
+        signer_id=_hex32(go_field(doc, "SignerID"), "SignerID", source),
+        product_id=_uint(go_field(doc, "ProductID"), "ProductID", source, 0xFFFF),
+        security_version=_uint(go_field(doc, "SecurityVersion"), "SecurityVersion", source, 0xFFFF),
         debug=bool(debug),
-        accepted_tcb_statuses=_strings(_field(doc, "AcceptedTCBStatuses"), "AcceptedTCBStatuses", source),
-        accepted_advisories=_strings(_field(doc, "AcceptedAdvisories"), "AcceptedAdvisories", source) or (),
+        accepted_tcb_statuses=_strings(go_field(doc, "AcceptedTCBStatuses"), "AcceptedTCBStatuses", source),
+        accepted_advisories=_strings(go_field(doc, "AcceptedAdvisories"), "AcceptedAdvisories", source) or (),
     )
     if not era.unique_id and not era.signer_id:
         raise ConfigError(

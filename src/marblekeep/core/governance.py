@@ -570,6 +570,18 @@ def _ack_message(pending: PendingUpdate) -> str:
     )
 
 
+def _waiting(dep: Deployment, pending: PendingUpdate) -> UpdateOutcome:
+    """A full update that still waits for acknowledgements."""
+    return UpdateOutcome(
+        deployment=dep,
+        kind=UpdateKind.FULL,
+        applied=False,
+        missing_acknowledgments=pending.missing,
+        missing_users=pending.missing_users,
+        message=_ack_message(pending),
+    )
+
+
 def pending_message(pending: PendingUpdate) -> str:
     """The message of ``GET /api/v2/update-manifest``."""
     if pending.missing == 1:
@@ -631,14 +643,7 @@ def _full_update(dep: Deployment, user: str, raw: bytes, now: dt.datetime, rng: 
             )
         ],
     )
-    return UpdateOutcome(
-        deployment=new,
-        kind=UpdateKind.FULL,
-        applied=False,
-        missing_acknowledgments=pending.missing,
-        missing_users=pending.missing_users,
-        message=_ack_message(pending),
-    )
+    return _waiting(new, pending)
 
 
 def update_manifest(
@@ -677,14 +682,7 @@ def acknowledge_update(
             problems=[Problem("manifest", "not byte-identical to the pending update manifest")],
         )
     if user in pending.acknowledged:  # a repeat is a no-op
-        return UpdateOutcome(
-            deployment=dep,
-            kind=UpdateKind.FULL,
-            applied=False,
-            missing_acknowledgments=pending.missing,
-            missing_users=pending.missing_users,
-            message=_ack_message(pending),
-        )
+        return _waiting(dep, pending)
     pending = dataclasses.replace(pending, acknowledged=(*pending.acknowledged, user))
     fingerprint = manifest_fingerprint(raw)
     ack: tuple[str, Sequence[tuple[str, FieldValue]]] = (
@@ -716,14 +714,7 @@ def acknowledge_update(
             return UpdateOutcome(cancelled, UpdateKind.FULL, applied=False, error=error)
         return _applied(applied, old, manifest, pending, now, [ack])
     new = _log(dataclasses.replace(dep, pending_update=pending), now, [ack])
-    return UpdateOutcome(
-        deployment=new,
-        kind=UpdateKind.FULL,
-        applied=False,
-        missing_acknowledgments=pending.missing,
-        missing_users=pending.missing_users,
-        message=_ack_message(pending),
-    )
+    return _waiting(new, pending)
 
 
 def cancel_update(dep: Deployment, user: str, now: dt.datetime) -> Deployment:

@@ -28,7 +28,7 @@ import json
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TypeAlias, TypeVar
+from typing import Any, TypeAlias, TypeVar
 
 from marblekeep.errors import ManifestError, Problem
 
@@ -37,6 +37,7 @@ __all__ = [
     "JNumber",
     "JObject",
     "JValue",
+    "go_field",
     "go_fold",
     "kind_of",
     "parse_json",
@@ -132,6 +133,18 @@ def parse_json(raw: bytes, what: str = "manifest") -> JValue:
 def go_fold(name: str) -> str:
     """Fold a key the way Go's ``bytes.EqualFold`` compares it, for matching ASCII field names."""
     return name.replace("\u017f", "s").replace("\u212a", "k").lower()
+
+
+def go_field(doc: Mapping[str, Any], name: str) -> Any:
+    """``doc[name]`` for a small request or config object, as Go's encoding/json finds a struct
+    field: the exact spelling first, else the first key equal to ``name`` ignoring case; None if
+    there is none. (The manifest itself goes through :class:`Decoder`, which also merges duplicates.)"""
+    if name in doc:
+        return doc[name]
+    for key, value in doc.items():
+        if key.lower() == name.lower():
+            return value
+    return None
 
 
 def kind_of(value: JValue) -> str:

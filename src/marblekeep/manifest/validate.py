@@ -20,6 +20,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
+from marblekeep.attestation.claims import TCB_STATUSES
 from marblekeep.errors import Problem
 from marblekeep.manifest.model import Manifest, Package, Secret, SecretType
 from marblekeep.manifest.parse import FEATURE_GATES, SEAL_MODES, ParsedManifest
@@ -27,15 +28,7 @@ from marblekeep.manifest.parse import FEATURE_GATES, SEAL_MODES, ParsedManifest
 __all__ = ["KNOWN_TCB_STATUSES", "check_manifest", "did_you_mean", "suppressed"]
 
 #: TCB statuses a verifier can report (Intel's names, as MarbleRun compares them).
-KNOWN_TCB_STATUSES = (
-    "UpToDate",
-    "SWHardeningNeeded",
-    "ConfigurationNeeded",
-    "ConfigurationAndSWHardeningNeeded",
-    "OutOfDate",
-    "OutOfDateConfigurationNeeded",
-    "Revoked",
-)
+KNOWN_TCB_STATUSES = TCB_STATUSES
 
 ECDSA_SIZES = (224, 256, 384, 521)
 RSA_MIN_BITS = 2048
