@@ -8,7 +8,7 @@ and U+2029 escaped as ``\\u003c`` …, integers as integers, floats in Go's shor
 YAML is resolved as Go's ``yaml.v2`` resolves it (YAML 1.1 flavour): ``yes/no/on/off/y/n``
 are booleans, unquoted timestamps stay strings, sexagesimal numbers stay strings, and
 duplicate keys are refused (the *Strict* in ``YAMLToJSONStrict``). Differences from Go are
-listed in docs/compatibility.d/manifest.md. Nothing here does I/O.
+listed in docs/compatibility.md (Manifest, YAML). Nothing here does I/O.
 """
 
 from __future__ import annotations
