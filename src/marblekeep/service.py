@@ -54,6 +54,7 @@ from marblekeep.core.users import user_certificates
 from marblekeep.errors import (
     AttestationError,
     AuthorizationError,
+    CollateralError,
     ConfigError,
     QuoteUnavailable,
     RecoveryError,
@@ -297,7 +298,10 @@ class Coordinator:
     async def commit(self, new: Deployment) -> None:
         """Persist ``new`` (only the changed records) and publish it. Caller holds :attr:`lock`."""
         manifest = new.manifest
-        persist = manifest is not None and manifest.config.seal_mode is not SealMode.DISABLED
+        # SealMode Disabled keeps a deployment in memory only if its first manifest says so; once a
+        # state is on disk, an update to Disabled must not leave an older state there to come back
+        # at the next restart, so persisting goes on.
+        persist = self._persists(new) or (manifest is not None and self._persisted is not None)
         if persist and self._store is not None:
             changes = deployment_changes(self._persisted, new)
             if changes:
@@ -583,6 +587,11 @@ class Coordinator:
             return TeeClaims(kind=TeeKind.SIMULATION, report_data=evidence)
         try:
             claims = await self.verifier.verify(evidence_type, evidence, now)
+        except CollateralError as exc:
+            # The Coordinator's collateral is missing or expired: its problem, not the Marble's. 503
+            # lets the premain retry while the collateral is refreshed.
+            log.error("cannot verify a Marble's quote", extra={"reason": exc.message})
+            raise
         except AttestationError as exc:
             raise refusal("attestation", f"invalid quote: {exc.message}") from None
         if claims.report_data[:32] != expected[:32]:

@@ -19,7 +19,13 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from marblekeep.attestation.collateral import DirectoryCollateralSource
 from marblekeep.attestation.signquote import verify_sign_quote_signature
-from marblekeep.errors import ActivationRefused, AttestationError, AuthorizationError, QuoteUnavailable
+from marblekeep.errors import (
+    ActivationRefused,
+    AttestationError,
+    AuthorizationError,
+    CollateralError,
+    QuoteUnavailable,
+)
 from marblekeep.marble.evidence import GramineIssuer
 from marblekeep.marble.protocol import ActivationRequest, encode_activation_request
 from marblekeep.service import Coordinator, CoordinatorConfig
@@ -201,3 +207,17 @@ async def test_coordinator_quote_binds_root_and_nonce(tmp_path: Path, sgx_quote:
         assert err.value.http_status == 503
     finally:
         await coord.close()
+
+
+async def test_expired_collateral_at_activation_is_the_coordinators_problem(
+    tmp_path: Path, collateral_dir: Path, sgx_quote: bytes
+) -> None:
+    """503 (the premain retries while collateral is refreshed), not a refusal of the Marble."""
+    coord = await _coordinator(tmp_path, collateral_dir, at=AFTER_EXPIRY, simulation=False)
+    try:
+        await coord.set_manifest(_manifest([]))
+        with pytest.raises(CollateralError, match="expired") as err:
+            await coord.activate(_activation_body(coord, sgx_quote))
+        assert err.value.http_status == 503
+    finally:
+        await _close(coord)
