@@ -11,33 +11,17 @@ import dataclasses
 import datetime as dt
 import json
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
-
 from marblekeep.core import governance
 from marblekeep.core.deployment import Deployment, new_deployment, set_manifest
 from marblekeep.core.records import deployment_changes, deployment_to_records, record_changes
 from marblekeep.manifest import load_manifest
+from testsupport import self_signed_user_cert
 
 NOW = dt.datetime(2026, 3, 1, tzinfo=dt.UTC)
 
 
 def _user_cert() -> str:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "admin")])
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(1)
-        .not_valid_before(NOW)
-        .not_valid_after(NOW + dt.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    return cert.public_bytes(serialization.Encoding.PEM).decode()
+    return self_signed_user_cert()[0]
 
 
 USER_CERT = _user_cert()
