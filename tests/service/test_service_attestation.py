@@ -221,3 +221,20 @@ async def test_expired_collateral_at_activation_is_the_coordinators_problem(
         assert err.value.http_status == 503
     finally:
         await _close(coord)
+
+
+async def test_tdx_evidence_is_verified_and_bound(tmp_path: Path, collateral_dir: Path) -> None:
+    """A TDX quote goes through the same path: verified against TDX collateral, then its report
+    data must carry the request's binding (the vector's does not, so it is refused for that)."""
+    shutil.copy(VECTORS / "tdx_quote_collateral.json", collateral_dir / "tdx.json")
+    tdx_quote = (VECTORS / "tdx_quote").read_bytes()
+    coord = await _coordinator(tmp_path, collateral_dir, at=PINNED, simulation=False)
+    try:
+        await coord.set_manifest(_manifest([]))
+        body = json.loads(_activation_body(coord, tdx_quote))
+        body["evidence"]["type"] = "tdx"
+        with pytest.raises(ActivationRefused, match="report data does not match") as err:
+            await coord.activate(json.dumps(body).encode())
+        assert err.value.reason == "binding"
+    finally:
+        await _close(coord)

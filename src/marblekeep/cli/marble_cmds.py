@@ -22,6 +22,7 @@ from marblekeep.marble.premain import (
     ENV_COORDINATOR_CA_FILE,
     ENV_DNS_NAMES,
     ENV_MARBLE_TYPE,
+    ENV_TSM_REPORT_ROOT,
     ENV_UUID_FILE,
     activate,
     apply_parameters,
@@ -97,6 +98,11 @@ def marble() -> None:
     "[default: /dev/attestation].",
 )
 @click.option(
+    "--tsm-report-root", metavar="DIR", envvar=ENV_TSM_REPORT_ROOT, show_envvar=True,
+    help="configfs-tsm report directory of a TDX guest, used when there is no Gramine attestation "
+    "filesystem [default: /sys/kernel/config/tsm/report].",
+)
+@click.option(
     "--coordinator-ca-file", metavar="PEM", envvar=ENV_COORDINATOR_CA_FILE, show_envvar=True,
     help="PEM file to verify the Coordinator's TLS certificate with. Without it the Coordinator is not "
     "authenticated: the secrets stay sealed to this Marble, but an impostor could hand out wrong Parameters.",
@@ -109,6 +115,7 @@ def run(
     uuid_file: str | None,
     activation_timeout: str | None,
     attestation_root: str | None,
+    tsm_report_root: str | None,
     coordinator_ca_file: str | None,
     command: Sequence[str],
 ) -> None:
@@ -134,6 +141,7 @@ def run(
             activation_timeout=activation_timeout,
             attestation_root=attestation_root,
             coordinator_ca_file=coordinator_ca_file,
+            tsm_report_root=tsm_report_root,
         )
         params = activate(config)
         program, argv = resolve_command(params, list(command))

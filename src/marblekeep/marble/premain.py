@@ -44,7 +44,12 @@ import httpx
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from marblekeep.errors import ActivationRefused, AttestationError, ConfigError, RequestError, StateError
-from marblekeep.marble.evidence import DEFAULT_ATTESTATION_ROOT, EvidenceIssuer, detect_issuer
+from marblekeep.marble.evidence import (
+    DEFAULT_ATTESTATION_ROOT,
+    DEFAULT_TSM_REPORT_ROOT,
+    EvidenceIssuer,
+    detect_issuer,
+)
 from marblekeep.marble.protocol import (
     ACTIVATE_PATH,
     CHALLENGE_PATH,
@@ -63,6 +68,7 @@ __all__ = [
     "ENV_COORDINATOR_CA_FILE",
     "ENV_DNS_NAMES",
     "ENV_MARBLE_TYPE",
+    "ENV_TSM_REPORT_ROOT",
     "ENV_UUID_FILE",
     "MarbleConfig",
     "activate",
@@ -84,6 +90,7 @@ ENV_UUID_FILE = "EDG_MARBLE_UUID_FILE"
 ENV_ACTIVATION_TIMEOUT = "MARBLEKEEP_ACTIVATION_TIMEOUT"
 ENV_ATTESTATION_ROOT = "MARBLEKEEP_ATTESTATION_ROOT"
 ENV_COORDINATOR_CA_FILE = "MARBLEKEEP_COORDINATOR_CA_FILE"
+ENV_TSM_REPORT_ROOT = "MARBLEKEEP_TSM_REPORT_ROOT"
 
 DEFAULT_COORDINATOR_ADDR = "localhost:2001"
 DEFAULT_DNS_NAMES = "localhost"
@@ -109,6 +116,7 @@ class MarbleConfig:
     activation_timeout: float = DEFAULT_ACTIVATION_TIMEOUT
     attestation_root: Path = DEFAULT_ATTESTATION_ROOT
     coordinator_ca_file: Path | None = None
+    tsm_report_root: Path = DEFAULT_TSM_REPORT_ROOT
 
 
 def make_config(
@@ -120,6 +128,7 @@ def make_config(
     activation_timeout: str | float | None = None,
     attestation_root: str | None = None,
     coordinator_ca_file: str | None = None,
+    tsm_report_root: str | None = None,
 ) -> MarbleConfig:
     """Validate raw settings (strings as found in the environment or on the command line)."""
     if not marble_type:
@@ -151,6 +160,7 @@ def make_config(
         activation_timeout=timeout,
         attestation_root=Path(attestation_root) if attestation_root else DEFAULT_ATTESTATION_ROOT,
         coordinator_ca_file=Path(coordinator_ca_file) if coordinator_ca_file else None,
+        tsm_report_root=Path(tsm_report_root) if tsm_report_root else DEFAULT_TSM_REPORT_ROOT,
     )
 
 
@@ -165,6 +175,7 @@ def config_from_env(environ: Mapping[str, str] | None = None) -> MarbleConfig:
         activation_timeout=env.get(ENV_ACTIVATION_TIMEOUT),
         attestation_root=env.get(ENV_ATTESTATION_ROOT),
         coordinator_ca_file=env.get(ENV_COORDINATOR_CA_FILE),
+        tsm_report_root=env.get(ENV_TSM_REPORT_ROOT),
     )
 
 
@@ -402,7 +413,7 @@ def activate(
     """
     marble_uuid = load_or_create_uuid(config.uuid_file)
     if issuer is None:
-        issuer = detect_issuer(config.attestation_root)
+        issuer = detect_issuer(config.attestation_root, config.tsm_report_root)
     base_url = coordinator_url(config.coordinator_addr)
     deadline = clock() + config.activation_timeout
     log.info(
