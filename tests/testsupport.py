@@ -7,8 +7,12 @@ Not a conftest: several test directories have their own ``conftest.py``, so impo
 from __future__ import annotations
 
 import datetime as dt
+import signal
+import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 
+import click
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -28,19 +32,68 @@ def shared_path(*parts: str) -> Path:
     return path
 
 
-def self_signed_user_cert(common_name: str = "admin") -> tuple[str, ec.EllipticCurvePrivateKey]:
+def self_signed_user_cert(
+    common_name: str = "admin",
+    *,
+    now: dt.datetime | None = None,
+    valid_before: dt.timedelta = dt.timedelta(minutes=5),
+    valid_for: dt.timedelta = dt.timedelta(days=1),
+) -> tuple[str, ec.EllipticCurvePrivateKey]:
     """A self-signed P-256 certificate (PEM) and its key, as a manifest's Users entry takes it."""
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-    now = dt.datetime.now(dt.UTC)
+    now = now or dt.datetime.now(dt.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(name)
         .issuer_name(name)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
+        .not_valid_before(now - valid_before)
+        .not_valid_after(now + valid_for)
         .sign(key, hashes.SHA256())
     )
     return cert.public_bytes(serialization.Encoding.PEM).decode(), key
+
+
+def stop_gracefully(proc: subprocess.Popen[bytes], timeout: float = 15) -> int:
+    """SIGTERM, wait up to ``timeout`` seconds, then SIGKILL; the exit status."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
+def check_command_line(argv: Sequence[str], *, exact_arguments: bool = False) -> None:
+    """Assert that a documented ``marblekeep ...`` command line names a real command, uses only its
+    options and gives it a plausible number of arguments (all of them when ``exact_arguments``)."""
+    from marblekeep.cli.main import main  # noqa: PLC0415 (only the doc tests need the CLI)
+
+    shown = " ".join(argv)
+    command: click.Command = main
+    words = list(argv[1:])
+    while isinstance(command, click.Group) and words and words[0] in command.commands:
+        command = command.commands[words.pop(0)]
+    assert not isinstance(command, click.Group), f"{shown}: names no command"
+    options = [p for p in command.params if isinstance(p, click.Option)]
+    known = {opt for p in options for opt in (*p.opts, *p.secondary_opts)}
+    takes_value = {opt for p in options if not p.is_flag for opt in p.opts}
+    unknown = [w for w in words if w.startswith("-") and w not in known]
+    assert not unknown, f"{shown}: unknown options {unknown}"
+    positional = [
+        w
+        for i, w in enumerate(words)
+        if not w.startswith("-") and (i == 0 or words[i - 1] not in takes_value)
+    ]
+    arguments = [p for p in command.params if isinstance(p, click.Argument)]
+    if exact_arguments:
+        assert len(positional) == len(arguments), f"{shown}: expected {len(arguments)} arguments"
+        return
+    required = sum(1 for p in arguments if p.required)
+    variadic = any(p.nargs == -1 for p in arguments)
+    assert len(positional) >= required, f"{shown}: needs {required} arguments"
+    assert variadic or len(positional) <= len(arguments), f"{shown}: too many arguments"

@@ -10,7 +10,6 @@ import asyncio
 import base64
 import json
 import os
-import signal
 import socket
 import ssl
 import subprocess
@@ -40,6 +39,7 @@ from marblekeep.marble.protocol import (
 )
 from marblekeep.service import Coordinator, CoordinatorConfig
 from marblekeep.store.kek import KeyEncryptionKeyProvider
+from testsupport import stop_gracefully
 
 T = TypeVar("T")
 
@@ -298,15 +298,9 @@ class CoordinatorProcess:
         return last_pem(r.json()["data"]["cert"]).encode()
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        code = stop_gracefully(self.proc)
         self._stderr.close()
-        return self.proc.returncode
+        return code
 
 
 def iter_pems(text: str) -> Iterator[str]:

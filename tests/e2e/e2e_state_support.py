@@ -12,22 +12,19 @@ import base64
 import datetime as dt
 import json
 import os
-import signal
 import subprocess
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 from click.testing import CliRunner, Result
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import NameOID
-from e2e_support import free_port, marblekeep_argv, python3
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from e2e_support import CoordinatorSubprocess, free_port, run_marble_subprocess, run_marblekeep
 
 from marblekeep.cli.main import main
+from testsupport import self_signed_user_cert
 
 STATUS_1 = (
     "Coordinator is in recovery mode. Either upload a key to unseal the saved state, or set a new "
@@ -83,58 +80,21 @@ class Site:
         return self.workdir / name
 
 
-class CoordinatorProcess:
+class CoordinatorProcess(CoordinatorSubprocess):
     """``marblekeep coordinator --simulation`` on the site's ports and seal directory."""
 
     def __init__(self, site: Site, name: str, *extra: str, wait: bool = True) -> None:
         self.site = site
-        self.log = site.path(f"coordinator-{name}.log")
-        self._out = self.log.open("wb")
-        argv = [*marblekeep_argv(), "coordinator", "--simulation", "--client-addr", site.client_addr]
-        argv += ["--mesh-addr", site.mesh_addr, "--seal-dir", str(site.seal_dir), *extra]
-        self.proc = subprocess.Popen(
-            argv, cwd=site.workdir, env=site.env, stdout=self._out, stderr=subprocess.STDOUT
+        super().__init__(
+            workdir=site.workdir,
+            env=site.env,
+            client_addr=site.client_addr,
+            mesh_addr=site.mesh_addr,
+            seal_dir=site.seal_dir,
+            log=site.path(f"coordinator-{name}.log"),
+            extra=extra,
+            wait=wait,
         )
-        if wait:
-            self.wait_started()
-
-    @property
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def wait_started(self, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while "coordinator started" not in self.output:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"the Coordinator exited ({self.proc.returncode}):\n{self.output}")
-            if time.monotonic() > deadline:
-                self.kill()
-                raise AssertionError(f"the Coordinator did not start:\n{self.output}")
-            time.sleep(0.02)
-
-    def wait_exit(self, timeout: float = 30) -> int:
-        try:
-            code = self.proc.wait(timeout=timeout)
-        finally:
-            self._out.close()
-        return code
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._out.close()
-        return self.proc.returncode
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
-        self._out.close()
 
 
 def refused_start(site: Site, name: str, *extra: str) -> tuple[int, str]:
@@ -163,34 +123,18 @@ def cli(site: Site, *args: str, ok: bool = True, input: str | None = None) -> Re
 
 def cli_process(site: Site, *args: str) -> subprocess.CompletedProcess[str]:
     """The installed ``marblekeep`` console script as a subprocess (what an operator runs)."""
-    return subprocess.run(
-        [*marblekeep_argv(), *args],
-        check=False,
-        cwd=site.workdir,
-        env=site.env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return run_marblekeep(site.workdir, site.env, *args)
 
 
 def marble(site: Site, marble_type: str, uuid_file: str) -> subprocess.CompletedProcess[str]:
-    env = dict(
+    return run_marble_subprocess(
+        site.workdir,
         site.env,
-        EDG_MARBLE_TYPE=marble_type,
-        EDG_MARBLE_COORDINATOR_ADDR=site.mesh_addr,
-        EDG_MARBLE_UUID_FILE=str(site.path(uuid_file)),
-        EDG_MARBLE_DNS_NAMES="localhost",
-        MARBLEKEEP_ACTIVATION_TIMEOUT="10",
-    )
-    return subprocess.run(
-        [*marblekeep_argv(), "marble", "run", "--", python3(), "-c", PRINT_ENV],
-        check=False,
-        cwd=site.workdir,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
+        mesh_addr=site.mesh_addr,
+        marble_type=marble_type,
+        uuid_file=site.path(uuid_file),
+        program=PRINT_ENV,
+        activation_timeout=10,
     )
 
 
@@ -239,28 +183,17 @@ class User:
 
 def make_user(site: Site, name: str) -> User:
     """A manifest user: a self-signed P-256 certificate and its key."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(days=1))
-        .not_valid_after(now + dt.timedelta(days=365))
-        .sign(key, hashes.SHA256())
+    cert_pem, key = self_signed_user_cert(
+        name, valid_before=dt.timedelta(days=1), valid_for=dt.timedelta(days=365)
     )
     cert_path, key_path = site.path(f"{name}.crt"), site.path(f"{name}.key")
-    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
-    cert_path.write_bytes(cert_pem)
+    cert_path.write_text(cert_pem)
     key_path.write_bytes(
         key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
     )
-    return User(cert_path, key_path, cert_pem.decode())
+    return User(cert_path, key_path, cert_pem)
 
 
 def recovery_secrets(path: Path) -> dict[str, bytes]:

@@ -8,12 +8,15 @@ import asyncio
 import datetime as dt
 import json
 import shutil
+import signal
 import socket
 import ssl
+import subprocess
 import sys
 import threading
+import time
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -24,6 +27,7 @@ from marblekeep.api.server import Listeners
 from marblekeep.api.tls import ServerCredentials, make_server_credentials
 from marblekeep.crypto.pki import CertifiedKey, IssuedLeaf, LeafIssuer, create_intermediate, create_root_ca
 from marblekeep.service import Coordinator, CoordinatorConfig
+from testsupport import stop_gracefully
 
 T = TypeVar("T")
 
@@ -50,6 +54,108 @@ def marblekeep_argv() -> list[str]:
 
 def python3() -> str:
     return shutil.which("python3") or sys.executable
+
+
+class CoordinatorSubprocess:
+    """``marblekeep coordinator --simulation`` as a subprocess; its output goes to ``log``.
+
+    With ``wait`` the constructor returns once the Coordinator logged "coordinator started".
+    """
+
+    def __init__(
+        self,
+        *,
+        workdir: Path,
+        env: dict[str, str],
+        client_addr: str,
+        mesh_addr: str,
+        seal_dir: Path,
+        log: Path,
+        extra: Sequence[str] = (),
+        wait: bool = True,
+    ) -> None:
+        self.log = log
+        self._out = log.open("wb")
+        argv = [*marblekeep_argv(), "coordinator", "--simulation", "--client-addr", client_addr]
+        argv += ["--mesh-addr", mesh_addr, "--seal-dir", str(seal_dir), *extra]
+        self.proc = subprocess.Popen(argv, cwd=workdir, env=env, stdout=self._out, stderr=subprocess.STDOUT)
+        if wait:
+            self.wait_started()
+
+    @property
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_started(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while "coordinator started" not in self.output:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"the Coordinator exited ({self.proc.returncode}):\n{self.output}")
+            if time.monotonic() > deadline:
+                self.kill()
+                raise AssertionError(f"the Coordinator did not start:\n{self.output}")
+            time.sleep(0.02)
+
+    def wait_exit(self, timeout: float = 30) -> int:
+        try:
+            code = self.proc.wait(timeout=timeout)
+        finally:
+            self._out.close()
+        return code
+
+    def stop(self, timeout: float = 20) -> int:
+        code = stop_gracefully(self.proc, timeout)
+        self._out.close()
+        return code
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+        self._out.close()
+
+
+def run_marblekeep(workdir: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """The installed ``marblekeep`` console script as a subprocess (what an operator runs)."""
+    return subprocess.run(
+        [*marblekeep_argv(), *args],
+        check=False,
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def run_marble_subprocess(
+    workdir: Path,
+    env: dict[str, str],
+    *,
+    mesh_addr: str,
+    marble_type: str,
+    uuid_file: Path,
+    program: str,
+    activation_timeout: float,
+) -> subprocess.CompletedProcess[str]:
+    """``marblekeep marble run -- python3 -c PROGRAM`` as a Marble of ``marble_type``."""
+    marble_env = dict(
+        env,
+        EDG_MARBLE_TYPE=marble_type,
+        EDG_MARBLE_COORDINATOR_ADDR=mesh_addr,
+        EDG_MARBLE_UUID_FILE=str(uuid_file),
+        EDG_MARBLE_DNS_NAMES="localhost",
+        MARBLEKEEP_ACTIVATION_TIMEOUT=f"{activation_timeout:g}",
+    )
+    return subprocess.run(
+        [*marblekeep_argv(), "marble", "run", "--", python3(), "-c", program],
+        check=False,
+        cwd=workdir,
+        env=marble_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 class BackgroundLoop:

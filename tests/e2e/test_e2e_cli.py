@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import click
 import pytest
 from aiohttp import web
 from click.testing import CliRunner, Result
@@ -39,6 +38,7 @@ from marblekeep.cli.main import main
 from marblekeep.client import attest
 from marblekeep.crypto.signing import sign_manifest
 from marblekeep.manifest import yaml_to_json
+from testsupport import check_command_line
 
 MANIFEST_YAML = """\
 Packages:
@@ -641,21 +641,4 @@ def test_every_command_line_in_the_cli_docs_uses_real_commands_and_options() -> 
     lines = _documented_command_lines()
     assert len(lines) >= 10
     for argv in lines:
-        command: click.Command = main
-        words = argv[1:]
-        while isinstance(command, click.Group) and words and words[0] in command.commands:
-            command = command.commands[words.pop(0)]
-        assert not isinstance(command, click.Group), f"{argv}: names no command"
-        known = {opt for param in command.params for opt in (*param.opts, *param.secondary_opts)}
-        unknown = [w for w in words if w.startswith("-") and w not in known]
-        assert not unknown, f"{' '.join(argv)}: unknown options {unknown}"
-        arguments = [p for p in command.params if isinstance(p, click.Argument)]
-        takes_value = {
-            opt for p in command.params if isinstance(p, click.Option) and not p.is_flag for opt in p.opts
-        }
-        positional = [
-            w
-            for i, w in enumerate(words)
-            if not w.startswith("-") and (i == 0 or words[i - 1] not in takes_value)
-        ]
-        assert len(positional) == len(arguments), f"{' '.join(argv)}: expected {len(arguments)} arguments"
+        check_command_line(argv, exact_arguments=True)

@@ -14,9 +14,7 @@ import base64
 import hashlib
 import json
 import os
-import signal
 import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +23,7 @@ from typing import Any
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from e2e_support import STATUS_3, free_port, marblekeep_argv, python3
+from e2e_support import STATUS_3, CoordinatorSubprocess, free_port, run_marble_subprocess, run_marblekeep
 
 MARBLE_TYPE = "worker"
 SINGLETON_TYPE = "singleton"
@@ -95,77 +93,30 @@ class Deployment:
     intermediate_pem: bytes = b""
 
 
-class CoordinatorProcess:
-    def __init__(self, dep: Deployment, log: Path) -> None:
-        self.log = log
-        self._log_file = log.open("wb")
-        self.proc = subprocess.Popen(
-            [
-                *marblekeep_argv(),
-                "coordinator",
-                "--simulation",
-                "--client-addr",
-                dep.client_addr,
-                "--mesh-addr",
-                dep.mesh_addr,
-                "--seal-dir",
-                str(dep.seal_dir),
-            ],
-            cwd=dep.workdir,
-            env=dep.env,
-            stdout=self._log_file,
-            stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 30
-        while b"coordinator started" not in log.read_bytes():
-            if self.proc.poll() is not None:
-                raise AssertionError(f"the Coordinator exited early:\n{log.read_text(errors='replace')}")
-            if time.monotonic() > deadline:
-                self.proc.kill()
-                raise AssertionError(f"the Coordinator did not start:\n{log.read_text(errors='replace')}")
-            time.sleep(0.05)
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log_file.close()
-        return self.proc.returncode
+def _coordinator(dep: Deployment, log: Path) -> CoordinatorSubprocess:
+    return CoordinatorSubprocess(
+        workdir=dep.workdir,
+        env=dep.env,
+        client_addr=dep.client_addr,
+        mesh_addr=dep.mesh_addr,
+        seal_dir=dep.seal_dir,
+        log=log,
+    )
 
 
 def _cli(dep: Deployment, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*marblekeep_argv(), *args],
-        check=False,
-        cwd=dep.workdir,
-        env=dep.env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return run_marblekeep(dep.workdir, dep.env, *args)
 
 
 def _marble(dep: Deployment, marble_type: str, uuid_file: str) -> subprocess.CompletedProcess[str]:
-    env = dict(
+    return run_marble_subprocess(
+        dep.workdir,
         dep.env,
-        EDG_MARBLE_TYPE=marble_type,
-        EDG_MARBLE_COORDINATOR_ADDR=dep.mesh_addr,
-        EDG_MARBLE_UUID_FILE=str(dep.workdir / uuid_file),
-        EDG_MARBLE_DNS_NAMES="localhost",
-        MARBLEKEEP_ACTIVATION_TIMEOUT="20",
-    )
-    return subprocess.run(
-        [*marblekeep_argv(), "marble", "run", "--", python3(), "-c", PRINT_ENV],
-        check=False,
-        cwd=dep.workdir,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
+        mesh_addr=dep.mesh_addr,
+        marble_type=marble_type,
+        uuid_file=dep.workdir / uuid_file,
+        program=PRINT_ENV,
+        activation_timeout=20,
     )
 
 
@@ -198,7 +149,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
     manifest_file = workdir / "manifest.json"
     manifest_file.write_text(json.dumps(MANIFEST, indent=2))
 
-    first = CoordinatorProcess(dep, workdir / "coordinator-1.log")
+    first = _coordinator(dep, workdir / "coordinator-1.log")
     dep.coordinator_logs.append(first.log)
     try:
         _check_cli(dep, "set", "manifest", "set", str(manifest_file), dep.client_addr, "--insecure")
@@ -215,7 +166,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
     finally:
         dep.coordinator_exit_codes.append(first.stop())
 
-    second = CoordinatorProcess(dep, workdir / "coordinator-2.log")
+    second = _coordinator(dep, workdir / "coordinator-2.log")
     dep.coordinator_logs.append(second.log)
     try:
         # no --insecure: the pinned root must still be the Coordinator's after the restart

@@ -23,10 +23,8 @@ from typing import Any, TypeVar
 
 import httpx
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from cryptography.x509.oid import NameOID
 
 from marblekeep.api.server import Listeners
 from marblekeep.attestation.claims import TeeClaims, TeeKind
@@ -43,6 +41,7 @@ from marblekeep.marble.protocol import (
 )
 from marblekeep.service import Coordinator, CoordinatorConfig
 from marblekeep.store.kek import SimulationKeyFileProvider
+from testsupport import self_signed_user_cert
 
 T = TypeVar("T")
 
@@ -68,21 +67,13 @@ class User:
 
 
 def make_user(name: str) -> User:
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(NOW - dt.timedelta(days=1))
-        .not_valid_after(NOW + dt.timedelta(days=3650))
-        .sign(key, hashes.SHA256())
+    cert_pem, key = self_signed_user_cert(
+        name, now=NOW, valid_before=dt.timedelta(days=1), valid_for=dt.timedelta(days=3650)
     )
+    cert = x509.load_pem_x509_certificate(cert_pem.encode())
     return User(
         name=name,
-        cert_pem=cert.public_bytes(serialization.Encoding.PEM),
+        cert_pem=cert_pem.encode(),
         key_pem=key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         ),
