@@ -39,10 +39,16 @@ def _time(argv: list[str], runs: int) -> list[float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("-n", "--runs", type=int, default=20, help="runs per command (default 20)")
     parser.add_argument(
-        "--also", action="append", default=[], metavar="ARGS", help='another command line, e.g. "status --help"'
+        "--also",
+        action="append",
+        default=[],
+        metavar="ARGS",
+        help='another command line, e.g. "status --help"',
     )
     args = parser.parse_args()
     base = _command()

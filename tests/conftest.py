@@ -1,7 +1,8 @@
 """Shared test fixtures.
 
-Tests may read ``../shared`` (design docs and test vectors), which CI places beside the
-checkout. Tests that need it skip with a clear reason when it is absent.
+The DCAP vectors ship in the repository (tests/vectors/dcap). Only MarbleRun's sample manifests
+come from the shared folder (``../shared`` beside the checkout, or ``MARBLEKEEP_SHARED_DIR``):
+they are MarbleRun's files, not ours to ship, and their tests skip with a clear reason without it.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 
-from testsupport import REPO_ROOT, SHARED_DIR, VECTORS_DIR, shared_path
+from testsupport import DCAP_VECTORS_DIR, REPO_ROOT, SHARED_DIR, VECTORS_DIR, shared_path
 
-__all__ = ["REPO_ROOT", "SHARED_DIR", "VECTORS_DIR", "shared_path"]
+__all__ = ["DCAP_VECTORS_DIR", "REPO_ROOT", "SHARED_DIR", "VECTORS_DIR", "shared_path"]
 
 # CI runs the property tests on a fixed set of examples (reproducible: a red CI is a real failure
 # that reruns the same way); developers' runs keep exploring new examples.
@@ -25,7 +26,8 @@ if os.environ.get("CI"):
 
 @pytest.fixture
 def dcap_vectors() -> Path:
-    return shared_path("vectors", "dcap")
+    """The repository's DCAP vectors (tests/vectors/dcap): present in every checkout."""
+    return DCAP_VECTORS_DIR
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ Not a conftest: several test directories have their own ``conftest.py``, so impo
 from __future__ import annotations
 
 import datetime as dt
+import os
 import signal
 import subprocess
 from collections.abc import Sequence
@@ -20,15 +21,24 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DIR = REPO_ROOT.parent / "shared"
+#: The project's shared folder (design notes, MarbleRun's sample manifests): ../shared beside the
+#: checkout, or wherever MARBLEKEEP_SHARED_DIR points. Only tests of data that is not ours to ship
+#: (MarbleRun's samples) need it; everything else uses the repository's own copies.
+SHARED_DIR = Path(os.environ.get("MARBLEKEEP_SHARED_DIR") or REPO_ROOT.parent / "shared")
 VECTORS_DIR = SHARED_DIR / "vectors"
+#: The DCAP quote vectors shipped in the repository (a copy of ../shared/vectors/dcap; SHA256SUMS
+#: beside them records their digests).
+DCAP_VECTORS_DIR = REPO_ROOT / "tests" / "vectors" / "dcap"
 
 
 def shared_path(*parts: str) -> Path:
-    """Path under ../shared; skips the calling test when it is not there."""
+    """Path under the shared folder; skips the calling test when it is not there."""
     path = SHARED_DIR.joinpath(*parts)
     if not path.exists():
-        pytest.skip(f"{path} is absent: these tests need ../shared (the vectors) beside the checkout")
+        pytest.skip(
+            f"{path} is absent: this test needs the shared folder (../shared beside the checkout, or set"
+            " MARBLEKEEP_SHARED_DIR)"
+        )
     return path
 
 

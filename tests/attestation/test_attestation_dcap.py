@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import hashlib
 import json
 import struct
 from pathlib import Path
@@ -249,7 +250,12 @@ def test_collateral_parser_never_raises_bare_exceptions(raw: bytes) -> None:
         Collateral.from_json(raw)
 
 
-def test_vectors_match_shared_copy(dcap_vectors: Path) -> None:
-    """tests/vectors/dcap is a verbatim copy of ../shared/vectors/dcap (skips without ../shared)."""
-    for path in sorted(dcap_vectors.iterdir()):
-        assert (VECTORS / path.name).read_bytes() == path.read_bytes(), path.name
+def test_vectors_match_their_recorded_digests(dcap_vectors: Path) -> None:
+    """tests/vectors/dcap is a verbatim copy of ../shared/vectors/dcap: SHA256SUMS records the
+    digests of the copy (``sha256sum -c SHA256SUMS``), so a damaged vector fails here, in any checkout."""
+    sums = (dcap_vectors / "SHA256SUMS").read_text().splitlines()
+    recorded = {name: digest for digest, name in (line.split() for line in sums if line.strip())}
+    data_files = {p.name for p in dcap_vectors.iterdir() if p.name not in ("README.md", "SHA256SUMS")}
+    assert set(recorded) == data_files
+    for name, digest in recorded.items():
+        assert hashlib.sha256((VECTORS / name).read_bytes()).hexdigest() == digest, name

@@ -547,3 +547,42 @@ def test_manifest_doc_sanity() -> None:
     doc = manifest_doc()
     assert doc["Users"]["dave"]["Roles"] == []
     assert sum("updater" in u["Roles"] for u in doc["Users"].values()) == 3
+
+
+# ------------------------------------------------------------------ dry run with the values' shapes
+
+
+def _uses_user_key_cert(doc: dict[str, object]) -> None:
+    doc["Marbles"]["frontend"]["Parameters"]["Files"] = {"/k.pem": "{{ pem .Secrets.user_key.Cert }}"}  # type: ignore[index]
+
+
+def test_update_dry_run_uses_the_real_shape_of_kept_secrets() -> None:
+    # A user-defined secret may hold a certificate, so its placeholder has one and the manifest
+    # is accepted; once a symmetric key was uploaded, a full update that reads its .Cert would break
+    # every activation of the frontend: it is refused.
+    dep = with_user_key(deployed())
+    raw = full(edit=_uses_user_key_cert)
+    load_manifest(raw)  # fine with placeholders
+    with pytest.raises(ManifestError) as exc:
+        update_manifest(dep, "alice", raw, LATER)
+    assert [p.path for p in exc.value.problems] == ["Marbles.frontend.Parameters.Files./k.pem"]
+    assert "empty value" in exc.value.problems[0].message
+
+
+def test_upload_dry_run_refuses_a_value_without_the_part_a_template_reads() -> None:
+    doc = changed()
+    _uses_user_key_cert(doc)
+    dep = deployed(manifest_bytes(doc))  # set: the user-defined placeholder has a certificate
+    with pytest.raises(SecretUploadError) as exc:
+        with_user_key(dep)  # a symmetric key has no certificate
+    assert "Marbles.frontend.Parameters.Files./k.pem" in exc.value.diagnostics()
+    assert KEY16.hex() not in exc.value.diagnostics()
+
+
+def test_update_refuses_cert_of_a_generated_symmetric_key() -> None:
+    def edit(doc: dict[str, object]) -> None:
+        doc["Marbles"]["backend"]["Parameters"]["Files"]["/s.pem"] = "{{ pem .Secrets.shared_key.Cert }}"  # type: ignore[index]
+
+    with pytest.raises(ManifestError) as exc:
+        update_manifest(deployed(), "alice", full(edit=edit), LATER)
+    assert "Marbles.backend.Parameters.Files./s.pem" in [p.path for p in exc.value.problems]

@@ -9,6 +9,7 @@ from manifest_support import base, check, dumps, paths, problem_at
 
 from marblekeep.errors import ManifestError
 from marblekeep.manifest import dry_run, load_manifest
+from marblekeep.manifest.dryrun import placeholder
 from marblekeep.manifest.model import Manifest, Secret, SecretType
 
 SECRETS = {
@@ -16,6 +17,7 @@ SECRETS = {
     "perm": {"Type": "symmetric-key", "Size": 256},
     "cert": {"Type": "cert-ed25519", "Shared": True},
     "plain": {"Type": "plain", "UserDefined": True},
+    "usersym": {"Type": "symmetric-key", "Size": 128, "UserDefined": True},
 }
 
 
@@ -42,6 +44,10 @@ PASSING_FILES = [
     "{{ pem .Secrets.sym.Private }}",
     "{{ hex .MarbleRun.SealKey }}",
     "{{ hex .Marblerun.SealKey }}",
+    "{{ pem .Secrets.cert.Public }}",
+    "{{ pem .Secrets.perm.Private }}{{ hex .Secrets.perm.Public }}",
+    # User-defined secrets may be uploaded with a certificate: their placeholder has one.
+    "{{ pem .Secrets.plain.Cert }}{{ pem .Secrets.usersym.Cert }}",
 ]
 
 
@@ -64,6 +70,11 @@ def test_dry_run_passes_in_files(template: str) -> None:
         ({"/f": "{{ pem .MarbleRun.CoordinatorRoot.Private }}"}, None, "Marbles.m.Parameters.Files./f"),
         ({"/f": "{{ pem .MarbleRun.CoordinatorIntermediate.Public }}"}, None, FILE_F),
         ({"/f": "{{ raw .Secrets.sym "}, None, "Marbles.m.Parameters.Files./f"),
+        # A symmetric key has no certificate (MarbleRun refuses these at manifest set too).
+        ({"/f": "{{ pem .Secrets.sym.Cert }}"}, None, FILE_F),
+        ({"/f": "{{ pem .Secrets.perm.Cert }}"}, None, FILE_F),
+        ({"/f": "{{ hex .Secrets.sym.Cert }}"}, None, FILE_F),
+        (None, {"E": "{{ base64 .Previous.Secrets.perm.Cert }}"}, "Marbles.m.Parameters.Env.E"),
     ],
 )
 def test_dry_run_failures_name_marble_and_entry(
@@ -117,3 +128,25 @@ def test_dry_run_is_part_of_load() -> None:
     with pytest.raises(ManifestError) as info:
         load_manifest(_manifest(env={"E": "{{ raw .Secrets.sym }}"}))
     assert [p.path for p in info.value.problems] == ["Marbles.m.Parameters.Env.E"]
+
+
+def test_placeholders_have_the_shape_of_the_real_values() -> None:
+    manifest = load_manifest(_manifest())
+    sym, cert, plain = (placeholder(manifest.secrets[n]) for n in ("sym", "cert", "plain"))
+    assert sym.cert is None and sym.public and sym.private
+    assert cert.cert and cert.public and cert.private
+    assert plain.cert and plain.public and plain.private
+
+
+def test_symmetric_key_cert_problem_says_empty_value() -> None:
+    result = check(_manifest(files={"/f": "{{ pem .Secrets.sym.Cert }}"}))
+    assert "tried to parse secret with empty value" in problem_at(result, FILE_F)
+
+
+def test_string_reads_the_public_part() -> None:
+    # MarbleRun's string encodes .Public; through the Python API the two parts may differ.
+    manifest = _loaded({"TOKEN": "{{ string .Secrets.plain }}"})
+    public_ok = dataclasses.replace(manifest.secrets["plain"], public=b"fine", private=b"bad\x00")
+    assert dry_run(manifest, {"plain": public_ok}) == []
+    public_bad = dataclasses.replace(manifest.secrets["plain"], public=b"bad\x00", private=b"fine")
+    assert [p.path for p in dry_run(manifest, {"plain": public_bad})] == ["Marbles.m.Parameters.Env.TOKEN"]

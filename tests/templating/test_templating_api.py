@@ -19,7 +19,15 @@ from testsupport import shared_path
 
 def test_public_exports() -> None:
     assert sorted(templating.__all__) == sorted(
-        ["FunctionSet", "ReservedSecret", "Template", "TemplateData", "parse_template", "render"]
+        [
+            "FunctionSet",
+            "ReservedSecret",
+            "SecretValue",
+            "Template",
+            "TemplateData",
+            "parse_template",
+            "render",
+        ]
     )
     assert FunctionSet("files") is FunctionSet.FILES
     assert FunctionSet("env") is FunctionSet.ENV

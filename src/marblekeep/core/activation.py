@@ -250,7 +250,7 @@ def _render(
                 n
                 for n, s in data.secrets.items()
                 if s.user_defined
-                and not s.has_value
+                and not (s.public or s.private or s.cert)
                 and any(n.encode() in source for source in prepared_marble.sources)
             )
             hint = ""

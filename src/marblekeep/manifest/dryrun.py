@@ -2,10 +2,17 @@
 
 Run when a manifest is set or updated and when user-defined secrets are uploaded. Every
 template is parsed with its function set (``Files``: raw allowed; ``Env``: string allowed) and
-executed against dummy values: the reserved certificates are ``b"A"`` (``MarbleCert`` also has
-a dummy public and private key), the seal key is 32 bytes, and every secret of the manifest has
-``b"A"`` as its certificate, public and private value unless a real value is passed in
-*secrets* (the upload dry run). ``.Previous.Secrets`` is the same map.
+executed against placeholders with the shape of the real values, as MarbleRun's dry run:
+
+* the reserved certificates are ``b"A"`` with no public or private part (``MarbleCert`` also has
+  a placeholder public and private key); the seal key is 32 bytes;
+* a secret with a real value passed in *secrets* (updates, the upload dry run) is used as is;
+* otherwise a placeholder by type: certificate types (``cert-*``) and user-defined secrets get a
+  certificate, a public and a private part; generated symmetric keys (and any other generated
+  secret) get a public and a private part only. So ``{{ pem .Secrets.key.Cert }}`` on a symmetric
+  key is refused when the manifest is set, not at every activation.
+
+``.Previous.Secrets`` is the same map.
 
 The Env NUL rule applies before templating and even to ``NoTemplates`` entries: environment
 values cannot carry a NUL byte. Problems name the Marble and the file or variable; they never
@@ -21,7 +28,7 @@ from marblekeep.errors import ManifestError, Problem
 from marblekeep.manifest.model import FileEntry, Manifest, Secret
 from marblekeep.templating import FunctionSet, ReservedSecret, TemplateData, parse_template
 
-__all__ = ["dry_run"]
+__all__ = ["dry_run", "placeholder"]
 
 _DUMMY = b"A"
 _DUMMY_SEAL_KEY = b"A" * 32
@@ -41,10 +48,7 @@ class _DryRunSecrets(Mapping[str, Secret]):
         if value is None:
             secret = self._defs[name]
             given = self._real.get(name)
-            if given is not None and given.has_value:
-                value = given
-            else:
-                value = dataclasses.replace(secret, cert=_DUMMY, public=_DUMMY, private=_DUMMY)
+            value = given if given is not None and given.has_value else placeholder(secret)
             self._cache[name] = value
         return value
 
@@ -53,6 +57,17 @@ class _DryRunSecrets(Mapping[str, Secret]):
 
     def __len__(self) -> int:
         return len(self._defs)
+
+
+def placeholder(secret: Secret) -> Secret:
+    """The dry run's stand-in for a secret without a value: the shape of its real value.
+
+    Certificate types and user-defined secrets (whose upload may carry a certificate) get a
+    certificate, a public and a private part; a generated symmetric key has no certificate.
+    """
+    if secret.user_defined or secret.type.is_certificate:
+        return dataclasses.replace(secret, cert=_DUMMY, public=_DUMMY, private=_DUMMY)
+    return dataclasses.replace(secret, cert=None, public=_DUMMY, private=_DUMMY)
 
 
 def _dummy_data(manifest: Manifest, secrets: Mapping[str, Secret] | None) -> TemplateData:

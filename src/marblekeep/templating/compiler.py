@@ -17,7 +17,7 @@ pem       ``.Cert`` / ``.Public`` / ``.Private`` of a secret           PEM block
 hex       a Secret (its .Public), .Cert, .Public, .Private, SealKey   lower-case hex
 base64    same as hex                                                 padded std base64
 raw       same as hex (Files only)                                    the bytes
-string    a Secret of type plain without NUL (Env only)               the bytes
+string    a Secret of type plain without NUL (Env only)               its .Public bytes
 ========  ==========================================================  =====================
 
 Pure: no I/O. Error messages name the expression and never contain a secret's bytes.
@@ -33,7 +33,7 @@ from operator import attrgetter
 from typing import Any
 
 from marblekeep.errors import TemplateError
-from marblekeep.manifest.model import Secret, SecretType
+from marblekeep.templating.data import PLAIN_TYPE, SecretKind, SecretValue
 from marblekeep.templating.lexer import Locator
 from marblekeep.templating.parser import (
     Chain,
@@ -76,7 +76,7 @@ class _ZeroSecret:
     """Go's zero Secret: what a missing map key yields. Every function on it reports "empty value"."""
 
     __slots__ = ()
-    type: SecretType | None = None
+    type: SecretKind | None = None
     size = 0
     shared = False
     user_defined = False
@@ -92,7 +92,7 @@ _SECRET_TYPES = frozenset({_T.SECRET, _T.RESERVED})
 _PEM_LABELS = {_T.CERT: b"CERTIFICATE", _T.PUBLIC: b"PUBLIC KEY", _T.PRIVATE: b"PRIVATE KEY"}
 
 
-def _type_string(secret: Secret | _ZeroSecret) -> bytes:
+def _type_string(secret: SecretValue | _ZeroSecret) -> bytes:
     return b"" if secret.type is None else secret.type.value.encode("utf-8")
 
 
@@ -360,7 +360,7 @@ def _index_step(item_fn: Fn, key: _Expr) -> Fn:
     key_fn = key.fn
 
     def lookup(d: Any) -> Any:
-        mapping: Mapping[str, Secret] = item_fn(d)
+        mapping: Mapping[str, SecretValue] = item_fn(d)
         try:
             return mapping.get(key_fn(d).decode("utf-8"), _ZERO)
         except UnicodeDecodeError:
@@ -427,12 +427,15 @@ def _pem(value_fn: Fn, label: bytes, where: str) -> Fn:
 
 
 def _string(secret_fn: Fn, where: str) -> Fn:
+    # MarbleRun's string reads the secret's public part (for a stored plain secret it equals the
+    # private part; a SecretValue built by a caller may differ).
     def run(d: Any) -> bytes:
         secret = secret_fn(d)
-        value = secret.private
-        if secret.type is None or (not value and secret.type is SecretType.PLAIN):
+        value = secret.public
+        kind = None if secret.type is None else secret.type.value
+        if kind is None or (not value and kind == PLAIN_TYPE):
             raise _empty(where)
-        if secret.type is not SecretType.PLAIN:
+        if kind != PLAIN_TYPE:
             raise TemplateError(
                 f"{where}: string only takes secrets of type plain, this one is {secret.type.value}; "
                 "use hex or base64"
