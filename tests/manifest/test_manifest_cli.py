@@ -127,3 +127,55 @@ def test_real_subprocess(files: dict[str, Path]) -> None:
     assert sig.stdout.strip() == hashlib.sha256(files["good"].read_bytes()).hexdigest()
     usage = subprocess.run([str(exe), "manifest", "validate"], capture_output=True, text=True, check=False)
     assert usage.returncode == 2
+
+
+# ----------------------------------------------------- which syntax applies: by the file's name
+
+
+JSON_WITH_TRAILING_COMMA = b'{\n  "Packages": {"pkg": {"SignerID": "ab"}},\n  "Marbles": {"m": {"Package": "pkg"}},\n}\n'
+
+
+@pytest.mark.parametrize(
+    ("content", "where"),
+    [
+        (JSON_WITH_TRAILING_COMMA, "(line 4, column 1)"),
+        (b"{'Packages': {}}", "(line 1, column 2)"),
+    ],
+)
+def test_a_json_file_must_be_strict_json(tmp_path: Path, content: bytes, where: str) -> None:
+    # YAML would accept both (and the uploaded bytes would then differ from the file's).
+    yaml_to_json(content)
+    path = tmp_path / "manifest.json"
+    path.write_bytes(content)
+    result = CliRunner().invoke(main, ["manifest", "validate", str(path)])
+    assert result.exit_code == 1
+    assert f"{path}: invalid" in result.output
+    assert "not valid JSON" in result.output and where in result.output
+    assert "a .json file must be strict JSON" in result.output
+    signature = CliRunner().invoke(main, ["manifest", "signature", str(path)])
+    assert signature.exit_code == 1
+    assert signature.output.startswith(f"Error: {path} is not valid JSON")
+    assert where in signature.output
+
+
+def test_the_same_text_in_a_yaml_file_is_yaml(tmp_path: Path) -> None:
+    path = tmp_path / "manifest.YML"
+    path.write_bytes(JSON_WITH_TRAILING_COMMA.replace(b'"ab"', f'"{SIGNER}"'.encode()))
+    result = CliRunner().invoke(main, ["manifest", "validate", str(path)])
+    assert "not valid JSON" not in result.output
+    assert result.output.startswith(f"{path}: ")
+
+
+def test_stdin_starting_with_a_brace_is_strict_json(files: dict[str, Path]) -> None:
+    bad = CliRunner().invoke(main, ["manifest", "validate", "-"], input=JSON_WITH_TRAILING_COMMA)
+    assert bad.exit_code == 1
+    assert "not valid JSON" in bad.output and "(line 4, column 1)" in bad.output
+    good = CliRunner().invoke(main, ["manifest", "signature", "-"], input=files["good"].read_bytes())
+    assert good.exit_code == 0
+    assert good.output.strip() == hashlib.sha256(files["good"].read_bytes()).hexdigest()
+
+
+def test_stdin_yaml_is_converted(files: dict[str, Path]) -> None:
+    result = CliRunner().invoke(main, ["manifest", "signature", "-"], input=VALID_YAML)
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == hashlib.sha256(yaml_to_json(VALID_YAML)).hexdigest()

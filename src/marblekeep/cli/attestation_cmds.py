@@ -35,7 +35,7 @@ from marblekeep.attestation.evidence import parse_header, strip_oe_header
 from marblekeep.attestation.explain import AttestationRefused, FailedCheck, rfc3339
 from marblekeep.attestation.policy import check_package
 from marblekeep.errors import AttestationError, CollateralError, ManifestError, MarbleKeepError
-from marblekeep.manifest import load_manifest, yaml_to_json
+from marblekeep.manifest import load_manifest, manifest_source_to_json
 from marblekeep.manifest.model import Package
 
 
@@ -83,7 +83,7 @@ def _load_package(manifest_path: Path, name: str) -> Package:
     except OSError as exc:
         raise click.UsageError(f"--manifest {manifest_path}: {exc.strerror or 'cannot be read'}") from None
     try:
-        manifest = load_manifest(yaml_to_json(data))
+        manifest = load_manifest(manifest_source_to_json(data, str(manifest_path)))
     except ManifestError as exc:
         raise click.UsageError(f"--manifest {manifest_path}: {exc.diagnostics()}") from None
     if name not in manifest.packages:

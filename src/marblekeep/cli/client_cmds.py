@@ -28,7 +28,7 @@ import click
 
 from marblekeep.attestation.collateral import DirectoryCollateralSource, PccsCollateralSource
 from marblekeep.attestation.dcap import Collateral
-from marblekeep.cli.files import read_file, save_recovery_data, write_output
+from marblekeep.cli.files import MANIFEST_FILE, read_manifest, save_recovery_data, write_output
 from marblekeep.client import (
     DEFAULT_ACCEPTED_TCB_STATUSES,
     Connection,
@@ -40,8 +40,7 @@ from marblekeep.client import (
     parse_era_config,
 )
 from marblekeep.core.governance import consolidate_manifest
-from marblekeep.errors import ConfigError, CoordinatorError, ManifestError, MarbleKeepError
-from marblekeep.manifest import yaml_to_json
+from marblekeep.errors import ConfigError, CoordinatorError, MarbleKeepError
 
 __all__ = ["certificate", "manifest_get", "manifest_log", "manifest_set", "manifest_verify", "status"]
 
@@ -236,11 +235,7 @@ def _open(
 
 
 def _read_manifest(path: Path) -> bytes:
-    data = read_file(path)
-    try:
-        return yaml_to_json(data)
-    except ManifestError as exc:
-        raise ManifestError(f"{path}: {exc.message}", problems=exc.problems) from None
+    return read_manifest(path)
 
 
 # -------------------------------------------------------------------------------------------- commands
@@ -306,7 +301,7 @@ certificate.add_command(
 
 
 @click.command("set")
-@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("file", type=MANIFEST_FILE)
 @click.argument("addr", metavar="ADDR")
 @click.option(
     "-r",

@@ -10,22 +10,51 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
 import click
 
-from marblekeep.errors import ConfigError
+from marblekeep.errors import ConfigError, ManifestError
+from marblekeep.manifest.yaml_json import manifest_source_to_json
 
-__all__ = ["read_file", "save_recovery_data", "write_output", "write_private"]
+__all__ = [
+    "MANIFEST_FILE",
+    "read_file",
+    "read_manifest",
+    "save_recovery_data",
+    "write_output",
+    "write_private",
+]
+
+#: The click type of a manifest argument: an existing file, or ``-`` for standard input.
+MANIFEST_FILE = click.Path(exists=True, dir_okay=False, allow_dash=True, path_type=Path)
 
 
 def read_file(path: Path) -> bytes:
-    """The bytes of ``path``; a :class:`click.FileError` (exit 2) naming it when it cannot be read."""
+    """The bytes of ``path`` (``-``: standard input); a :class:`click.FileError` (exit 2) naming it
+    when it cannot be read."""
+    if str(path) == "-":
+        return sys.stdin.buffer.read()
     try:
         return path.read_bytes()
     except OSError as exc:
         raise click.FileError(str(path), hint=exc.strerror or "cannot be read") from None
+
+
+def read_manifest(path: Path) -> bytes:
+    """The manifest JSON bytes of ``path`` (``-``: standard input): ``*.json`` strict JSON,
+    ``*.yaml``/``*.yml`` YAML, anything else JSON when it starts with ``{``, else YAML (see
+    :func:`marblekeep.manifest.manifest_source_to_json` and docs/manifest.md). Errors name the file."""
+    name = str(path)
+    data = read_file(path)
+    try:
+        return manifest_source_to_json(data, name)
+    except ManifestError as exc:
+        shown = "standard input" if name == "-" else name
+        message = exc.message if exc.message.startswith(shown) else f"{shown}: {exc.message}"
+        raise ManifestError(message, problems=exc.problems) from None
 
 
 def write_private(path: Path, data: bytes) -> None:

@@ -34,7 +34,7 @@ from marblekeep.cli.client_cmds import (
     client_cert_pair,
     user_cert_options,
 )
-from marblekeep.cli.files import read_file, save_recovery_data, write_output
+from marblekeep.cli.files import MANIFEST_FILE, read_file, save_recovery_data, write_output
 from marblekeep.client import UpdateAnswer, clean_text, default_cert_path, load_pinned_root
 from marblekeep.core.auditlog import LogHead, LogVerification, parse_head, verify_log
 from marblekeep.crypto.pki import der_to_pem
@@ -254,7 +254,7 @@ _recoverydata_option = click.option(
 
 
 @update.command("apply")
-@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("file", type=MANIFEST_FILE)
 @click.argument("addr", metavar="ADDR")
 @user_cert_options
 @_recoverydata_option
@@ -282,7 +282,7 @@ def update_apply(
 
 
 @update.command("acknowledge")
-@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("file", type=MANIFEST_FILE)
 @click.argument("addr", metavar="ADDR")
 @user_cert_options
 @_recoverydata_option

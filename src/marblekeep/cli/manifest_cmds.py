@@ -7,9 +7,9 @@ from pathlib import Path
 
 import click
 
-from marblekeep.cli.files import read_file
+from marblekeep.cli.files import MANIFEST_FILE, read_manifest
 from marblekeep.errors import ManifestError, Problem
-from marblekeep.manifest import ValidationResult, manifest_fingerprint, validate_manifest, yaml_to_json
+from marblekeep.manifest import ValidationResult, manifest_fingerprint, validate_manifest
 
 
 @click.group()
@@ -19,7 +19,7 @@ def manifest() -> None:
 
 def _check_file(path: Path) -> ValidationResult:
     try:
-        raw = yaml_to_json(read_file(path))
+        raw = read_manifest(path)
     except ManifestError as exc:
         return ValidationResult(manifest=None, problems=exc.problems or (Problem("", exc.message),))
     return validate_manifest(raw)
@@ -30,12 +30,13 @@ def _problem_json(problem: Problem) -> dict[str, str]:
 
 
 @manifest.command()
-@click.argument(
-    "files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path)
-)
+@click.argument("files", nargs=-1, required=True, type=MANIFEST_FILE)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per file and line.")
 def validate(files: tuple[Path, ...], as_json: bool) -> None:
-    """Check manifests (JSON or YAML) as a Coordinator would when they are set.
+    """Check manifests (JSON or YAML; - reads standard input) as a Coordinator would when they are set.
+
+    A .json file must be strict JSON; .yaml/.yml files are YAML; other names and standard input are
+    JSON when they start with {, else YAML.
 
     Prints FILE: valid, or FILE: invalid and one line per problem. Exit status 0 when all
     files are valid, 1 otherwise.
@@ -63,15 +64,15 @@ def validate(files: tuple[Path, ...], as_json: bool) -> None:
 
 
 @manifest.command()
-@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("file", type=MANIFEST_FILE)
 def signature(file: Path) -> None:
     """Print the manifest's fingerprint: hex SHA-256 of its JSON bytes (YAML is converted first).
 
     This is the value the Coordinator reports for the manifest it runs.
     """
     try:
-        raw = yaml_to_json(read_file(file))
+        raw = read_manifest(file)
     except ManifestError as exc:
-        click.echo(f"Error: {file}: {exc.message}", err=True)
+        click.echo(f"Error: {exc.message}", err=True)
         raise SystemExit(exc.exit_code) from None
     click.echo(manifest_fingerprint(raw))

@@ -26,7 +26,11 @@ import yaml
 from marblekeep.errors import ManifestError, Problem
 from marblekeep.manifest.gojson import parse_json
 
-__all__ = ["yaml_to_json"]
+__all__ = ["JSON_SUFFIXES", "YAML_SUFFIXES", "manifest_source_to_json", "yaml_to_json"]
+
+#: File name endings read as strict JSON, and as YAML (compared case-insensitively).
+JSON_SUFFIXES = (".json",)
+YAML_SUFFIXES = (".yaml", ".yml")
 
 #: Refuse YAML whose JSON form would exceed this (alias expansion bombs).
 MAX_JSON_BYTES = 16 * 1024 * 1024
@@ -321,3 +325,36 @@ def yaml_to_json(data: bytes) -> bytes:
         msg = f"the YAML cannot be converted to JSON: {reason}"
         raise ManifestError(f"manifest is invalid: {msg}", problems=[Problem("", msg)]) from None
     return "".join(encoder.parts).encode("utf-8")
+
+
+def manifest_source_to_json(data: bytes, name: str) -> bytes:
+    """The manifest JSON bytes of a file called ``name`` (``-`` for standard input).
+
+    Which syntax applies is decided by the name, never by trying one after the other:
+
+    * ``*.json``: strict JSON, byte for byte. A JSON error (a trailing comma, single quotes) is
+      reported with its line and column; the file is never read as YAML, so the bytes the
+      Coordinator signs are the bytes of the file.
+    * ``*.yaml`` / ``*.yml``: YAML, converted as MarbleRun's CLI converts it (:func:`yaml_to_json`;
+      a YAML file that is also JSON is used unchanged).
+    * standard input and any other name: JSON if the first non-blank character is ``{`` (every
+      manifest is a JSON object), strictly as for ``*.json``; otherwise YAML.
+
+    Raises :class:`~marblekeep.errors.ManifestError` naming ``name``. Pure: no I/O.
+    """
+    lower = name.lower()
+    if lower.endswith(YAML_SUFFIXES):
+        return yaml_to_json(data)
+    if not lower.endswith(JSON_SUFFIXES) and not data.lstrip(b" \t\r\n").startswith(b"{"):
+        return yaml_to_json(data)
+    try:
+        parse_json(data, "standard input" if name == "-" else name)
+    except ManifestError as exc:
+        hint = (
+            "a .json file must be strict JSON (write YAML in a .yaml or .yml file)"
+            if lower.endswith(JSON_SUFFIXES)
+            else "input that starts with { must be strict JSON"
+        )
+        problems = [Problem(p.path, f"{p.message}; {hint}") for p in exc.problems]
+        raise ManifestError(f"{exc.message}; {hint}", problems=problems) from None
+    return data
