@@ -105,13 +105,82 @@ def test_status_of_a_simulation_coordinator_needs_insecure_then_pins_its_root(
     assert "SIMULATION mode" in later.stderr  # still loud about simulation on every contact
 
 
-def test_default_pin_location_follows_xdg_config_home(
+def _port(addr: str) -> str:
+    return addr.rpartition(":")[2]
+
+
+def test_default_pin_location_is_per_address_under_xdg_config_home(
     coordinator: InProcessCoordinator, tmp_path: Path
 ) -> None:
     config_home = tmp_path / "xdg"
     result = run("status", "--insecure", coordinator.addr, env={"XDG_CONFIG_HOME": str(config_home)})
     assert result.exit_code == 0, result.output
-    assert (config_home / "marblekeep" / "coordinator-cert.pem").read_bytes() == coordinator.root_pem
+    pin = config_home / "marblekeep" / "pins" / f"127.0.0.1_{_port(coordinator.addr)}.pem"
+    assert pin.read_bytes() == coordinator.root_pem
+    assert not (config_home / "marblekeep" / "coordinator-cert.pem").exists()
+
+
+def test_a_second_coordinator_gets_its_own_pin(coordinator: InProcessCoordinator, tmp_path: Path) -> None:
+    env = {"XDG_CONFIG_HOME": str(tmp_path / "xdg"), "MARBLEKEEP_COORDINATOR_CERT": ""}
+    other = InProcessCoordinator(tmp_path / "other-seal")
+    try:
+        assert run("status", "-i", coordinator.addr, env=env).exit_code == 0
+        second = run("status", "-i", other.addr, env=env)  # not refused: another address, another pin
+        assert second.exit_code == 0, second.output
+        assert "REPLACING" not in second.stderr
+        # both stay pinned: neither needs --insecure again, and each is checked against its own root
+        for running in (coordinator, other):
+            again = run("certificate", "root", running.addr, env=env)
+            assert again.exit_code == 0, again.output
+            assert again.stdout_bytes == running.root_pem
+        pins = sorted((tmp_path / "xdg" / "marblekeep" / "pins").iterdir())
+        assert [p.read_bytes() for p in pins] != [] and len(pins) == 2
+    finally:
+        other.stop()
+
+
+def test_the_pin_file_environment_variable_pins_one_coordinator_for_every_address(
+    coordinator: InProcessCoordinator, tmp_path: Path
+) -> None:
+    pin = tmp_path / "one-pin.pem"
+    env = {"XDG_CONFIG_HOME": str(tmp_path / "xdg"), "MARBLEKEEP_COORDINATOR_CERT": str(pin)}
+    assert run("status", "-i", coordinator.addr, env=env).exit_code == 0
+    assert pin.read_bytes() == coordinator.root_pem
+    assert not (tmp_path / "xdg" / "marblekeep" / "pins").exists()
+    other = InProcessCoordinator(tmp_path / "other-seal")
+    try:
+        refused = run("status", other.addr, env=env)
+        assert refused.exit_code == 1
+        assert str(pin) in refused.stderr
+        assert "remove" not in refused.stderr
+    finally:
+        other.stop()
+
+
+def test_the_single_pin_file_of_earlier_versions_is_migrated(
+    coordinator: InProcessCoordinator, tmp_path: Path
+) -> None:
+    config = tmp_path / "xdg" / "marblekeep"
+    config.mkdir(parents=True)
+    legacy = config / "coordinator-cert.pem"
+    legacy.write_bytes(coordinator.root_pem)
+    env = {"XDG_CONFIG_HOME": str(tmp_path / "xdg"), "MARBLEKEEP_COORDINATOR_CERT": ""}
+    # its Coordinator is trusted through the old pin (no --insecure), which becomes its own pin
+    migrated = run("status", coordinator.addr, env=env)
+    assert migrated.exit_code == 0, migrated.output
+    assert "moved the pin" in migrated.stderr
+    assert (config / "pins" / f"127.0.0.1_{_port(coordinator.addr)}.pem").read_bytes() == coordinator.root_pem
+    assert legacy.read_bytes() == coordinator.root_pem  # left in place
+    # another Coordinator is not blocked by it: it is attested (here: --insecure) and pinned on its own
+    other = InProcessCoordinator(tmp_path / "other-seal")
+    try:
+        assert run("status", other.addr, env=env).exit_code == 1  # simulation: still needs --insecure
+        fresh = run("status", "-i", other.addr, env=env)
+        assert fresh.exit_code == 0, fresh.output
+        assert "REPLACING" not in fresh.stderr and "moved the pin" not in fresh.stderr
+        assert (config / "pins" / f"127.0.0.1_{_port(other.addr)}.pem").read_bytes() == other.root_pem
+    finally:
+        other.stop()
 
 
 def test_a_different_coordinator_is_refused_against_the_pinned_root(
@@ -123,6 +192,7 @@ def test_a_different_coordinator_is_refused_against_the_pinned_root(
         refused = run("certificate", "root", other.addr, *_pin_args(pin))
         assert refused.exit_code == 1
         assert "pinned" in refused.stderr and str(pin) in refused.stderr
+        assert "do not trust it" in refused.stderr and "remove" not in refused.stderr
         assert refused.stdout == ""
         assert pin.read_bytes() == coordinator.root_pem, "a refused Coordinator must not change the pin"
 

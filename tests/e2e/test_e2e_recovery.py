@@ -186,10 +186,15 @@ def assert_in_recovery(lost: Lost) -> None:
     # the temporary root is not the deployment's: the pinned CLI refuses it
     refused = cli(site, "status", site.client_addr, *pin(site), ok=False)
     assert refused.exit_code == 1 and "pinned" in refused.stderr
+    # the advice keeps the pin (docs/operations.md §4.1) and points to recovery
+    assert "RECOVERY mode" in refused.stderr and "keep your pin" in refused.stderr
+    assert "remove that file" not in refused.stderr and "marblekeep recover upload" in refused.stderr
 
 
 def assert_recovered(lost: Lost, upload_stderr: str) -> None:
     site = lost.site
+    assert upload_stderr.count("SIMULATION") == 1  # one warning, not two
+    assert upload_stderr.count("INSECURE") == 1
     assert f"back with the root certificate pinned in {site.pin}" in upload_stderr
     assert cli(site, "status", site.client_addr, *pin(site)).stdout == f"3: {STATUS_3}\n"  # no --insecure
     assert cli(site, "certificate", "root", site.client_addr, *pin(site)).stdout == lost.root_before

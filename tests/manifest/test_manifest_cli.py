@@ -132,7 +132,9 @@ def test_real_subprocess(files: dict[str, Path]) -> None:
 # ----------------------------------------------------- which syntax applies: by the file's name
 
 
-JSON_WITH_TRAILING_COMMA = b'{\n  "Packages": {"pkg": {"SignerID": "ab"}},\n  "Marbles": {"m": {"Package": "pkg"}},\n}\n'
+JSON_WITH_TRAILING_COMMA = (
+    b'{\n  "Packages": {"pkg": {"SignerID": "ab"}},\n  "Marbles": {"m": {"Package": "pkg"}},\n}\n'
+)
 
 
 @pytest.mark.parametrize(

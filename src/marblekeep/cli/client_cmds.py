@@ -38,9 +38,11 @@ from marblekeep.client import (
     default_cert_path,
     manifest_json,
     parse_era_config,
+    pin_path,
 )
 from marblekeep.core.governance import consolidate_manifest
 from marblekeep.errors import ConfigError, CoordinatorError, MarbleKeepError
+from marblekeep.manifest import validate_manifest
 
 __all__ = ["certificate", "manifest_get", "manifest_log", "manifest_set", "manifest_verify", "status"]
 
@@ -99,8 +101,10 @@ def _trust_options(func: F) -> F:
         click.option(
             "--coordinator-cert",
             type=click.Path(dir_okay=False, path_type=Path),
-            help="File of the pinned Coordinator root certificate [default: "
-            "$XDG_CONFIG_HOME/marblekeep/coordinator-cert.pem or ~/.config/marblekeep/coordinator-cert.pem].",
+            envvar="MARBLEKEEP_COORDINATOR_CERT",
+            help="File of the pinned Coordinator root certificate, for any address (env "
+            "MARBLEKEEP_COORDINATOR_CERT) [default: one pin per Coordinator address in "
+            "$XDG_CONFIG_HOME/marblekeep/pins/ or ~/.config/marblekeep/pins/].",
         ),
         click.option(
             "--era-config",
@@ -199,13 +203,17 @@ def _tcb_statuses(ctx: click.Context, text: str, era: EraConfig | None) -> tuple
     return statuses
 
 
-def _settings(kwargs: dict[str, Any], client_cert: tuple[Path, Path] | None = None) -> TrustSettings:
+def _settings(
+    addr: str, kwargs: dict[str, Any], client_cert: tuple[Path, Path] | None = None
+) -> TrustSettings:
     ctx = click.get_current_context()
     era = _era(kwargs["era_config"])
-    cert_path = kwargs["coordinator_cert"] or default_cert_path(os.environ, Path.home())
+    explicit: Path | None = kwargs["coordinator_cert"]
+    cert_path = explicit or pin_path(addr, os.environ, Path.home())
     nonce_text = kwargs["nonce"]
     return TrustSettings(
         cert_path=cert_path,
+        legacy_cert_path=None if explicit else default_cert_path(os.environ, Path.home()),
         insecure=kwargs["insecure"],
         era=era,
         accepted_tcb_statuses=_tcb_statuses(ctx, kwargs["accepted_tcb_statuses"], era),
@@ -220,11 +228,17 @@ def _open(
     addr: str, kwargs: dict[str, Any], client_cert: tuple[Path, Path] | None = None
 ) -> Iterator[Connection]:
     trust = {name: kwargs.pop(name) for name in _TRUST_PARAMS}
-    conn = connect(addr, _settings(trust, client_cert), now=_now(), warn=_warn)
+    warned: list[str] = []
+
+    def warn(message: str) -> None:
+        warned.append(message)
+        _warn(message)
+
+    conn = connect(addr, _settings(addr, trust, client_cert), now=_now(), warn=warn)
     try:
         if conn.attested:
             click.echo(f"Coordinator at {addr} attested; its root certificate is pinned.", err=True)
-        if conn.simulation:
+        if conn.simulation and not any("SIMULATION" in w for w in warned):  # say it once
             _warn(
                 f"the Coordinator at {addr} runs in SIMULATION mode: no TEE, no attestation. Never give it"
                 " real secrets."
@@ -236,6 +250,14 @@ def _open(
 
 def _read_manifest(path: Path) -> bytes:
     return read_manifest(path)
+
+
+def show_manifest_warnings(raw: bytes, path: Path) -> None:
+    """Print on stderr the warnings ``manifest validate`` prints for ``raw`` (unknown fields with a
+    suggestion, missing package identities, ...): a typo such as ``MaxActivation`` silently drops
+    a limit, so ``manifest set`` and ``update`` show them too. The Coordinator decides validity."""
+    for problem in validate_manifest(raw).warnings:
+        click.secho(f"warning: {path}: {problem}", fg="yellow", err=True)
 
 
 # -------------------------------------------------------------------------------------------- commands
@@ -322,6 +344,7 @@ def manifest_set(file: Path, addr: str, recoverydata: Path | None, **kwargs: Any
       marblekeep manifest set manifest.json localhost:4433 -r recovery.json
     """
     raw = _read_manifest(file)
+    show_manifest_warnings(raw, file)
     fingerprint = hashlib.sha256(raw).hexdigest()
     with _open(addr, kwargs) as conn:
         try:

@@ -32,6 +32,7 @@ from marblekeep.cli.client_cmds import (
     _read_manifest,
     _trust_options,
     client_cert_pair,
+    show_manifest_warnings,
     user_cert_options,
 )
 from marblekeep.cli.files import MANIFEST_FILE, read_file, save_recovery_data, write_output
@@ -271,6 +272,7 @@ def update_apply(
       marblekeep manifest update apply svn-update.json localhost:4433 -c alice.crt -k alice.key
     """
     raw = _read_manifest(file)
+    show_manifest_warnings(raw, file)
     with _open(addr, kwargs, _user(cert, key)) as conn:
         answer = conn.client.apply_update(raw)
     if answer.missing_acknowledgments > 0:
@@ -299,6 +301,7 @@ def update_acknowledge(
       marblekeep manifest update acknowledge pending.json localhost:4433 -c bob.crt -k bob.key
     """
     raw = _read_manifest(file)
+    show_manifest_warnings(raw, file)
     with _open(addr, kwargs, _user(cert, key)) as conn:
         answer = conn.client.acknowledge_update(raw)
     click.echo(clean_text(answer.message) if answer.message is not None else "Acknowledged.")
@@ -450,7 +453,7 @@ def log_verify(addr: str | None, file: Path | None, root_cert: Path | None, **kw
                 root = conn.cert_quote.root
         if root is None:
             pinned_path = kwargs.get("coordinator_cert") or default_cert_path(os.environ, Path.home())
-            root = load_pinned_root(pinned_path)
+            root = load_pinned_root(pinned_path)  # without ADDR: --coordinator-cert, else the old single pin
         if root is None:
             raise ConfigError(
                 "no root certificate to check the log's signature with: give --root-cert FILE or the "

@@ -267,14 +267,23 @@ def _attested(addr: str, kwargs: dict[str, Any]) -> Iterator[tuple[Connection, P
     """Attest the Coordinator afresh (see the module docstring); yields the connection and the
     path of the pinned root to compare with after recovery (not used for this connection)."""
     trust = {name: kwargs.pop(name) for name in _TRUST_PARAMS}
-    settings = _settings(trust)
+    settings = _settings(addr, trust)
     pin = settings.cert_path
     with tempfile.TemporaryDirectory(prefix="marblekeep-recover-") as tmp:
         fresh = dataclasses.replace(settings, cert_path=Path(tmp) / "recovery-root.pem")
         temporary = f", and pinning it in {fresh.cert_path}"
 
+        protects = (
+            "no TEE protects the recovery secret you send it. Never use a production recovery key with it."
+        )
+        warned: list[str] = []
+
         def warn(message: str) -> None:  # the temporary pin file is an implementation detail
-            _warn(message.replace(temporary, " for this command only (nothing is pinned)"))
+            text = message.replace(temporary, " for this command only (nothing is pinned)")
+            if "SIMULATION" in text:  # one warning about simulation, not two
+                text = f"{text.rstrip('.')}; {protects}"
+            warned.append(text)
+            _warn(text)
 
         conn = connect(addr, fresh, now=_now(), warn=warn)
         try:
@@ -282,11 +291,8 @@ def _attested(addr: str, kwargs: dict[str, Any]) -> Iterator[tuple[Connection, P
                 click.echo(
                     f"Coordinator at {addr} attested (its temporary recovery root is not pinned).", err=True
                 )
-            if conn.simulation:
-                _warn(
-                    f"the Coordinator at {addr} runs in SIMULATION mode: no TEE protects the recovery "
-                    "secret you send it. Never use a production recovery key with it."
-                )
+            if conn.simulation and not any("SIMULATION" in w for w in warned):
+                _warn(f"the Coordinator at {addr} runs in SIMULATION mode: {protects}")
             yield conn, pin
         finally:
             conn.client.close()

@@ -14,6 +14,7 @@ Public API::
     CoordinatorClient.unverified(addr)               # no TLS authentication (first-contact quote only)
     parse_era_config(data, source) -> EraConfig
     verify_coordinator_quote(quote, root, nonce, era, accepted_tcb_statuses, collateral, now)
+    pin_path(addr, env, home) -> Path                 # the pin of one Coordinator (per address)
     default_cert_path(env, home) / load_pinned_root(path) / save_pinned_root(path, cert)
     pinned_context(root, client_cert=None) -> PinnedRootContext
 
@@ -52,6 +53,7 @@ from marblekeep.client.attest import (
 )
 from marblekeep.client.jsend import EndpointMissing, clean_text, decode_envelope
 from marblekeep.client.pinning import (
+    PIN_FILE_ENV,
     NotFromPinnedRoot,
     PinnedRootContext,
     default_cert_path,
@@ -59,10 +61,11 @@ from marblekeep.client.pinning import (
     pinned_context,
     save_pinned_root,
 )
-from marblekeep.client.session import Connection, TrustSettings, connect
+from marblekeep.client.session import Connection, TrustSettings, connect, pin_name, pin_path
 
 __all__ = [
     "DEFAULT_ACCEPTED_TCB_STATUSES",
+    "PIN_FILE_ENV",
     "CertQuote",
     "Connection",
     "CoordinatorClient",
@@ -86,6 +89,8 @@ __all__ = [
     "load_pinned_root",
     "manifest_json",
     "parse_era_config",
+    "pin_name",
+    "pin_path",
     "pinned_context",
     "save_pinned_root",
     "verify_coordinator_quote",

@@ -8,6 +8,15 @@ Marble's TLS certificate and every ``cert-*`` secret; trusting the whole chain w
 own listener certificate is signed by the root itself (MarbleRun serves the root certificate
 itself, which passes too). Host names are not checked: the pinned root, not a DNS name, is the
 Coordinator's identity (like an SSH host key), so any address that reaches it works.
+
+Where pins live (:func:`marblekeep.client.session.pin_path`): one file per Coordinator address, under
+``$XDG_CONFIG_HOME/marblekeep/pins/`` (else ``~/.config/marblekeep/pins/``), named after the
+normalised ``host_port`` (``localhost_4433.pem``, ``__1_4433.pem`` for ``[::1]:4433``), so a second
+Coordinator is attested and pinned on its own. An explicit file (``--coordinator-cert`` or the
+environment variable ``MARBLEKEEP_COORDINATOR_CERT``) pins one Coordinator for every address, as
+MarbleRun's ``--coordinator-cert`` does. The single file of earlier versions
+(``~/.config/marblekeep/coordinator-cert.pem``, :func:`default_cert_path`) is migrated: a
+Coordinator that presents that root gets it as its own pin (see :mod:`marblekeep.client.session`).
 """
 
 from __future__ import annotations
@@ -28,8 +37,11 @@ from marblekeep.errors import AttestationError, ConfigError
 __all__ = [
     "CERT_FILE_NAME",
     "CONFIG_DIR_NAME",
+    "PINS_DIR_NAME",
+    "PIN_FILE_ENV",
     "NotFromPinnedRoot",
     "PinnedRootContext",
+    "config_dir",
     "default_cert_path",
     "load_pinned_root",
     "parse_chain",
@@ -39,13 +51,21 @@ __all__ = [
 
 CONFIG_DIR_NAME = "marblekeep"
 CERT_FILE_NAME = "coordinator-cert.pem"
+PINS_DIR_NAME = "pins"
+#: The environment variable naming one pin file for every Coordinator (like --coordinator-cert).
+PIN_FILE_ENV = "MARBLEKEEP_COORDINATOR_CERT"
+
+
+def config_dir(env: Mapping[str, str], home: Path) -> Path:
+    base = env.get("XDG_CONFIG_HOME", "").strip()
+    root = Path(base) if base and Path(base).is_absolute() else home / ".config"
+    return root / CONFIG_DIR_NAME
 
 
 def default_cert_path(env: Mapping[str, str], home: Path) -> Path:
-    """``$XDG_CONFIG_HOME/marblekeep/coordinator-cert.pem``, else ``~/.config/marblekeep/...``."""
-    base = env.get("XDG_CONFIG_HOME", "").strip()
-    root = Path(base) if base and Path(base).is_absolute() else home / ".config"
-    return root / CONFIG_DIR_NAME / CERT_FILE_NAME
+    """The single pin file of earlier versions (migrated on use): ``$XDG_CONFIG_HOME/marblekeep/
+    coordinator-cert.pem``, else ``~/.config/marblekeep/coordinator-cert.pem``."""
+    return config_dir(env, home) / CERT_FILE_NAME
 
 
 def parse_chain(pem: bytes, what: str) -> list[x509.Certificate]:

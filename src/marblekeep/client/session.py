@@ -20,7 +20,7 @@ and the warning sink are inputs.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,14 +29,39 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
 from marblekeep.attestation.dcap import Collateral
-from marblekeep.client.api import CertQuote, CoordinatorClient
+from marblekeep.client.api import CertQuote, CoordinatorClient, base_url
 from marblekeep.client.attest import DEFAULT_ACCEPTED_TCB_STATUSES, EraConfig, verify_coordinator_quote
-from marblekeep.client.pinning import load_pinned_root, save_pinned_root
+from marblekeep.client.pinning import (
+    PIN_FILE_ENV,
+    PINS_DIR_NAME,
+    config_dir,
+    load_pinned_root,
+    save_pinned_root,
+)
 from marblekeep.errors import AttestationError
 
-__all__ = ["Connection", "TrustSettings", "connect"]
+__all__ = ["Connection", "TrustSettings", "connect", "pin_name", "pin_path"]
 
 CollateralFetcher = Callable[[bytes], Collateral]
+
+
+def pin_name(addr: str) -> str:
+    """The file name of ``addr``'s pin: the normalised ``host_port`` with every character other
+    than letters, digits, ``.`` and ``-`` replaced by ``_`` (host names cannot hold ``_``)."""
+    host, _, port = base_url(addr)[len("https://") :].rpartition(":")
+    host = host.strip("[]").lower()
+    safe = "".join(c if c.isascii() and (c.isalnum() or c in ".-") else "_" for c in host)
+    return f"{safe}_{port}.pem"
+
+
+def pin_path(addr: str, env: Mapping[str, str], home: Path) -> Path:
+    """Where the root of the Coordinator at ``addr`` is pinned: ``$MARBLEKEEP_COORDINATOR_CERT``
+    if set (one file for every Coordinator), else ``<config>/marblekeep/pins/<host>_<port>.pem``."""
+    explicit = env.get(PIN_FILE_ENV, "").strip()
+    if explicit:
+        return Path(explicit)
+    return config_dir(env, home) / PINS_DIR_NAME / pin_name(addr)
+
 
 
 @dataclass(frozen=True)
@@ -51,6 +76,9 @@ class TrustSettings:
     nonce: bytes = b""
     client_cert: tuple[Path, Path] | None = None
     timeout: float = 30.0
+    #: A single pin file of an earlier version: used (and copied to ``cert_path``) for a Coordinator
+    #: that presents the root it holds; ignored for any other Coordinator.
+    legacy_cert_path: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -131,6 +159,64 @@ def _pinned_client(
     )
 
 
+def _in_recovery(addr: str, settings: TrustSettings, transport: httpx.BaseTransport | None) -> bool:
+    """Whether the (untrusted) Coordinator at ``addr`` says it is in recovery mode: only to word
+    advice, never to decide trust."""
+    try:
+        with CoordinatorClient.unverified(addr, timeout=settings.timeout, transport=transport) as probe:
+            return probe.status().code == 1
+    except Exception:  # advice only: any failure means "don't know"
+        return False
+
+
+def _mismatch_advice(addr: str, settings: TrustSettings, transport: httpx.BaseTransport | None) -> str:
+    if _in_recovery(addr, settings, transport):
+        return (
+            f"The pinned root is {settings.cert_path}. The Coordinator says it is in RECOVERY mode: it"
+            " serves a temporary root until it is recovered, so keep your pin (do not remove or replace"
+            " it). Recover it with `marblekeep recover upload ...`, which attests the Coordinator afresh"
+            " (docs/operations.md, Recovery); afterwards it presents the pinned root again"
+        )
+    return (
+        f"The pinned root is {settings.cert_path}. If this is not the Coordinator you pinned, do not"
+        " trust it. If you set up a new Coordinator at this address on purpose, attest it anew with"
+        " -i/--insecure (simulation) or --era-config, which replaces the pin, or use --coordinator-cert"
+        " FILE for it"
+    )
+
+
+def _legacy_pin(
+    addr: str, settings: TrustSettings, transport: httpx.BaseTransport | None, warn: Callable[[str], None]
+) -> Connection | None:
+    """Migrate the single pin file of an earlier version: if the Coordinator at ``addr`` presents
+    the root it holds, that root becomes ``addr``'s pin; otherwise it pins another Coordinator and
+    is ignored here (the Coordinator is then attested as on first contact)."""
+    legacy = settings.legacy_cert_path
+    if legacy is None or legacy == settings.cert_path:
+        return None
+    try:
+        root = load_pinned_root(legacy)
+    except AttestationError:
+        return None
+    if root is None:
+        return None
+    client = _pinned_client(addr, root, settings, transport)
+    try:
+        cq = client.quote()
+        if cq.root != root:
+            raise AttestationError("another root")
+        _check_chain(cq, addr)
+    except Exception:  # another Coordinator (or none): no migration, attest as new
+        client.close()
+        return None
+    save_pinned_root(settings.cert_path, root)
+    warn(
+        f"moved the pin of the Coordinator at {addr} from the single pin file {legacy} (earlier"
+        f" versions) to {settings.cert_path}; other Coordinators get their own pin files"
+    )
+    return Connection(client=client, cert_quote=cq, attested=False, pinned=True)
+
+
 def connect(
     addr: str,
     settings: TrustSettings,
@@ -142,6 +228,10 @@ def connect(
     """Connect to the Coordinator at ``addr`` (see the module docstring). The caller closes
     ``connection.client``. Raises :class:`AttestationError` when it must not be trusted."""
     pinned = load_pinned_root(settings.cert_path)
+    if pinned is None:
+        migrated = _legacy_pin(addr, settings, transport, warn)
+        if migrated is not None:
+            return migrated
     if pinned is not None:
         client = _pinned_client(addr, pinned, settings, transport)
         try:
@@ -156,9 +246,7 @@ def connect(
             client.close()
             if not settings.insecure:
                 raise AttestationError(
-                    f"{exc.message}. The pinned root is {settings.cert_path}. If this Coordinator was"
-                    " reset on purpose, remove that file (the Coordinator is then attested again), or use"
-                    " --coordinator-cert with another file"
+                    f"{exc.message}. {_mismatch_advice(addr, settings, transport)}"
                 ) from None
             warn(
                 f"INSECURE: the Coordinator at {addr} does not match the pinned root {settings.cert_path};"
