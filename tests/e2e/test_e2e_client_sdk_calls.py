@@ -24,7 +24,7 @@ from marblekeep.client import (
     RecoverAnswer,
     UpdateAnswer,
 )
-from marblekeep.errors import CoordinatorError
+from marblekeep.errors import ConfigError, CoordinatorError
 
 _PKI = StubPki.create()
 _V2_MISSING = httpx.Response(405, content=b'{"status":"error","data":null}\n')
@@ -196,11 +196,32 @@ def test_pending_update_decodes_the_manifest_only_when_asked() -> None:
         _ = pending.manifest
 
 
-def test_pending_update_without_one_is_the_coordinators_404() -> None:
+def test_pending_update_without_one_is_none() -> None:
     answer = httpx.Response(404, json={"status": "fail", "data": None, "message": "no pending update"})
-    with _client(lambda _r: answer) as (client, _rec), pytest.raises(CoordinatorError) as info:
+    with _client(lambda _r: answer) as (client, _rec):
+        assert client.pending_update() is None
+    # a Coordinator that does not serve the endpoint at all is still an error, not "nothing pending"
+    with _client(lambda _r: _V2_MISSING) as (client, _rec), pytest.raises(EndpointMissing):
         client.pending_update()
-    assert info.value.status == 404 and "no pending update" in info.value.message
+    failing = httpx.Response(500, json={"status": "error", "data": None, "message": "boom"})
+    with _client(lambda _r: failing) as (client, _rec), pytest.raises(CoordinatorError):
+        client.pending_update()
+
+
+@pytest.mark.parametrize("form", ["pem-bytes", "pem-text", "certificate"])
+def test_the_root_may_be_pem_bytes_text_or_a_certificate(form: str) -> None:
+    pem = _PKI.root.cert.public_bytes(serialization.Encoding.PEM)
+    root: Any = {"pem-bytes": pem, "pem-text": pem.decode(), "certificate": _PKI.root.cert}[form]
+    status = {"code": 2, "message": "ready"}
+    with CoordinatorClient("h:1", root, transport=httpx.MockTransport(lambda _r: _success(status))) as client:
+        assert client.root == _PKI.root.cert
+        assert client.status().code == 2
+
+
+@pytest.mark.parametrize("root", [b"not a certificate", "", 42])
+def test_a_root_that_is_not_a_certificate_is_a_clear_error(root: Any) -> None:
+    with pytest.raises(ConfigError, match="root: "):
+        CoordinatorClient("h:1", root)
 
 
 def test_update_log_with_head_keeps_lines_unsanitised_and_the_head_as_sent() -> None:

@@ -39,7 +39,7 @@ from marblekeep.cli.files import MANIFEST_FILE, read_file, save_recovery_data, w
 from marblekeep.client import UpdateAnswer, clean_text, default_cert_path, load_pinned_root
 from marblekeep.core.auditlog import LogHead, LogVerification, parse_head, verify_log
 from marblekeep.crypto.pki import der_to_pem
-from marblekeep.errors import ConfigError, RequestError
+from marblekeep.errors import ConfigError, NotFoundError, RequestError
 
 __all__ = ["add_governance_commands", "log_group", "secret", "update"]
 
@@ -342,6 +342,8 @@ def update_get(addr: str, missing: bool, output: Path | None, **kwargs: Any) -> 
     """
     with _open(addr, kwargs) as conn:
         pending = conn.client.pending_update()
+    if pending is None:
+        raise NotFoundError(f"no pending update at the Coordinator at {addr}: nothing to acknowledge")
     if missing:
         click.echo(clean_text(pending.message) if pending.message is not None else "")
         if pending.missing_users:

@@ -237,18 +237,37 @@ def _cause_chain(exc: BaseException) -> Iterator[BaseException]:
         current = current.__cause__ or current.__context__
 
 
+def _root_certificate(root: object) -> x509.Certificate:
+    """``root`` as a certificate: one already, or PEM bytes/text (the last certificate of a chain)."""
+    if isinstance(root, x509.Certificate):
+        return root
+    if isinstance(root, str):
+        root = root.encode("utf-8", "replace")
+    if isinstance(root, bytes | bytearray | memoryview):
+        try:
+            return parse_chain(bytes(root), "root")[-1]
+        except AttestationError:
+            raise ConfigError(
+                "root: not a PEM certificate; give the Coordinator's root certificate as PEM (bytes or"
+                " text) or as a cryptography x509.Certificate"
+            ) from None
+    raise ConfigError(
+        f"root: expected a PEM certificate (bytes or text) or an x509.Certificate, got {type(root).__name__}"
+    )
+
+
 class CoordinatorClient:
     """The Client API of one Coordinator. Use as a context manager, or call :meth:`close`.
 
-    ``root``: the pinned root certificate; TLS then accepts only a server certificate signed
-    directly by it. ``client_cert``: ``(cert_file, key_file)`` of a manifest user (PEM), sent for
+    ``root``: the pinned root certificate (a ``cryptography`` certificate, or its PEM as bytes or
+    text); TLS then accepts only a server certificate signed directly by it. ``client_cert``: ``(cert_file, key_file)`` of a manifest user (PEM), sent for
     user-authenticated endpoints. ``transport``: an httpx transport for tests.
     """
 
     def __init__(
         self,
         addr: str,
-        root: x509.Certificate | None,
+        root: x509.Certificate | bytes | str | None,
         *,
         client_cert: tuple[Path, Path] | None = None,
         timeout: float = DEFAULT_TIMEOUT,
@@ -259,6 +278,7 @@ class CoordinatorClient:
             raise CoordinatorError(
                 "a Coordinator client needs a pinned root (or CoordinatorClient.unverified)"
             )
+        root = _root_certificate(root) if root is not None else None
         self.addr = addr
         self.base_url = base_url(addr)
         self.root = root
@@ -493,11 +513,16 @@ class CoordinatorClient:
         message = _object(data, "cancel").get("message") if version == 2 else data
         return UpdateAnswer(message=message if isinstance(message, str) else None)
 
-    def pending_update(self) -> PendingUpdateInfo:
-        """The pending full update (anyone may read it); 404 :class:`CoordinatorError` when none."""
-        _version, data = self._v2_or_v1(
-            ("GET", "/api/v2/update-manifest", {}), ("GET", "/update-manifest", {})
-        )
+    def pending_update(self) -> PendingUpdateInfo | None:
+        """The pending full update (anyone may read it), or None when no update is pending."""
+        try:
+            _version, data = self._v2_or_v1(
+                ("GET", "/api/v2/update-manifest", {}), ("GET", "/update-manifest", {})
+            )
+        except CoordinatorError as exc:
+            if exc.status == 404 and not isinstance(exc, EndpointMissing):
+                return None
+            raise
         doc = _object(data, "pending update")
         message, value = doc.get("message"), doc.get("manifest")
         return PendingUpdateInfo(
