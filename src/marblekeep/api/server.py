@@ -44,6 +44,8 @@ log = logging.getLogger("marblekeep.coordinator")
 
 METRICS_KEY = web.AppKey("metrics", Metrics)
 API_NAME_KEY = web.AppKey("api_name", str)
+#: Response header naming the API that answered: "client" (Client API) or "marble" (Marble API).
+API_HEADER = "X-MarbleKeep-API"
 CLIENT_MAX_BODY = 8 * 1024 * 1024
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -92,6 +94,8 @@ async def _errors_and_metrics(request: web.Request, handler: Handler) -> web.Str
             exc_info=False,
         )
         response = jsend.error("internal error: see the Coordinator's log", 500)
+    # Names the listener, so that a client pointed at the wrong port can say which one it reached.
+    response.headers[API_HEADER] = api
     route = _route_label(request)
     metrics.http_requests.labels(api, route, request.method, str(response.status)).inc()
     metrics.http_latency.labels(api, route).observe(time.perf_counter() - start)

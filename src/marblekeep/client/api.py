@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives import serialization
 from marblekeep.client.jsend import EndpointMissing, clean_text, decode_envelope
 from marblekeep.client.pinning import NotFromPinnedRoot, parse_chain, pinned_context
 from marblekeep.crypto.signing import verify_manifest_signature
-from marblekeep.errors import AttestationError, ConfigError, CoordinatorError
+from marblekeep.errors import AttestationError, AuthenticationError, ConfigError, CoordinatorError
 
 __all__ = [
     "DEFAULT_CLIENT_PORT",
@@ -45,6 +45,8 @@ __all__ = [
 ]
 
 DEFAULT_CLIENT_PORT = 4433
+#: Response header naming the API that answered (set by marblekeep's listeners).
+API_HEADER = "X-MarbleKeep-API"
 DEFAULT_TIMEOUT = 30.0
 
 
@@ -256,12 +258,22 @@ def _root_certificate(root: object) -> x509.Certificate:
     )
 
 
+_REFUSED_CERT_ALERTS = ("UNKNOWN_CA", "CERTIFICATE_UNKNOWN", "BAD_CERTIFICATE", "CERTIFICATE_REQUIRED")
+
+
+def _refused_cert(exc: ssl.SSLError) -> bool:
+    """The server's TLS alert says it did not accept our client certificate."""
+    text = f"{exc.reason or ''} {exc}".upper().replace(" ", "_")
+    return "ALERT" in text and any(alert in text for alert in _REFUSED_CERT_ALERTS)
+
+
 class CoordinatorClient:
     """The Client API of one Coordinator. Use as a context manager, or call :meth:`close`.
 
     ``root``: the pinned root certificate (a ``cryptography`` certificate, or its PEM as bytes or
-    text); TLS then accepts only a server certificate signed directly by it. ``client_cert``: ``(cert_file, key_file)`` of a manifest user (PEM), sent for
-    user-authenticated endpoints. ``transport``: an httpx transport for tests.
+    text); TLS then accepts only a server certificate signed directly by it. ``client_cert``:
+    ``(cert_file, key_file)`` of a manifest user (PEM), sent for user-authenticated endpoints.
+    ``transport``: an httpx transport for tests.
     """
 
     def __init__(
@@ -280,6 +292,8 @@ class CoordinatorClient:
             )
         root = _root_certificate(root) if root is not None else None
         self.addr = addr
+        self._client_cert = client_cert
+        self._timeout = timeout
         self.base_url = base_url(addr)
         self.root = root
         verify: ssl.SSLContext | bool = pinned_context(root, client_cert) if root is not None else False
@@ -314,6 +328,28 @@ class CoordinatorClient:
 
     # ------------------------------------------------------------------------------------ transport
 
+    def _refused_certificate(self, what: str) -> AuthenticationError:
+        assert self._client_cert is not None
+        return AuthenticationError(
+            f"{what}: the Coordinator at {self.addr} refused the client certificate"
+            f" {self._client_cert[0]} in the TLS handshake: this certificate is not a user of the"
+            " deployment (the manifest's Users do not list it); use the certificate and key of a"
+            " listed user"
+        )
+
+    def _refuses_our_certificate(self) -> bool:
+        """After a connection failure with a client certificate: does the same Coordinator answer
+        without it? Then it refused the certificate in the TLS handshake (a Coordinator that
+        verifies user certificates there, as marblekeep's stdlib-TLS listener does)."""
+        if self._client_cert is None or self.root is None:
+            return False
+        try:
+            with CoordinatorClient(self.addr, self.root, timeout=self._timeout) as probe:
+                probe.status()
+        except Exception:  # the Coordinator is unreachable for another reason
+            return False
+        return True
+
     def _transport_error(self, exc: httpx.HTTPError, what: str) -> Exception:
         for cause in _cause_chain(exc):
             if isinstance(cause, NotFromPinnedRoot):
@@ -328,6 +364,8 @@ class CoordinatorClient:
                     f" verify with the pinned root ({clean_text(detail, 200)}); it is another Coordinator,"
                     " or it was reset"
                 )
+            if isinstance(cause, ssl.SSLError) and self._client_cert is not None and _refused_cert(cause):
+                return self._refused_certificate(what)
             if isinstance(cause, ssl.SSLError):
                 return CoordinatorError(
                     f"{what}: TLS with {self.addr} failed ({clean_text(cause.reason or str(cause), 200)}):"
@@ -346,10 +384,39 @@ class CoordinatorClient:
         try:
             response = self._http.request(method, path, **kwargs)
         except httpx.HTTPError as exc:
-            raise self._transport_error(exc, what) from None
+            error = self._transport_error(exc, what)
+            if type(error) is CoordinatorError and self._refuses_our_certificate():
+                error = self._refused_certificate(what)
+            raise error from None
         except (httpx.InvalidURL, UnicodeError):
             raise ConfigError(f"Coordinator address {self.addr!r}: not a valid HOST:PORT") from None
-        return decode_envelope(response.status_code, response.content, what)
+        if response.headers.get(API_HEADER, "").lower() == "marble":
+            raise ConfigError(
+                f"{what}: {self.addr} is the Coordinator's Marble API port (where Marbles activate), not"
+                f" its Client API: use the Client API's address (default port {DEFAULT_CLIENT_PORT},"
+                " the Coordinator's --client-addr)"
+            )
+        try:
+            return decode_envelope(response.status_code, response.content, what)
+        except AuthenticationError as exc:
+            raise self._not_a_user(exc) from None
+
+    def _not_a_user(self, exc: AuthenticationError) -> AuthenticationError:
+        """401: name the certificate that is not a user (or say that one is needed)."""
+        if self._client_cert is None:
+            return AuthenticationError(
+                f"{exc.message.split(' (authorizing user')[0]}: this request needs a user of the"
+                " deployment: pass the certificate and key of a user listed in the manifest's Users"
+                " (-c/--cert and -k/--key)",
+                problems=exc.problems,
+            )
+        cert_file = self._client_cert[0]
+        return AuthenticationError(
+            f"{exc.message.split(' (authorizing user')[0]}: the certificate {cert_file} is not a user of"
+            " the deployment (the manifest's Users do not list it): use the certificate and key of a"
+            " listed user, or add this certificate to Users with a manifest update",
+            problems=exc.problems,
+        )
 
     def _v2_or_v1(
         self, v2: tuple[str, str, dict[str, Any]], v1: tuple[str, str, dict[str, Any]]

@@ -188,7 +188,18 @@ def pinned_context(root: x509.Certificate, client_cert: tuple[Path, Path] | None
             ctx.load_cert_chain(cert_file, key_file)
         except FileNotFoundError as exc:
             raise ConfigError(f"client certificate: {exc.filename} does not exist") from None
-        except (ssl.SSLError, OSError):
+        except ssl.SSLError as exc:
+            if exc.reason == "KEY_VALUES_MISMATCH":
+                raise ConfigError(
+                    f"client certificate {cert_file} / key {key_file}: the key does not match the"
+                    " certificate (it is another key pair's private key); give the key that belongs to"
+                    " this certificate (-k/--key)"
+                ) from None
+            raise ConfigError(
+                f"client certificate {cert_file} / key {key_file}: cannot be loaded; give a PEM certificate"
+                " (-c/--cert) and its unencrypted PEM private key (-k/--key)"
+            ) from None
+        except OSError:
             raise ConfigError(
                 f"client certificate {cert_file} / key {key_file}: cannot be loaded; give a PEM certificate"
                 " (-c/--cert) and its unencrypted PEM private key (-k/--key)"
