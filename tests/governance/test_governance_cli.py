@@ -5,6 +5,7 @@ deleted, reordered and edited entries, in an exported file and in the Coordinato
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import subprocess
 import sys
@@ -275,3 +276,42 @@ def test_log_verify_file_in_a_subprocess(cli: Cli) -> None:
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.startswith("ok: 1 entries")
     assert base64.b64decode(head.to_json()["signature"]) == head.signature
+
+
+def test_json_output_of_the_governance_commands(cli: Cli) -> None:
+    """--json on secret get, update get, log get, manifest get/log, status, certificate: the fields
+    docs/cli.md lists."""
+    addr = cli.rc.addr
+    cli("secret", "set", cli.file("s.json", json.dumps({"user_key": {"Key": b64(KEY16)}}).encode()), addr,
+        *cli.who("alice"), *cli.trust())  # fmt: skip
+    secrets = json.loads(
+        cli("secret", "get", "user_key", addr, "--json", *cli.who("bob"), *cli.trust()).stdout
+    )
+    assert set(secrets) == {"secrets"} and secrets["secrets"]["user_key"]["Type"] == "symmetric-key"
+    assert secrets["secrets"]["user_key"]["Private"] == b64(KEY16)
+
+    doc = changed()
+    doc["Marbles"]["backend"]["Parameters"]["Env"]["VERSION"] = "2"
+    cli("manifest", "update", "apply", cli.file("u.json", manifest_bytes(doc)), addr, *cli.who("alice"),
+        *cli.trust())  # fmt: skip
+    pending = json.loads(cli("manifest", "update", "get", addr, "--json", *cli.trust()).stdout)
+    assert set(pending) == {"message", "missingUsers", "fingerprint", "manifest"}
+    assert pending["missingUsers"] == ["bob", "carol"]
+    assert base64.b64decode(pending["manifest"]) == manifest_bytes(doc)
+    assert pending["fingerprint"] == hashlib.sha256(manifest_bytes(doc)).hexdigest()
+
+    status = json.loads(cli("status", addr, "--json", *cli.trust()).stdout)
+    assert status == {"code": 3, "message": status["message"], "simulation": True}
+    got = json.loads(cli("manifest", "get", addr, "--json", *cli.trust()).stdout)
+    assert set(got) == {"fingerprint", "signatureRootECDSA", "manifest"}
+    assert got["manifest"]["Secrets"]["user_key"]["UserDefined"] is True
+    log = json.loads(cli("manifest", "log", addr, "--json", *cli.trust()).stdout)
+    assert all(isinstance(e, dict) and "update" in e for e in log["entries"])
+    assert [e["seq"] for e in log["entries"]] == list(range(1, len(log["entries"]) + 1))
+    exported = json.loads(cli("log", "get", addr, "--json", *cli.trust()).stdout)
+    assert set(exported) == {"updateLog", "updateLogHead"}
+    chain = json.loads(cli("certificate", "chain", addr, "--json", *cli.trust()).stdout)
+    assert [set(c) for c in chain["certificates"]] == [
+        {"subject", "issuer", "serialNumber", "notBefore", "notAfter", "sha256", "pem"}
+    ] * 2
+    assert chain["certificates"][0]["issuer"] == chain["certificates"][1]["subject"]

@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import click
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 
 from marblekeep.attestation.collateral import DirectoryCollateralSource, PccsCollateralSource
 from marblekeep.attestation.dcap import Collateral
@@ -248,6 +250,29 @@ def _open(
         conn.client.close()
 
 
+def json_option(func: F) -> F:
+    """``--json``: print one JSON document with the fields docs/cli.md lists (stable)."""
+    return click.option(
+        "--json", "as_json", is_flag=True, help="Print JSON (stable fields, see docs/cli.md)."
+    )(func)
+
+
+def echo_json(doc: Any) -> None:
+    click.echo(json.dumps(doc, indent=2, sort_keys=False))
+
+
+def _cert_json(cert: x509.Certificate) -> dict[str, Any]:
+    return {
+        "subject": cert.subject.rfc4514_string(),
+        "issuer": cert.issuer.rfc4514_string(),
+        "serialNumber": format(cert.serial_number, "x"),
+        "notBefore": cert.not_valid_before_utc.isoformat().replace("+00:00", "Z"),
+        "notAfter": cert.not_valid_after_utc.isoformat().replace("+00:00", "Z"),
+        "sha256": cert.fingerprint(hashes.SHA256()).hex(),
+        "pem": cert.public_bytes(serialization.Encoding.PEM).decode(),
+    }
+
+
 def _read_manifest(path: Path) -> bytes:
     return read_manifest(path)
 
@@ -265,9 +290,10 @@ def show_manifest_warnings(raw: bytes, path: Path) -> None:
 
 @click.command()
 @click.argument("addr", metavar="ADDR")
+@json_option
 @_trust_options
 @_handle_errors
-def status(addr: str, **kwargs: Any) -> None:
+def status(addr: str, as_json: bool, **kwargs: Any) -> None:
     """Print the Coordinator's state as CODE: MESSAGE.
 
     Codes: 1 recovery mode, 2 ready to accept a manifest, 3 running and accepting Marbles.
@@ -281,6 +307,11 @@ def status(addr: str, **kwargs: Any) -> None:
         st = conn.client.status()
         if st.simulation and not conn.simulation:
             _warn(st.warning or f"the Coordinator at {addr} reports SIMULATION mode.")
+        if as_json:
+            echo_json(
+                {"code": st.code, "message": st.message, "simulation": st.simulation or conn.simulation}
+            )
+            return
         click.echo(f"{st.code}: {st.message}")
 
 
@@ -297,10 +328,16 @@ def _certificate_command(which: str, summary: str) -> click.Command:
     @click.option(
         "-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Write the PEM to this file."
     )
+    @json_option
     @_trust_options
     @_handle_errors
-    def command(addr: str, output: Path | None, **kwargs: Any) -> None:
+    def command(addr: str, output: Path | None, as_json: bool, **kwargs: Any) -> None:
         with _open(addr, kwargs) as conn:
+            if as_json:
+                certs = conn.cert_quote.certificates(which)
+                doc = {"certificates": [_cert_json(c) for c in certs]}
+                write_output((json.dumps(doc, indent=2) + "\n").encode(), output, f"{which} certificate")
+                return
             write_output(conn.cert_quote.pem(which), output, f"{which} certificate")
 
     command.__doc__ = (
@@ -387,10 +424,11 @@ def manifest_set(file: Path, addr: str, recoverydata: Path | None, **kwargs: Any
     help="Show the SecurityVersions raised by package updates since (from the update log).",
 )
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Write to this file.")
+@json_option
 @_trust_options
 @_handle_errors
 def manifest_get(
-    addr: str, with_signature: bool, display_update: bool, output: Path | None, **kwargs: Any
+    addr: str, with_signature: bool, display_update: bool, output: Path | None, as_json: bool, **kwargs: Any
 ) -> None:
     """Print the manifest the Coordinator runs, byte for byte as it was set.
 
@@ -412,7 +450,14 @@ def manifest_get(
     data = info.raw
     if display_update:  # the signature stays that of the raw manifest as set
         data = consolidate_manifest(info.raw, log_lines)
-    if with_signature:
+    if as_json:
+        doc = {
+            "fingerprint": info.fingerprint.lower(),
+            "signatureRootECDSA": base64.b64encode(info.signature).decode(),
+            "manifest": manifest_json(data),
+        }
+        data = (json.dumps(doc, indent=2) + "\n").encode()
+    elif with_signature:
         doc = {
             "ManifestSignature": info.fingerprint.lower(),
             "ManifestSignatureRootECDSA": base64.b64encode(info.signature).decode(),
@@ -466,9 +511,10 @@ def manifest_verify(target: str, addr: str, **kwargs: Any) -> None:
 
 @click.command("log")
 @click.argument("addr", metavar="ADDR")
+@json_option
 @_trust_options
 @_handle_errors
-def manifest_log(addr: str, **kwargs: Any) -> None:
+def manifest_log(addr: str, as_json: bool, **kwargs: Any) -> None:
     """Print the Coordinator's manifest update log, one entry per line.
 
     \b
@@ -477,8 +523,19 @@ def manifest_log(addr: str, **kwargs: Any) -> None:
     """
     with _open(addr, kwargs) as conn:
         lines = conn.client.update_log()
+    if as_json:
+        echo_json({"entries": [_log_entry(line) for line in lines]})
+        return
     for line in lines:
         click.echo(line)
+
+
+def _log_entry(line: str) -> Any:
+    """One update-log line as JSON (each line is a JSON object); a line that is not JSON stays text."""
+    try:
+        return json.loads(line)
+    except ValueError:
+        return line
 
 
 # Kept for later user-authenticated commands: the pair as the SDK wants it.

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -32,6 +33,8 @@ from marblekeep.cli.client_cmds import (
     _read_manifest,
     _trust_options,
     client_cert_pair,
+    echo_json,
+    json_option,
     show_manifest_warnings,
     user_cert_options,
 )
@@ -132,10 +135,17 @@ def _format_secret(name: str, doc: Any) -> str:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Write the secrets as JSON (name → MarbleRun Secret object) to this file (mode 0600).",
 )
+@json_option
 @_trust_options
 @_handle_errors
 def secret_get(
-    names: tuple[str, ...], addr: str, cert: Path | None, key: Path | None, output: Path | None, **kwargs: Any
+    names: tuple[str, ...],
+    addr: str,
+    cert: Path | None,
+    key: Path | None,
+    output: Path | None,
+    as_json: bool,
+    **kwargs: Any,
 ) -> None:
     """Print the user-defined or shared secrets NAME... (the read is recorded in the audit log).
 
@@ -148,6 +158,9 @@ def secret_get(
         secrets = conn.client.read_secrets(names)
     if output is not None:
         write_output((json.dumps(secrets, indent=2) + "\n").encode(), output, "secrets", private=True)
+        return
+    if as_json:
+        echo_json({"secrets": secrets})
         return
     for name in names:
         if name in secrets:
@@ -329,9 +342,10 @@ def update_cancel(addr: str, cert: Path | None, key: Path | None, **kwargs: Any)
 @click.argument("addr", metavar="ADDR")
 @click.option("--missing", is_flag=True, help="Print only who still has to acknowledge.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Write to this file.")
+@json_option
 @_trust_options
 @_handle_errors
-def update_get(addr: str, missing: bool, output: Path | None, **kwargs: Any) -> None:
+def update_get(addr: str, missing: bool, output: Path | None, as_json: bool, **kwargs: Any) -> None:
     """Print the pending update manifest (byte for byte), or with --missing who still has to
     acknowledge it. Anyone may read it.
 
@@ -344,6 +358,16 @@ def update_get(addr: str, missing: bool, output: Path | None, **kwargs: Any) -> 
         pending = conn.client.pending_update()
     if pending is None:
         raise NotFoundError(f"no pending update at the Coordinator at {addr}: nothing to acknowledge")
+    if as_json:
+        raw = pending.manifest
+        doc = {
+            "message": pending.message,
+            "missingUsers": list(pending.missing_users),
+            "fingerprint": hashlib.sha256(raw).hexdigest(),
+            "manifest": base64.b64encode(raw).decode(),
+        }
+        write_output((json.dumps(doc, indent=2) + "\n").encode(), output, "pending update")
+        return
     if missing:
         click.echo(clean_text(pending.message) if pending.message is not None else "")
         if pending.missing_users:
@@ -363,10 +387,13 @@ def log_group() -> None:
 @log_group.command("get")
 @click.argument("addr", metavar="ADDR")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Write to this file.")
+@json_option
 @_trust_options
 @_handle_errors
-def log_get(addr: str, output: Path | None, **kwargs: Any) -> None:
+def log_get(addr: str, output: Path | None, as_json: bool, **kwargs: Any) -> None:
     """Export the update log with its signed head as JSON (for `marblekeep log verify --file`).
+
+    The output is always JSON; --json is accepted for symmetry with the other commands.
 
     \b
     Example:

@@ -12,11 +12,6 @@ from marblekeep.errors import ManifestError, Problem
 from marblekeep.manifest import ValidationResult, manifest_fingerprint, validate_manifest
 
 
-@click.group()
-def manifest() -> None:
-    """Validate, sign, set and inspect manifests."""
-
-
 def _check_file(path: Path) -> ValidationResult:
     try:
         raw = read_manifest(path)
@@ -29,7 +24,7 @@ def _problem_json(problem: Problem) -> dict[str, str]:
     return {"path": problem.path, "message": problem.message}
 
 
-@manifest.command()
+@click.command()
 @click.argument("files", nargs=-1, required=True, type=MANIFEST_FILE)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per file and line.")
 def validate(files: tuple[Path, ...], as_json: bool) -> None:
@@ -63,7 +58,7 @@ def validate(files: tuple[Path, ...], as_json: bool) -> None:
         raise SystemExit(1)
 
 
-@manifest.command()
+@click.command()
 @click.argument("file", type=MANIFEST_FILE)
 def signature(file: Path) -> None:
     """Print the manifest's fingerprint: hex SHA-256 of its JSON bytes (YAML is converted first).

@@ -115,10 +115,13 @@ class CertQuote:
     def intermediate(self) -> x509.Certificate:
         return self.chain[0]
 
+    def certificates(self, which: str) -> list[x509.Certificate]:
+        """``root``, ``intermediate`` or ``chain`` (intermediate then root)."""
+        return {"root": [self.root], "intermediate": [self.intermediate], "chain": list(self.chain)}[which]
+
     def pem(self, which: str) -> bytes:
         """``root``, ``intermediate`` or ``chain`` (intermediate then root) as PEM."""
-        certs = {"root": [self.root], "intermediate": [self.intermediate], "chain": list(self.chain)}[which]
-        return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
+        return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in self.certificates(which))
 
 
 @dataclass(frozen=True)
