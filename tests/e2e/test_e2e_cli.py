@@ -352,6 +352,8 @@ def test_manifest_set_saves_recovery_data_that_the_recovery_key_decrypts(pin: Pa
     assert f"Recovery data saved to {out}" in saved.stderr
 
     assert printed.exit_code == 0, printed.output
+    assert "printed to this terminal" in printed.stderr and "-r FILE" in printed.stderr
+    assert "printed to this terminal" not in saved.stderr
     shown = json.loads(printed.stdout[printed.stdout.index("{") :])
     assert shown == {"RecoverySecrets": secrets}
 

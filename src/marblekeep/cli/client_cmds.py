@@ -400,6 +400,11 @@ def manifest_set(file: Path, addr: str, recoverydata: Path | None, **kwargs: Any
         if recoverydata is not None:
             click.echo("The manifest has no RecoveryKeys: no recovery data to save.", err=True)
         return
+    if recoverydata is None:
+        _warn(
+            "the recovery data is printed to this terminal, where scrollback and logs may keep it; save it"
+            " and clear it, or pass -r FILE next time (written with mode 0600)"
+        )
     save_recovery_data(
         {name: base64.b64encode(value).decode() for name, value in secrets.items()},
         recoverydata,

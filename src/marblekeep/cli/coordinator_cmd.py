@@ -22,6 +22,21 @@ SIMULATION_BANNER = (
 )
 
 
+def listen_addresses(client: str | None, mesh: str | None, simulation: bool) -> tuple[str, str]:
+    """The listen addresses: as given (flag or environment), else all interfaces in a TEE and
+    loopback in simulation, where nothing protects the secrets from whoever can connect. Announced."""
+    host = "127.0.0.1" if simulation else ""
+    chosen = (client or f"{host}:4433", mesh or f"{host}:2001")
+    if simulation and (client is None or mesh is None):
+        log.warning(
+            "simulation: listening on loopback only (Client API %s, Marble API %s); to accept other hosts "
+            "pass --client-addr 0.0.0.0:4433 --mesh-addr 0.0.0.0:2001 (or EDG_COORDINATOR_CLIENT_ADDR, "
+            "EDG_COORDINATOR_MESH_ADDR)",
+            *chosen,
+        )
+    return chosen
+
+
 def _tee_present(attestation_root: Path) -> bool:
     return (attestation_root / "attestation_type").exists()
 
@@ -30,16 +45,16 @@ def _tee_present(attestation_root: Path) -> bool:
 @click.option(
     "--client-addr",
     envvar="EDG_COORDINATOR_CLIENT_ADDR",
-    default=":4433",
-    show_default=True,
-    help="Client API listen address (env EDG_COORDINATOR_CLIENT_ADDR).",
+    default=None,
+    help="Client API listen address (env EDG_COORDINATOR_CLIENT_ADDR) [default: :4433, all interfaces; "
+    "with --simulation 127.0.0.1:4433].",
 )
 @click.option(
     "--mesh-addr",
     envvar="EDG_COORDINATOR_MESH_ADDR",
-    default=":2001",
-    show_default=True,
-    help="Marble API listen address (env EDG_COORDINATOR_MESH_ADDR).",
+    default=None,
+    help="Marble API listen address (env EDG_COORDINATOR_MESH_ADDR) [default: :2001, all interfaces; "
+    "with --simulation 127.0.0.1:2001].",
 )
 @click.option(
     "--prometheus-addr",
@@ -108,8 +123,8 @@ def _tee_present(attestation_root: Path) -> bool:
     "--debug", is_flag=True, envvar="EDG_DEBUG_LOGGING", help="Debug logging (env EDG_DEBUG_LOGGING=1)."
 )
 def coordinator(
-    client_addr: str,
-    mesh_addr: str,
+    client_addr: str | None,
+    mesh_addr: str | None,
     prometheus_addr: str,
     dns_names: str,
     seal_dir: Path,
@@ -136,6 +151,7 @@ def coordinator(
         sys.exit(2)
     if simulation:
         log.warning(SIMULATION_BANNER)
+    client_addr, mesh_addr = listen_addresses(client_addr, mesh_addr, simulation)
     names = tuple(n.strip() for n in dns_names.split(",") if n.strip()) or ("localhost",)
     config = CoordinatorConfig(
         client_addr=client_addr,

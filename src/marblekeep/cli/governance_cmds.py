@@ -53,6 +53,14 @@ __all__ = ["add_governance_commands", "log_group", "secret", "update"]
 def _save_recovery(answer: UpdateAnswer, path: Path | None) -> None:
     if not answer.recovery_secrets:
         return
+    if path is None:
+        click.secho(
+            "WARNING: the new recovery data is printed to this terminal, where scrollback and logs may keep"
+            " it; save it and clear it, or pass -r FILE (written with mode 0600)",
+            fg="red",
+            bold=True,
+            err=True,
+        )
     save_recovery_data(
         answer.recovery_secrets,
         path,
