@@ -274,7 +274,7 @@ def test_log_verify_file_in_a_subprocess(cli: Cli) -> None:
         timeout=60,
     )
     assert ok.returncode == 0, ok.stderr
-    assert ok.stdout.startswith("ok: 1 entries")
+    assert ok.stdout.startswith("ok: 1 entry,")
     assert base64.b64decode(head.to_json()["signature"]) == head.signature
 
 

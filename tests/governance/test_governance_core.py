@@ -586,3 +586,19 @@ def test_update_refuses_cert_of_a_generated_symmetric_key() -> None:
     with pytest.raises(ManifestError) as exc:
         update_manifest(deployed(), "alice", full(edit=edit), LATER)
     assert "Marbles.backend.Parameters.Files./s.pem" in [p.path for p in exc.value.problems]
+
+
+def test_a_403_names_the_resources_even_for_a_user_without_any_role() -> None:
+    with pytest.raises(AuthorizationError) as exc:
+        write_secrets(deployed(), "dave", {"user_key": {"Key": base64.b64encode(KEY16).decode()}}, NOW)
+    assert "'dave'" in exc.value.message and "WriteSecret" in exc.value.message
+    assert "user_key" in exc.value.message
+
+
+def test_mistyped_secret_names_get_a_suggestion() -> None:
+    with pytest.raises(RequestError) as read:
+        read_secrets(deployed(), "alice", ["user_kye"], NOW)
+    assert 'did you mean "user_key"?' in read.value.diagnostics()
+    with pytest.raises(SecretUploadError) as write:
+        write_secrets(deployed(), "alice", {"user_plian": {"Key": base64.b64encode(b"x").decode()}}, NOW)
+    assert 'did you mean "user_plain"?' in write.value.diagnostics()

@@ -4,7 +4,7 @@ Server credentials: a P-256 listener key with a certificate signed by the Coordi
 P-256 handshake costs half of a P-384 one; clients pin the root, so they keep working). It is made
 fresh at every start and never stored.
 
-User authentication (ARCHITECTURE.md §2): CPython's ``ssl`` cannot ask for a client certificate
+User authentication (docs/governance.md): CPython's ``ssl`` cannot ask for a client certificate
 without verifying it, so the server context loads the manifest's user certificates as trust
 anchors (``CERT_OPTIONAL``, partial chains allowed, no time check: user certificates never expire,
 as in MarbleRun). A certificate that is not listed therefore fails in the TLS handshake rather than

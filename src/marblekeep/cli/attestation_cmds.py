@@ -335,7 +335,7 @@ def fetch_collateral(
     try:
         collateral = asyncio.run(source.fetch(quote))
     except MarbleKeepError as exc:
-        click.echo(f"error: {exc.message}", err=True)
+        click.echo(f"Error: {exc.message}", err=True)
         raise SystemExit(1) from None
     summary = (
         f"{collateral.key}: valid {rfc3339(collateral.not_before)} .. {rfc3339(collateral.not_after)}"

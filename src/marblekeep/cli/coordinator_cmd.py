@@ -144,7 +144,7 @@ def coordinator(
     configure_logging(log_format, logging.DEBUG if debug else logging.INFO)
     if not simulation and not _tee_present(attestation_root):
         click.echo(
-            f"error: no TEE found ({attestation_root}/attestation_type is missing). Run the Coordinator "
+            f"Error: no TEE found ({attestation_root}/attestation_type is missing). Run the Coordinator "
             "under Gramine-SGX, or pass --simulation for an INSECURE development instance.",
             err=True,
         )

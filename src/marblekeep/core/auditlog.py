@@ -182,7 +182,8 @@ class LogVerification:
 
     def describe(self) -> str:
         if self.ok:
-            return f"ok: {self.entries} entries, hash chain intact, head signed by the Coordinator root"
+            noun = "entry" if self.entries == 1 else "entries"
+            return f"ok: {self.entries} {noun}, hash chain intact, head signed by the Coordinator root"
         where = f"entry {self.first_broken}: " if self.first_broken is not None else ""
         return f"BROKEN: {where}{self.reason}"
 

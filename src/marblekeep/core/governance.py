@@ -64,6 +64,7 @@ from marblekeep.manifest import dry_run, load_manifest, manifest_fingerprint
 from marblekeep.manifest.gojson import Decoder, JObject, parse_json
 from marblekeep.manifest.model import Manifest, Package, Secret, SecretType
 from marblekeep.manifest.parse import parse_manifest_tree
+from marblekeep.manifest.validate import did_you_mean
 
 __all__ = [
     "ALL_ACKNOWLEDGED",
@@ -186,9 +187,10 @@ def require_permission(
     granted = user_permissions(manifest, user).get(permission.value)
     action = _PERMISSION_NAMES[permission]
     if granted is None:
+        on = f" on {', '.join(wanted)}" if wanted else ""
         raise AuthorizationError(
-            f"user {user!r} is not allowed to do this: it needs the {action} permission "
-            "(give it a role with that action in the manifest)"
+            f"user {user!r} lacks {action}{on}: it holds no role with that action (give it one in the"
+            " manifest)"
         )
     denied = [name for name in wanted if name not in granted]
     if denied:
@@ -261,10 +263,14 @@ def read_secrets(
     unique = list(dict.fromkeys(names))
     unknown = [name for name in unique if name not in manifest.secrets]
     if unknown:
+        hints = "".join(did_you_mean(name, manifest.secrets) for name in unknown[:1])
         raise RequestError(
-            f"s: the manifest defines no secret named {', '.join(repr(n) for n in unknown)} "
+            f"s: the manifest defines no secret named {', '.join(repr(n) for n in unknown)}{hints} "
             "(names are case-sensitive)",
-            problems=[Problem(f"s={name}", "no such secret in the manifest") for name in unknown],
+            problems=[
+                Problem(f"s={name}", f"no such secret in the manifest{did_you_mean(name, manifest.secrets)}")
+                for name in unknown
+            ],
         )
     require_permission(manifest, user, Permission.READ_SECRET, unique)
     out = {name: dep.secrets.get(name, manifest.secrets[name]) for name in unique}

@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives import serialization
 
 from marblekeep.errors import Problem, SecretUploadError
 from marblekeep.manifest.model import Secret, SecretType
+from marblekeep.manifest.validate import did_you_mean
 
 __all__ = ["parse_user_secrets"]
 
@@ -77,9 +78,7 @@ def _parse_entry(name: str, value: object, problems: list[Problem]) -> _Upload |
         if canonical is None:
             continue  # unknown fields are ignored, as Go does
         if canonical == "Cert" and isinstance(field_value, Mapping):
-            problems.append(
-                Problem(f"{name}.Cert", "must be a base64 DER string, not an object")
-            )
+            problems.append(Problem(f"{name}.Cert", "must be a base64 DER string, not an object"))
             found[canonical] = None
             continue
         # A later duplicate (different case) overwrites an earlier one, as in Go.
@@ -117,9 +116,7 @@ def _check_certificate(
             problems.append(Problem(f"{name}.Private", "is an encrypted private key; upload it unencrypted"))
             return None
         except (ValueError, UnsupportedAlgorithm):
-            problems.append(
-                Problem(f"{name}.Private", "is not a DER private key (PKCS#8, PKCS#1 or SEC1)")
-            )
+            problems.append(Problem(f"{name}.Private", "is not a DER private key (PKCS#8, PKCS#1 or SEC1)"))
             return None
         key_public = key.public_key().public_bytes(
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -197,7 +194,11 @@ def parse_user_secrets(body: object, stored: Mapping[str, Secret]) -> dict[str, 
         definition = stored.get(name)
         if definition is None:
             problems.append(
-                Problem(name, "the original manifest does not contain this secret (names are case-sensitive)")
+                Problem(
+                    name,
+                    "the original manifest does not contain this secret (names are case-sensitive)"
+                    + did_you_mean(name, stored),
+                )
             )
             continue
         if not definition.user_defined:
