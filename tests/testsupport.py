@@ -86,8 +86,12 @@ def check_command_line(argv: Sequence[str], *, exact_arguments: bool = False) ->
     shown = " ".join(argv)
     command: click.Command = main
     words = list(argv[1:])
-    while isinstance(command, click.Group) and words and words[0] in command.commands:
-        command = command.commands[words.pop(0)]
+    while isinstance(command, click.Group) and words:
+        sub = command.get_command(click.Context(command), words[0])  # the CLI imports commands lazily
+        if sub is None:
+            break
+        words.pop(0)
+        command = sub
     assert not isinstance(command, click.Group), f"{shown}: names no command"
     options = [p for p in command.params if isinstance(p, click.Option)]
     known = {opt for p in options for opt in (*p.opts, *p.secondary_opts)}
