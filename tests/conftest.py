@@ -1,8 +1,7 @@
 """Shared test fixtures.
 
-The DCAP vectors ship in the repository (tests/vectors/dcap). Only MarbleRun's sample manifests
-come from the shared folder (``../shared`` beside the checkout, or ``MARBLEKEEP_SHARED_DIR``):
-they are MarbleRun's files, not ours to ship, and their tests skip with a clear reason without it.
+The test vectors ship in the repository (tests/vectors: the DCAP quotes and MarbleRun's sample
+manifests, copied from ../shared/vectors), so a fresh clone runs every test.
 """
 
 from __future__ import annotations
@@ -13,9 +12,9 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 
-from testsupport import DCAP_VECTORS_DIR, REPO_ROOT, SHARED_DIR, VECTORS_DIR, shared_path
+from testsupport import DCAP_VECTORS_DIR, REPO_ROOT, SHARED_DIR, VECTORS_DIR
 
-__all__ = ["DCAP_VECTORS_DIR", "REPO_ROOT", "SHARED_DIR", "VECTORS_DIR", "shared_path"]
+__all__ = ["DCAP_VECTORS_DIR", "REPO_ROOT", "SHARED_DIR", "VECTORS_DIR"]
 
 # CI runs the property tests on a fixed set of examples (reproducible: a red CI is a real failure
 # that reruns the same way); developers' runs keep exploring new examples.
@@ -32,4 +31,6 @@ def dcap_vectors() -> Path:
 
 @pytest.fixture
 def marblerun_samples() -> Path:
-    return shared_path("vectors", "marblerun-samples")
+    """MarbleRun's sample manifests (tests/vectors/marblerun-samples; README there says how MarbleRun
+    judges each)."""
+    return VECTORS_DIR / "marblerun-samples"

@@ -14,32 +14,21 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import click
-import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-#: The project's shared folder (design notes, MarbleRun's sample manifests): ../shared beside the
-#: checkout, or wherever MARBLEKEEP_SHARED_DIR points. Only tests of data that is not ours to ship
-#: (MarbleRun's samples) need it; everything else uses the repository's own copies.
+#: The project's shared folder (design notes and the originals of the vectors): ../shared beside the
+#: checkout, or wherever MARBLEKEEP_SHARED_DIR points. No test needs it: the vectors the tests read are
+#: copies kept in the repository, so a fresh clone runs every test.
 SHARED_DIR = Path(os.environ.get("MARBLEKEEP_SHARED_DIR") or REPO_ROOT.parent / "shared")
-VECTORS_DIR = SHARED_DIR / "vectors"
+#: The test vectors shipped in the repository (copies of ../shared/vectors).
+VECTORS_DIR = REPO_ROOT / "tests" / "vectors"
 #: The DCAP quote vectors shipped in the repository (a copy of ../shared/vectors/dcap; SHA256SUMS
 #: beside them records their digests).
 DCAP_VECTORS_DIR = REPO_ROOT / "tests" / "vectors" / "dcap"
-
-
-def shared_path(*parts: str) -> Path:
-    """Path under the shared folder; skips the calling test when it is not there."""
-    path = SHARED_DIR.joinpath(*parts)
-    if not path.exists():
-        pytest.skip(
-            f"{path} is absent: this test needs the shared folder (../shared beside the checkout, or set"
-            " MARBLEKEEP_SHARED_DIR)"
-        )
-    return path
 
 
 def self_signed_user_cert(

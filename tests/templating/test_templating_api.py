@@ -14,7 +14,7 @@ from marblekeep.errors import ManifestError, TemplateError
 from marblekeep.manifest.model import Secret, SecretType
 from marblekeep.templating import FunctionSet, ReservedSecret, Template, TemplateData, parse_template, render
 from marblekeep.templating import engine as engine_module
-from testsupport import shared_path
+from testsupport import VECTORS_DIR
 
 
 def test_public_exports() -> None:
@@ -196,7 +196,7 @@ def _sample_templates(path: Path) -> list[tuple[str, FunctionSet, bytes]]:
 
 
 def test_sample_manifest_templates_parse_as_marblerun_judges_them() -> None:
-    samples = shared_path("vectors", "marblerun-samples")
+    samples = VECTORS_DIR / "marblerun-samples"
     accepted = [
         "helloworld.json", "helloc++.json", "estore.json", "gramine-hello.json", "gramine-nginx.json",
         "gramine-redis.json", "occlum-hello.json",
