@@ -18,7 +18,8 @@ the CLI edge. Families are split by *who is to blame*::
     ├── AttestationError       evidence / quote did not verify or was refused   403 / exit 1
     │   └── CollateralError    collateral missing, unreachable or expired       503 / exit 1
     ├── RequestError           malformed API request (JSON, base64, size)       400 / exit 2
-    │   └── RequestTooLarge    a request body or field exceeds its size limit    413 / exit 2
+    │   ├── RequestTooLarge    a request body or field exceeds its size limit    413 / exit 2
+    │   └── RequestTimeout     a request body did not arrive within the limit    408 / exit 2
     ├── StoreError             the storage backend failed                       503 / exit 1
     │   └── ConflictError      compare-and-set lost against a concurrent write  409 / exit 1
     ├── SealError              the data-encryption key cannot be unwrapped       503 / exit 1
@@ -57,6 +58,7 @@ __all__ = [
     "QuoteUnavailable",
     "RecoveryError",
     "RequestError",
+    "RequestTimeout",
     "RequestTooLarge",
     "RollbackError",
     "SealError",
@@ -174,6 +176,11 @@ class RequestError(MarbleKeepError):
 class RequestTooLarge(RequestError):
     code = "request_too_large"
     http_status = 413
+
+
+class RequestTimeout(RequestError):
+    code = "request_timeout"
+    http_status = 408
 
 
 class StoreError(MarbleKeepError):

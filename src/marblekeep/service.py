@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
+from marblekeep.api.limits import ConnectionLimits
 from marblekeep.attestation.claims import TeeClaims, TeeKind
 from marblekeep.attestation.evidence import parse_header, strip_oe_header
 from marblekeep.attestation.signquote import sign_quote_payload
@@ -109,6 +110,8 @@ class CoordinatorConfig:
     max_manifest_bytes: int = 4 * 1024 * 1024
     pccs_url: str = ""
     collateral_dir: Path | None = None
+    #: Timeouts and the per-listener connection cap (api/limits.py, docs/operations.md).
+    connection_limits: ConnectionLimits = field(default_factory=ConnectionLimits)
 
 
 class EvidenceVerifier(Protocol):

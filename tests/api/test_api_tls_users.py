@@ -1,7 +1,9 @@
-"""User authentication by TLS client certificate (ARCHITECTURE.md §2, reference §6.2).
+"""User authentication by TLS client certificate (ADR 0002, reference §6.2).
 
-A tiny aiohttp app served with :class:`TLSContexts` echoes the user that
-:func:`match_user` finds for the connection's leaf certificate. Real handshakes, real certificates.
+A tiny aiohttp app served by the TLS layer (:class:`TLSListener`) echoes the user that
+:func:`match_user` finds for the connection's leaf certificate (``peer_cert_der``). Real
+handshakes, real certificates. The layer accepts any client certificate: an unlisted one completes
+the handshake and is nobody; the Coordinator's endpoints that need a user answer it with 401.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime as dt
+import hashlib
 import json
 import shutil
 import socket
@@ -29,7 +32,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from marblekeep.api.tls import ServerCredentials, TLSContexts, make_server_credentials, match_user
+from marblekeep.api.tls import ServerCredentials, make_server_credentials, match_user
+from marblekeep.api.tlslayer import ALPN_HTTP11, TLSListener
 from marblekeep.crypto.pki import CertifiedKey, create_root_ca
 
 NOW = dt.datetime.now(dt.UTC)
@@ -97,35 +101,38 @@ def with_chain(tmp: Path, name: str, leaf: Identity, chain: Sequence[x509.Certif
 
 
 class EchoServer:
-    """An aiohttp app on a background loop, served with a TLSContexts, echoing the matched user."""
+    """An aiohttp app on a background loop, served by the TLS layer, echoing the matched user."""
 
-    def __init__(self, tls: TLSContexts, users: dict[str, bytes]) -> None:
-        self.tls = tls
+    def __init__(self, credentials: ServerCredentials, users: dict[str, bytes]) -> None:
+        self.credentials = credentials
         self.users = users
         self.port = 0
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._thread.start()
         self._runner: web.AppRunner | None = None
+        self._listener: TLSListener | None = None
         asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
 
     async def _handler(self, request: web.Request) -> web.Response:
-        ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
-        leaf = ssl_object.getpeercert(True) if ssl_object is not None else None
-        return web.json_response({"user": match_user(leaf, self.users)})
+        leaf = request.transport.get_extra_info("peer_cert_der") if request.transport else None
+        digest = hashlib.sha256(leaf).hexdigest() if leaf is not None else None
+        return web.json_response({"user": match_user(leaf, self.users), "leaf_sha256": digest})
 
     async def _start(self) -> None:
         app = web.Application()
         app.router.add_get("/whoami", self._handler)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=self.tls.base)
-        await site.start()
-        self.port = self._runner.addresses[0][1]
+        assert self._runner.server is not None
+        self._listener = TLSListener(lambda: self.credentials, {ALPN_HTTP11: self._runner.server})
+        await self._listener.start("127.0.0.1", 0)
+        self.port = self._listener.sockets[0].getsockname()[1]
 
     def stop(self) -> None:
-        assert self._runner is not None
+        assert self._runner is not None and self._listener is not None
         asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
+        asyncio.run_coroutine_threadsafe(self._listener.close(), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
         self._loop.close()
@@ -164,7 +171,7 @@ def serve(setup: Setup) -> Iterator[Any]:
     servers: list[EchoServer] = []
 
     def start(users: dict[str, bytes]) -> EchoServer:
-        server = EchoServer(TLSContexts(setup.credentials, users.values()), users)
+        server = EchoServer(setup.credentials, users)
         servers.append(server)
         return server
 
@@ -181,7 +188,7 @@ def whoami(
     server_name: str | None = "localhost",
     version: ssl.TLSVersion = ssl.TLSVersion.TLSv1_3,
 ) -> str | None:
-    """GET /whoami over a fresh TLS connection; raises ssl.SSLError if the server refuses the client."""
+    """GET /whoami over a fresh TLS connection; raises ssl.SSLError if the handshake fails."""
     ctx = ssl.create_default_context(cafile=str(setup.root_file))
     ctx.minimum_version = ctx.maximum_version = version
     if server_name is None:
@@ -190,7 +197,7 @@ def whoami(
         ctx.load_cert_chain(identity.cert_file, identity.key_file)
     with (
         socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
-        # ragged EOFs raise: the server drops a refused client without a TLS alert (asyncio)
+        # ragged EOFs raise: the server ends the connection with close_notify
         ctx.wrap_socket(raw, server_hostname=server_name, suppress_ragged_eofs=False) as tls,
     ):
         tls.sendall(b"GET /whoami HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
@@ -211,21 +218,35 @@ def test_listed_unlisted_and_no_certificate(
     server = serve(setup.users(setup.alice))
     assert whoami(setup, server.port, setup.alice, server_name=server_name, version=version) == "alice"
     assert whoami(setup, server.port, None, server_name=server_name, version=version) is None
-    # Refused in the TLS layer: no HTTP answer at all (not a 401).
-    with pytest.raises(ssl.SSLError):
-        whoami(setup, server.port, setup.bob, server_name=server_name, version=version)
+    # Accepted by the TLS layer (no chain verification), and nobody: the handler decides.
+    assert whoami(setup, server.port, setup.bob, server_name=server_name, version=version) is None
 
 
-def test_unlisted_certificate_fails_in_the_handshake_itself_on_tls12(setup: Setup, serve: Any) -> None:
+def test_unlisted_certificate_completes_the_handshake_and_is_seen_by_the_handler(
+    setup: Setup, serve: Any
+) -> None:
+    """The handshake with an unknown, self-signed client certificate succeeds on TLS 1.2 and 1.3,
+    and the application sees exactly that leaf's DER (never a later chain entry)."""
     server = serve(setup.users(setup.alice))
-    ctx = ssl.create_default_context(cafile=str(setup.root_file))
-    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(setup.bob.cert_file, setup.bob.key_file)
-    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw:
-        # do_handshake raises. The server closes without sending its alert (asyncio's SSL transport
-        # does not flush it), so the client sees an EOF rather than "unknown ca".
-        with pytest.raises(ssl.SSLError, match="EOF"):
-            ctx.wrap_socket(raw, server_hostname="localhost")
+    bob_with_alice = with_chain(setup.tmp, "bob-alice2", setup.bob, [setup.alice.cert])
+    for version in (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3):
+        for identity in (setup.bob, bob_with_alice):
+            ctx = ssl.create_default_context(cafile=str(setup.root_file))
+            ctx.minimum_version = ctx.maximum_version = version
+            ctx.load_cert_chain(identity.cert_file, identity.key_file)
+            with (
+                socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw,
+                ctx.wrap_socket(raw, server_hostname="localhost", suppress_ragged_eofs=False) as tls,
+            ):
+                assert tls.version() == ("TLSv1.2" if version is ssl.TLSVersion.TLSv1_2 else "TLSv1.3")
+                tls.sendall(b"GET /whoami HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                data = b""
+                while chunk := tls.recv(65536):
+                    data += chunk
+            head, _, body = data.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200"), head
+            bob_sha256 = hashlib.sha256(setup.bob.der).hexdigest()
+            assert json.loads(body) == {"user": None, "leaf_sha256": bob_sha256}
 
 
 def test_expired_and_not_yet_valid_listed_certificates_still_work(setup: Setup, serve: Any) -> None:
@@ -241,20 +262,19 @@ def test_expired_and_not_yet_valid_listed_certificates_still_work(setup: Setup, 
 
 
 def test_listed_certificate_later_in_the_chain_does_not_authenticate(setup: Setup, serve: Any) -> None:
-    """Bob presents his own (unlisted) leaf followed by Alice's public certificate: refused."""
+    """Bob presents his own (unlisted) leaf followed by Alice's public certificate: nobody."""
     server = serve(setup.users(setup.alice))
     bob_with_alice = with_chain(setup.tmp, "bob-alice", setup.bob, [setup.alice.cert])
     for version in (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3):
-        with pytest.raises(ssl.SSLError):
-            whoami(setup, server.port, bob_with_alice, version=version)
+        assert whoami(setup, server.port, bob_with_alice, version=version) is None
     # Alice's leaf followed by some other certificate is still Alice.
     alice_with_bob = with_chain(setup.tmp, "alice-bob", setup.alice, [setup.bob.cert])
     assert whoami(setup, server.port, alice_with_bob) == "alice"
 
 
 def test_leaf_issued_by_a_listed_ca_certificate_matches_no_user(setup: Setup, serve: Any) -> None:
-    """If a user lists a CA certificate, leaves it issued pass the handshake (it is a trust anchor)
-    but are nobody: only the exact DER of the leaf identifies a user."""
+    """If a user lists a CA certificate, leaves it issued are nobody: only the exact DER of the
+    leaf identifies a user."""
     ca = trustme.CA()
     ca_der = x509.load_pem_x509_certificate(ca.cert_pem.bytes()).public_bytes(serialization.Encoding.DER)
     users = {"ca-user": ca_der}
@@ -292,37 +312,32 @@ def test_match_user_is_exact_der_of_the_leaf_only(setup: Setup) -> None:
     assert match_user(twin.public_bytes(serialization.Encoding.DER), users) is None
 
 
-def test_update_swaps_users_for_new_handshakes_without_restart(setup: Setup, serve: Any) -> None:
+def test_user_changes_apply_to_the_next_request_without_restart(setup: Setup, serve: Any) -> None:
     users = setup.users(setup.alice)
     server = serve(users)
     assert whoami(setup, server.port, setup.alice) == "alice"
-    with pytest.raises(ssl.SSLError):
-        whoami(setup, server.port, setup.bob)
+    assert whoami(setup, server.port, setup.bob) is None
 
-    # Bob replaces Alice: same listener, same port.
+    # Bob replaces Alice: same listener, same port, nothing to rebuild in the TLS layer.
     server.users = setup.users(setup.bob)
-    server.tls.update(setup.credentials, server.users.values())
     assert whoami(setup, server.port, setup.bob) == "bob"
-    with pytest.raises(ssl.SSLError):
-        whoami(setup, server.port, setup.alice)
+    assert whoami(setup, server.port, setup.alice) is None
 
     # Both.
     server.users = setup.users(setup.alice, setup.bob)
-    server.tls.update(setup.credentials, server.users.values())
     assert whoami(setup, server.port, setup.alice) == "alice"
     assert whoami(setup, server.port, setup.bob) == "bob"
 
-    # No users at all: certificates are not requested, every client is anonymous.
+    # No users at all: every client is anonymous.
     server.users = {}
-    server.tls.update(setup.credentials, [])
     assert whoami(setup, server.port, setup.alice) is None
     assert whoami(setup, server.port, None) is None
 
 
-def test_update_can_rotate_the_server_certificate(setup: Setup, serve: Any) -> None:
+def test_new_credentials_apply_to_new_handshakes(setup: Setup, serve: Any) -> None:
     server = serve(setup.users(setup.alice))
     other_root = create_root_ca(["localhost"], NOW)
-    server.tls.update(make_server_credentials(other_root, ["localhost"], NOW), server.users.values())
+    server.credentials = make_server_credentials(other_root, ["localhost"], NOW)
     with pytest.raises(ssl.SSLCertVerificationError):
         whoami(setup, server.port, setup.alice)  # the client pins the old root
     setup.root_file.write_bytes(other_root.cert_pem)
@@ -341,12 +356,12 @@ def test_curl_with_user_certificate(setup: Setup, serve: Any) -> None:
         )  # fmt: skip
 
     ok = curl("--cert", str(setup.alice.cert_file), "--key", str(setup.alice.key_file))
-    assert ok.returncode == 0 and json.loads(ok.stdout) == {"user": "alice"}
+    assert ok.returncode == 0 and json.loads(ok.stdout)["user"] == "alice"
     anonymous = curl()
-    assert anonymous.returncode == 0 and json.loads(anonymous.stdout) == {"user": None}
-    refused = curl("--cert", str(setup.bob.cert_file), "--key", str(setup.bob.key_file))
-    assert refused.returncode != 0  # the connection fails; no HTTP status at all
-    assert refused.stdout == ""
+    assert anonymous.returncode == 0 and json.loads(anonymous.stdout) == {"user": None, "leaf_sha256": None}
+    stranger = curl("--cert", str(setup.bob.cert_file), "--key", str(setup.bob.key_file))
+    assert stranger.returncode == 0, stranger.stderr  # the handshake completes
+    assert json.loads(stranger.stdout)["user"] is None
 
 
 # ------------------------------------------------------------------ the Coordinator's own listener
@@ -384,18 +399,19 @@ def test_coordinator_client_api_trusts_the_manifest_users(tmp_path: Path, setup:
         assert status(setup.bob) == 2
         running.set_manifest(raw)
         assert running.coord.user_certificates == {"alice": setup.alice.der}
-        # New handshakes see the users at once, without a restart.
+        # Public endpoints work with any certificate or none.
         assert status(setup.alice) == 3
         assert status(None) == 3
-        with pytest.raises(ssl.SSLError):
-            status(setup.bob)
-        # A user-only endpoint: no certificate is MarbleRun's 401; Alice is authenticated (and then
-        # lacks the permission: 403).
-        code, doc = get(None, "/api/v2/secrets?s=shared_key")
-        assert code == 401
-        assert doc["message"].startswith(
-            "unauthorized user: client certificate did not match any MarbleRun users"
-        )
+        assert status(setup.bob) == 3
+        # A user-only endpoint: no certificate and an unlisted one are MarbleRun's 401 JSend fail;
+        # Alice is authenticated at once, without a restart (and then lacks the permission: 403).
+        for who in (None, setup.bob):
+            code, doc = get(who, "/api/v2/secrets?s=shared_key")
+            assert code == 401
+            assert doc["status"] == "fail"
+            assert doc["message"].startswith(
+                "unauthorized user: client certificate did not match any MarbleRun users"
+            )
         code, doc = get(setup.alice, "/api/v2/secrets?s=shared_key")
         assert code == 403, doc
         # The Marble API does not ask for user certificates.

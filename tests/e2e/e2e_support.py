@@ -13,6 +13,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -22,6 +23,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from aiohttp import web
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from marblekeep.api.server import Listeners
 from marblekeep.api.tls import ServerCredentials, make_server_credentials
@@ -233,9 +237,24 @@ class StubPki:
 
     def impostor_credentials(self) -> ServerCredentials:
         """A Marble's own TLS credentials plus the intermediate: a chain that reaches the root."""
-        return ServerCredentials(
-            self.marble_leaf.cert_pem + self.intermediate.cert_pem, self.marble_leaf.key_pem
+        key = serialization.load_pem_private_key(self.marble_leaf.key_pem, None)
+        assert isinstance(key, ec.EllipticCurvePrivateKey)
+        leaf = x509.load_pem_x509_certificate(self.marble_leaf.cert_pem)
+        return ServerCredentials((leaf, self.intermediate.cert), key)
+
+
+def load_stdlib_credentials(ctx: ssl.SSLContext, credentials: ServerCredentials) -> None:
+    """Test stubs only: CPython's ssl loads keys from files, so write them to a private temporary
+    directory (the Coordinator itself never does this: docs/adr/0002-tls-layer.md)."""
+    with tempfile.TemporaryDirectory(prefix="marblekeep-stub-") as tmp:
+        cert_path, key_path = Path(tmp, "cert.pem"), Path(tmp, "key.pem")
+        cert_path.write_bytes(credentials.chain_pem)
+        key_path.write_bytes(
+            credentials.key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
         )
+        ctx.load_cert_chain(cert_path, key_path)
 
 
 class StubServer:
@@ -250,7 +269,7 @@ class StubServer:
         self.bg = BackgroundLoop()
         self.port = free_port()
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        credentials.load_into(ctx)
+        load_stdlib_credentials(ctx, credentials)
         if configure is not None:
             configure(ctx)
         self.runner = web.AppRunner(app, access_log=None, handle_signals=False)

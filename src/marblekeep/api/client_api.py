@@ -48,11 +48,11 @@ def coordinator_of(request: web.Request) -> Coordinator:
 def authenticated_user(request: web.Request) -> str:
     """The manifest user whose certificate is exactly the TLS client's leaf certificate.
 
-    Raises :class:`AuthenticationError` (401) when the client sent no certificate. An unlisted
-    certificate never gets here: the TLS handshake refuses it (see api/tls.py).
+    Raises :class:`AuthenticationError` (401, JSend fail) when the client sent no certificate or
+    one that no user has: the TLS layer accepts any certificate and hands over the leaf's DER
+    (``peer_cert_der``, api/tlslayer.py); later chain entries are never considered.
     """
-    ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
-    leaf = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+    leaf = request.transport.get_extra_info("peer_cert_der") if request.transport else None
     user = match_user(leaf, coordinator_of(request).user_certificates)
     if user is None:
         raise AuthenticationError(

@@ -11,7 +11,6 @@ import base64
 import json
 import logging
 import signal
-import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping
 
@@ -22,7 +21,9 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from marblekeep.api import jsend
 from marblekeep.api.client_api import COORDINATOR_KEY, add_client_routes
 from marblekeep.api.governance_api import add_governance_routes
-from marblekeep.api.tls import TLSContexts, make_server_credentials
+from marblekeep.api.limits import ConnectionLimits, deadline_middleware
+from marblekeep.api.tls import ServerCredentials, make_server_credentials
+from marblekeep.api.tlslayer import ALPN_H2, ALPN_HTTP11, ProtocolFactory, TLSListener
 from marblekeep.core.deployment import Deployment
 from marblekeep.errors import ActivationRefused, ConfigError, MarbleKeepError
 from marblekeep.manifest.model import SealMode
@@ -102,8 +103,13 @@ async def _errors_and_metrics(request: web.Request, handler: Handler) -> web.Str
     return response
 
 
-def build_client_app(coord: Coordinator, metrics: Metrics) -> web.Application:
-    app = web.Application(middlewares=[_errors_and_metrics], client_max_size=CLIENT_MAX_BODY)
+def build_client_app(
+    coord: Coordinator, metrics: Metrics, limits: ConnectionLimits | None = None
+) -> web.Application:
+    app = web.Application(
+        middlewares=[deadline_middleware(limits or ConnectionLimits()), _errors_and_metrics],
+        client_max_size=CLIENT_MAX_BODY,
+    )
     app[COORDINATOR_KEY] = coord
     app[METRICS_KEY] = metrics
     app[API_NAME_KEY] = "client"
@@ -112,7 +118,9 @@ def build_client_app(coord: Coordinator, metrics: Metrics) -> web.Application:
     return app
 
 
-def build_marble_app(coord: Coordinator, metrics: Metrics) -> web.Application:
+def build_marble_app(
+    coord: Coordinator, metrics: Metrics, limits: ConnectionLimits | None = None
+) -> web.Application:
     async def challenge(request: web.Request) -> web.Response:
         return web.Response(
             body=encode_challenge_response(coord.challenge()), content_type="application/json"
@@ -134,7 +142,10 @@ def build_marble_app(coord: Coordinator, metrics: Metrics) -> web.Application:
         log.info("marble activated", extra={"marble_type": outcome.marble_type, "uuid": outcome.uuid})
         return jsend.success({"sealedParameters": base64.b64encode(outcome.sealed).decode()})
 
-    app = web.Application(middlewares=[_errors_and_metrics], client_max_size=MAX_ACTIVATION_BODY)
+    app = web.Application(
+        middlewares=[deadline_middleware(limits or ConnectionLimits()), _errors_and_metrics],
+        client_max_size=MAX_ACTIVATION_BODY,
+    )
     app[COORDINATOR_KEY] = coord
     app[METRICS_KEY] = metrics
     app[API_NAME_KEY] = "marble"
@@ -164,58 +175,95 @@ def build_metrics_app(metrics: Metrics) -> web.Application:
 
 
 class Listeners:
-    """The running listeners of one Coordinator (for tests and :func:`serve`)."""
+    """The running listeners of one Coordinator (for tests and :func:`serve`).
 
-    def __init__(self, coord: Coordinator, config: CoordinatorConfig) -> None:
+    Both TLS listeners run on the TLS layer (api/tlslayer.py) with the same in-memory listener
+    credentials. ``marble_h2`` is the protocol factory for ALPN ``h2`` on the Marble API (gRPC);
+    without it, that listener offers only ``http/1.1``. The Client API never offers ``h2``.
+    """
+
+    def __init__(
+        self, coord: Coordinator, config: CoordinatorConfig, *, marble_h2: ProtocolFactory | None = None
+    ) -> None:
         self.coord = coord
         self.config = config
+        self.limits = config.connection_limits
         self.metrics = Metrics(lambda: float(coord.state), coord.collateral_status)
         self.runners: list[web.AppRunner] = []
+        self.tls_listeners: list[TLSListener] = []
+        self.client_listener: TLSListener | None = None
+        self.marble_listener: TLSListener | None = None
+        self._marble_h2 = marble_h2
         self._root_der = coord.deployment.ca.root.cert_der
         self.credentials = make_server_credentials(coord.deployment.ca.root, config.dns_names, coord.clock())
-        self.client_tls = TLSContexts(self.credentials, coord.user_certificates.values())
-        self.marble_tls = TLSContexts(self.credentials)
-        # New handshakes see the current users (and, after a recovery, the recovered root) without a restart.
+        # New handshakes see a recovered root without a restart. Users are matched per request
+        # (api/client_api.py), so a user change needs nothing here.
         coord.observers.append(self._on_change)
 
     def _on_change(self, dep: Deployment) -> None:
         if dep.ca.root.cert_der != self._root_der:
             self._root_der = dep.ca.root.cert_der
             self.credentials = make_server_credentials(dep.ca.root, self.config.dns_names, self.coord.clock())
-            self.marble_tls.update(self.credentials, ())
-        self.client_tls.update(self.credentials, self.coord.user_certificates.values())
 
-    async def _start(self, app: web.Application, addr: str, what: str, tls: ssl.SSLContext | None) -> None:
-        host, port = parse_addr(addr, what)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5.0)
+    def _current_credentials(self) -> ServerCredentials:
+        return self.credentials
+
+    async def _runner(self, app: web.Application) -> web.AppRunner:
+        runner = web.AppRunner(
+            app, access_log=None, handle_signals=False, shutdown_timeout=5.0, **self.limits.runner_kwargs()
+        )
         await runner.setup()
         self.runners.append(runner)
-        site = web.TCPSite(runner, host, port, ssl_context=tls)
+        return runner
+
+    async def _start_tls(
+        self, app: web.Application, addr: str, what: str, h2: ProtocolFactory | None = None
+    ) -> TLSListener:
+        host, port = parse_addr(addr, what)
+        runner = await self._runner(app)
+        assert runner.server is not None
+        protocols: dict[str, ProtocolFactory] = {ALPN_HTTP11: runner.server}
+        if h2 is not None:
+            protocols[ALPN_H2] = h2
+        listener = TLSListener(self._current_credentials, protocols, limits=self.limits, name=what)
         try:
-            await site.start()
+            await listener.start(host, port)
         except OSError as exc:
             raise ConfigError(f"{what}: cannot listen on {addr}: {exc.strerror}") from None
+        self.tls_listeners.append(listener)
+        return listener
 
     async def start(self) -> None:
-        await self._start(
-            build_client_app(self.coord, self.metrics),
-            self.config.client_addr,
-            "client API",
-            self.client_tls.base,
+        self.client_listener = await self._start_tls(
+            build_client_app(self.coord, self.metrics, self.limits), self.config.client_addr, "client API"
         )
-        await self._start(
-            build_marble_app(self.coord, self.metrics),
+        self.marble_listener = await self._start_tls(
+            build_marble_app(self.coord, self.metrics, self.limits),
             self.config.mesh_addr,
             "Marble API",
-            self.marble_tls.base,
+            self._marble_h2,
         )
         if self.config.prometheus_addr:
-            await self._start(build_metrics_app(self.metrics), self.config.prometheus_addr, "metrics", None)
+            host, port = parse_addr(self.config.prometheus_addr, "metrics")
+            runner = await self._runner(build_metrics_app(self.metrics))
+            try:
+                await web.TCPSite(runner, host, port).start()
+            except OSError as exc:
+                raise ConfigError(
+                    f"metrics: cannot listen on {self.config.prometheus_addr}: {exc.strerror}"
+                ) from None
 
     async def stop(self) -> None:
+        # Stop accepting, let running requests finish (aiohttp's graceful shutdown closes idle
+        # connections), then drop whatever is left (handshakes, other protocols).
+        for listener in self.tls_listeners:
+            listener.stop_accepting()
         for runner in reversed(self.runners):
             await runner.cleanup()
         self.runners.clear()
+        for listener in self.tls_listeners:
+            await listener.close()
+        self.tls_listeners.clear()
 
 
 async def serve(config: CoordinatorConfig, *, ready: Callable[[], None] | None = None) -> None:
