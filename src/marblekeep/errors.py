@@ -27,6 +27,7 @@ the CLI edge. Families are split by *who is to blame*::
     │   └── RollbackError      stored state is older than the newest sealed     503 / exit 1
     ├── RecoveryError          a recovery upload is invalid                     400 / exit 1
     ├── ConfigError            bad Coordinator / CLI configuration              - / exit 2
+    │   └── DataDirLocked      another Coordinator holds the data directory       - / exit 2
     └── CoordinatorError       (client side) a Coordinator failed a request     502 / exit 1
                                or could not be reached
 
@@ -50,6 +51,7 @@ __all__ = [
     "ConfigError",
     "ConflictError",
     "CoordinatorError",
+    "DataDirLocked",
     "IntegrityError",
     "ManifestError",
     "MarbleKeepError",
@@ -219,6 +221,12 @@ class ConfigError(MarbleKeepError):
     code = "config_invalid"
     http_status = 500
     exit_code = 2
+
+
+class DataDirLocked(ConfigError):
+    """Another process holds the data directory's lock (two Coordinators on one state)."""
+
+    code = "data_dir_locked"
 
 
 class CoordinatorError(MarbleKeepError):

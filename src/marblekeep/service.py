@@ -78,6 +78,7 @@ from marblekeep.recovery.keys import generate_recovery_keys
 from marblekeep.recovery.recoverer import Recoverer
 from marblekeep.store.base import Store
 from marblekeep.store.kek import KeyEncryptionKeyProvider, SimulationKeyFileProvider
+from marblekeep.store.lock import DataDirLock
 from marblekeep.store.sealed import NeedsRecovery, Opened, PendingRecovery, SealedStore, open_sealed_store
 from marblekeep.store.sqlite import SQLiteStore
 
@@ -172,6 +173,7 @@ class Coordinator:
         self._recoverer: Recoverer | None = None
         self.recovery_reason = recovery_reason
         self.lock = asyncio.Lock()
+        self._dir_lock: DataDirLock | None = None
         self.observers: list[Callable[[Deployment], None]] = []
         self._publish(deployment)
 
@@ -199,6 +201,39 @@ class Coordinator:
             seal_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
             raise ConfigError(f"cannot create the seal directory {seal_dir}: {exc.strerror}") from None
+        # One Coordinator per data directory, held until close() (or process exit).
+        dir_lock = DataDirLock.acquire(
+            seal_dir, {"client_addr": config.client_addr, "mesh_addr": config.mesh_addr}
+        )
+        try:
+            coord = await cls._open_locked(
+                config,
+                verifier=verifier,
+                quote_issuer=quote_issuer,
+                kek_provider=kek_provider,
+                seal_providers=seal_providers,
+                clock=clock,
+                rng=rng,
+            )
+        except BaseException:
+            dir_lock.release()
+            raise
+        coord._dir_lock = dir_lock
+        return coord
+
+    @classmethod
+    async def _open_locked(
+        cls,
+        config: CoordinatorConfig,
+        *,
+        verifier: EvidenceVerifier | None,
+        quote_issuer: EvidenceIssuer | None,
+        kek_provider: KeyEncryptionKeyProvider | None,
+        seal_providers: Mapping[SealMode, KeyEncryptionKeyProvider] | None,
+        clock: Clock,
+        rng: Rng,
+    ) -> Coordinator:
+        seal_dir = config.seal_dir
         if seal_providers is None:
             provider = kek_provider
             if provider is None:
@@ -210,68 +245,79 @@ class Coordinator:
                 provider = SimulationKeyFileProvider(seal_dir / SIMULATION_KEK_FILE)
             seal_providers = {SealMode.PRODUCT_KEY: provider, SealMode.UNIQUE_KEY: provider}
         inner: Store = await SQLiteStore.open(seal_dir / STATE_DB)
-        # The seal mode is part of the sealed manifest, so it is not known before unsealing: try the
-        # product key first (MarbleRun's default), then the unique key.
-        opened: Opened | NeedsRecovery | None = None
-        mode_in_use = SealMode.PRODUCT_KEY
-        for mode in (SealMode.PRODUCT_KEY, SealMode.UNIQUE_KEY):
-            candidate = seal_providers.get(mode)
-            if candidate is None:
-                continue
-            attempt = await open_sealed_store(inner, candidate, allow_rollback=config.allow_rollback, rng=rng)
-            if opened is None or isinstance(attempt, Opened):
-                opened, mode_in_use = attempt, mode
-            if isinstance(attempt, Opened):
-                break
-        if opened is None:
-            raise ConfigError("no key-encryption key provider for SealMode ProductKey or UniqueKey")
-        now = clock()
-        common = {
-            "verifier": verifier,
-            "quote_issuer": quote_issuer,
-            "clock": clock,
-            "rng": rng,
-            "seal_providers": seal_providers,
-            "seal_mode_in_use": mode_in_use,
-        }
-        if isinstance(opened, NeedsRecovery):
-            log.warning(
-                "sealed state cannot be opened: entering recovery mode",
-                extra={"reason": opened.reason.message},
-            )
-            temp = new_deployment(config.dns_names, now, rng)
-            temp = Deployment(
-                state=CoordinatorState.RECOVERY,
-                ca=temp.ca,
-                root_secret=temp.root_secret,
-                seal_master_secret=temp.seal_master_secret,
-            )
-            return cls(
-                config,
-                deployment=temp,
-                store=None,
-                records={},
-                pending_recovery=opened.recovery,
-                recovery_reason=opened.reason.message,
-                **common,  # type: ignore[arg-type]
-            )
-        store = opened.store
-        records = await store.list("")
-        dep = deployment_from_records(records)
-        if dep is None:
-            dep = new_deployment(config.dns_names, now, rng)
-            records = {}
-        else:
-            log.info(
-                "sealed state loaded",
-                extra={"state": dep.state.name, "records": len(records)},
-            )
-        return cls(config, deployment=dep, store=store, records=records, **common)  # type: ignore[arg-type]
+        try:
+            # The seal mode is part of the sealed manifest, so it is not known before unsealing: try the
+            # product key first (MarbleRun's default), then the unique key.
+            opened: Opened | NeedsRecovery | None = None
+            mode_in_use = SealMode.PRODUCT_KEY
+            for mode in (SealMode.PRODUCT_KEY, SealMode.UNIQUE_KEY):
+                candidate = seal_providers.get(mode)
+                if candidate is None:
+                    continue
+                attempt = await open_sealed_store(inner, candidate, allow_rollback=config.allow_rollback, rng=rng)
+                if opened is None or isinstance(attempt, Opened):
+                    opened, mode_in_use = attempt, mode
+                if isinstance(attempt, Opened):
+                    break
+            if opened is None:
+                raise ConfigError("no key-encryption key provider for SealMode ProductKey or UniqueKey")
+            now = clock()
+            common = {
+                "verifier": verifier,
+                "quote_issuer": quote_issuer,
+                "clock": clock,
+                "rng": rng,
+                "seal_providers": seal_providers,
+                "seal_mode_in_use": mode_in_use,
+            }
+            if isinstance(opened, NeedsRecovery):
+                log.warning(
+                    "sealed state cannot be opened: entering recovery mode",
+                    extra={"reason": opened.reason.message},
+                )
+                temp = new_deployment(config.dns_names, now, rng)
+                temp = Deployment(
+                    state=CoordinatorState.RECOVERY,
+                    ca=temp.ca,
+                    root_secret=temp.root_secret,
+                    seal_master_secret=temp.seal_master_secret,
+                )
+                return cls(
+                    config,
+                    deployment=temp,
+                    store=None,
+                    records={},
+                    pending_recovery=opened.recovery,
+                    recovery_reason=opened.reason.message,
+                    **common,  # type: ignore[arg-type]
+                )
+            store = opened.store
+            records = await store.list("")
+            dep = deployment_from_records(records)
+            if dep is None:
+                dep = new_deployment(config.dns_names, now, rng)
+                records = {}
+            else:
+                log.info(
+                    "sealed state loaded",
+                    extra={"state": dep.state.name, "records": len(records)},
+                )
+            return cls(config, deployment=dep, store=store, records=records, **common)  # type: ignore[arg-type]
+        except BaseException:
+            await inner.close()
+            raise
 
     async def close(self) -> None:
-        if self._store is not None:
-            await self._store.close()
-            self._store = None
+        try:
+            if self._store is not None:
+                await self._store.close()
+                self._store = None
+            if self._pending_recovery is not None:
+                await self._pending_recovery.close()
+        finally:
+            if self._dir_lock is not None:
+                self._dir_lock.release()
+                self._dir_lock = None
 
     # ------------------------------------------------------------------ snapshot
 

@@ -945,6 +945,10 @@ class PendingRecovery:
             await store._commit_inner(writes, new_state, crypto)
         return store
 
+    async def close(self) -> None:
+        """Close the backend (the Coordinator stops while still in Recovery)."""
+        await self._inner.close()
+
     async def discard(self) -> SealedStore:
         """A fresh state (new DEK, new store id); its first commit deletes every old record."""
         anchor_generation = 0
