@@ -74,7 +74,11 @@ from marblekeep.marble.protocol import (
     parse_activation_request,
     seal_parameters,
 )
-from marblekeep.recovery.keys import generate_recovery_keys
+from marblekeep.recovery.keys import (
+    generate_recovery_keys,
+    public_recovery_keys_record,
+    read_public_recovery_keys,
+)
 from marblekeep.recovery.recoverer import Recoverer
 from marblekeep.store.base import Store
 from marblekeep.store.kek import KeyEncryptionKeyProvider, SimulationKeyFileProvider
@@ -254,7 +258,9 @@ class Coordinator:
                 candidate = seal_providers.get(mode)
                 if candidate is None:
                     continue
-                attempt = await open_sealed_store(inner, candidate, allow_rollback=config.allow_rollback, rng=rng)
+                attempt = await open_sealed_store(
+                    inner, candidate, allow_rollback=config.allow_rollback, rng=rng
+                )
                 if opened is None or isinstance(attempt, Opened):
                     opened, mode_in_use = attempt, mode
                 if isinstance(attempt, Opened):
@@ -302,7 +308,10 @@ class Coordinator:
                     "sealed state loaded",
                     extra={"state": dep.state.name, "records": len(records)},
                 )
-            return cls(config, deployment=dep, store=store, records=records, **common)  # type: ignore[arg-type]
+            coord = cls(config, deployment=dep, store=store, records=records, **common)  # type: ignore[arg-type]
+            if records:
+                await coord._store_public_recovery_keys(dep)
+            return coord
         except BaseException:
             await inner.close()
             raise
@@ -425,8 +434,13 @@ class Coordinator:
                 manifest.recovery_keys, manifest.config.recovery_threshold, rng=self.rng
             )
             if self._persists(new) and self._store is not None:
-                # The state is sealed under the DEK the recovery secrets open.
-                await self._store.rekey(material.dek, recovery_data=material.recovery_data)
+                # The state is sealed under the DEK the recovery secrets open; the recovery public
+                # keys are stored beside R so that uploads can be checked before the DEK is known.
+                await self._store.rekey(
+                    material.dek,
+                    recovery_data=material.recovery_data,
+                    recovery_keys=public_recovery_keys_record(manifest.recovery_keys),
+                )
             await self.commit(new)
         log.info(
             "manifest set",
@@ -442,10 +456,24 @@ class Coordinator:
             manifest.recovery_keys, manifest.config.recovery_threshold, rng=self.rng
         )
         if self._store is not None and manifest.config.seal_mode is not SealMode.DISABLED:
-            await self._store.rekey(material.dek, recovery_data=material.recovery_data)
+            await self._store.rekey(
+                material.dek,
+                recovery_data=material.recovery_data,
+                recovery_keys=public_recovery_keys_record(manifest.recovery_keys),
+            )
         return dict(material.secrets)
 
     # ------------------------------------------------------------------ recovery
+
+    async def _store_public_recovery_keys(self, dep: Deployment) -> None:
+        """States written before the recovery public keys were stored get them now (one commit)."""
+        store = self._store
+        if store is None or dep.manifest is None or not self._persists(dep):
+            return
+        wanted = public_recovery_keys_record(dep.manifest.recovery_keys)
+        if store.recovery_keys != wanted:
+            await store.set_recovery_keys(wanted)
+            log.info("the recovery public keys are now stored beside the sealed state")
 
     def _require_recovery(self) -> Recoverer:
         if self._dep.state is not CoordinatorState.RECOVERY or self._pending_recovery is None:
@@ -460,18 +488,34 @@ class Coordinator:
                 stored = load_manifest(raw)
                 return stored.recovery_keys, stored.config.recovery_threshold
 
-            self._recoverer = Recoverer(pending.recovery_data, pending.try_key, recovery_keys)
+            public = read_public_recovery_keys(pending.recovery_keys)
+            if public is None:
+                log.warning(
+                    "the sealed state does not store its recovery public keys (written by an older "
+                    "marblekeep): recovery uploads are checked only once a key is complete, and only the "
+                    "last uploads are kept"
+                )
+            self._recoverer = Recoverer(
+                pending.recovery_data, pending.try_key, recovery_keys, public_keys=public
+            )
         return self._recoverer
 
-    def recovery_public_key(self) -> bytes:
-        """The ephemeral RSA-4096 key (PKIX DER) for encrypted recovery uploads; Recovery only."""
-        return self._require_recovery().public_key_der()
+    async def recovery_public_key(self) -> bytes:
+        """The ephemeral RSA-4096 key (PKIX DER) for encrypted recovery uploads; Recovery only.
 
-    async def recover(self, secret: bytes, signature: bytes) -> tuple[int, str]:
-        """One recovery secret upload; when the key is complete, load the sealed state."""
+        Made on first use (about a second of CPU): in a worker thread, not on the event loop."""
         async with self.lock:
             recoverer = self._require_recovery()
-            progress = recoverer.upload(secret, signature)
+            return await asyncio.to_thread(recoverer.public_key_der)
+
+    async def recover(self, secret: bytes, signature: bytes) -> tuple[int, str]:
+        """One recovery secret upload; when the key is complete, load the sealed state.
+
+        The RSA and combination work runs in a worker thread, so status and other clients are
+        answered meanwhile; uploads are serialised by :attr:`lock`."""
+        async with self.lock:
+            recoverer = self._require_recovery()
+            progress = await asyncio.to_thread(recoverer.upload, secret, signature)
             if not progress.complete:
                 return progress.remaining, progress.message
             assert self._pending_recovery is not None and progress.dek is not None
@@ -489,6 +533,7 @@ class Coordinator:
                 raise RecoveryError("the recovered state holds no deployment; set a new manifest instead")
             self._store = store
             self._persisted = dep
+            await self._store_public_recovery_keys(dep)
             # Recovery re-sealed the state under the first (product) key provider.
             self._seal_mode_in_use = SealMode.PRODUCT_KEY
             if self._persists(dep):

@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -379,3 +382,47 @@ def test_setting_a_new_manifest_in_recovery_starts_a_new_state(tmp_path: Path) -
         assert json.loads(manifest_now) == json.loads(new_manifest.read_text())
     finally:
         restarted.stop()
+
+
+def test_unsigned_uploads_are_refused_status_stays_responsive_and_the_owner_still_recovers(
+    tmp_path: Path,
+) -> None:
+    """Issue 11, finding 2: 24 uploads that no recovery key signed, each refused (nothing kept),
+    while ``GET /api/v2/status`` keeps answering; then the owner's genuine upload recovers the state.
+    The time per upload is measured by bench/recovery.py, not here."""
+    lost = deploy_and_lose_the_kek(tmp_path, ["alice"])
+    site = lost.site
+    try:
+        assert_in_recovery(lost)
+        url = f"https://{site.client_addr}/api/v2"
+        with (
+            httpx.Client(verify=False, timeout=120) as uploader,
+            httpx.Client(verify=False, timeout=60) as prober,
+            ThreadPoolExecutor(max_workers=1) as pool,
+        ):
+            plain_junk = [os.urandom(32) for _ in range(12)]
+            pub = base64.b64decode(
+                uploader.get(f"{url}/recover/public-key").json()["data"]["ephemeralPublicKey"]
+            )
+            ephemeral = serialization.load_der_public_key(pub)
+            assert isinstance(ephemeral, rsa.RSAPublicKey)
+            # half plain, half encrypted for the ephemeral key (the RSA-4096 decryption path)
+            junk = plain_junk + [ephemeral.encrypt(os.urandom(32), oaep()) for _ in range(12)]
+            for secret in junk:
+                body = {
+                    "recoverySecret": base64.b64encode(secret).decode(),
+                    "recoverySecretSignature": base64.b64encode(os.urandom(256)).decode(),
+                }
+                pending = pool.submit(uploader.post, f"{url}/recover", json=body)
+                status = prober.get(f"{url}/status")  # answered while the upload is handled
+                assert status.status_code == 200 and status.json()["data"]["code"] == 1
+                answer = pending.result(timeout=120)
+                assert answer.status_code == 400, answer.text
+                assert "does not match any recovery key" in answer.json()["message"]
+                assert "nothing of this upload was kept" in answer.json()["message"]
+        assert "Traceback" not in lost.coordinator.output
+        done = upload(lost, str(lost.recovery_file), "-k", str(lost.keys["alice"]))
+        assert done.stdout == "Recovery successful.\n"
+        assert_recovered(lost, done.stderr)
+    finally:
+        lost.coordinator.stop()

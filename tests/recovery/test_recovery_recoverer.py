@@ -20,6 +20,7 @@ from marblekeep.recovery import (
     progress_message,
     sign_recovery_secret,
 )
+from marblekeep.recovery.recoverer import LEGACY_WINDOW
 
 NAMES = ["alice", "bob", "carol"]
 
@@ -61,11 +62,14 @@ class Deployment:
         assert dek == self.material.dek
         return self.keys, self.threshold
 
-    def recoverer(self, ephemeral: rsa.RSAPrivateKey | None = None, *, with_r: bool = True) -> Recoverer:
+    def recoverer(
+        self, ephemeral: rsa.RSAPrivateKey | None = None, *, with_r: bool = True, public: bool = False
+    ) -> Recoverer:
         return Recoverer(
             self.material.recovery_data if with_r else None,
             self.try_key,
             self.recovery_keys,
+            public_keys=self.keys if public else None,
             ephemeral_key_factory=(lambda: ephemeral)
             if ephemeral is not None
             else lambda: pytest.fail("no key"),
@@ -241,3 +245,92 @@ def test_failing_state_read_is_a_recovery_error(owners: dict[str, rsa.RSAPrivate
     rec = Recoverer(None, dep.try_key, broken)
     with pytest.raises(RecoveryError, match="cannot be read"):
         rec.upload(*dep.signed("alice"))
+
+
+# ------------------------------------------------------------- issue 11, finding 2: signed uploads only
+
+
+def junk(size: int = 32) -> tuple[bytes, bytes]:
+    return os.urandom(size), os.urandom(256)
+
+
+@pytest.mark.parametrize("size", [16, 32, 33])
+def test_uploads_no_recovery_key_signed_are_refused_and_nothing_is_kept(
+    owners: dict[str, rsa.RSAPrivateKey], size: int
+) -> None:
+    dep = Deployment(owners, ["alice"], 0)
+    rec = dep.recoverer(public=True)
+    assert rec.checks_signatures_first
+    for _ in range(30):
+        with pytest.raises(RecoveryError, match="does not match any recovery key") as refused:
+            rec.upload(*junk(size))
+        assert "nothing of this upload was kept" in refused.value.message
+    # a stranger's valid signature is refused the same way
+    stranger = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    secret = os.urandom(32)
+    with pytest.raises(RecoveryError, match="does not match any recovery key"):
+        rec.upload(secret, sign_recovery_secret(secret, stranger))
+    assert dep.tried == []  # no candidate key was even tried
+    done = rec.upload(*dep.signed("alice"))
+    assert done.message == MSG_DONE and dep.tried == [dep.material.dek]
+
+
+def test_the_work_per_signed_upload_does_not_grow_with_earlier_uploads(
+    owners: dict[str, rsa.RSAPrivateKey],
+) -> None:
+    """XOR 2-of-2 with R lost (the path MarbleRun searches in 2^n): an owner's many wrong uploads
+    replace each other, every upload tries at most two candidates, and the right ones still work."""
+    dep = Deployment(owners, ["alice", "bob"], 0)
+    rec = dep.recoverer(with_r=False, public=True)
+    tries = []
+    for _ in range(40):
+        wrong = os.urandom(32)
+        before = len(dep.tried)
+        assert rec.upload(wrong, sign_recovery_secret(wrong, owners["alice"])).remaining == 1
+        tries.append(len(dep.tried) - before)
+        with pytest.raises(RecoveryError, match="does not match any recovery key"):
+            rec.upload(*junk())
+    assert max(tries) <= 2
+    assert rec.upload(*dep.signed("bob")).remaining == 1
+    done = rec.upload(*dep.signed("alice"))  # replaces alice's last wrong upload
+    assert done.complete and done.recovery_data is not None
+
+
+def test_with_recovery_data_each_key_uploads_once_and_rules_stay_marbleruns(
+    owners: dict[str, rsa.RSAPrivateKey],
+) -> None:
+    dep = Deployment(owners, NAMES, 2)
+    rec = dep.recoverer(public=True)
+    assert rec.upload(*dep.signed("carol")).remaining == 2
+    with pytest.raises(RecoveryError, match="already used"):  # MarbleRun's message for a repeat
+        rec.upload(*dep.signed("carol"))
+    with pytest.raises(RecoveryError, match="already uploaded"):  # carol signs alice's share
+        rec.upload(*dep.signed("alice", signer="carol"))
+    assert rec.upload(*dep.signed("bob")).message == MSG_DONE
+
+
+def test_a_state_without_stored_public_keys_keeps_a_bounded_window(
+    owners: dict[str, rsa.RSAPrivateKey],
+) -> None:
+    """States written before the public keys were stored: signatures are checked only at the end,
+    so junk is kept, but only the last LEGACY_WINDOW uploads, and only combinations with the newest
+    upload are tried: the work per upload is bounded whatever came before."""
+    dep = Deployment(owners, ["alice", "bob"], 0)
+    rec = dep.recoverer(with_r=False)
+    assert not rec.checks_signatures_first
+    tries = []
+    for _ in range(40):
+        before = len(dep.tried)
+        rec.upload(*junk())
+        tries.append(len(dep.tried) - before)
+    assert max(tries) <= 1 + 2 ** (LEGACY_WINDOW - 1)
+    rec.upload(*dep.signed("alice"))
+    assert rec.upload(*dep.signed("bob")).complete
+
+
+def test_a_state_without_recovery_keys_refuses_every_upload(owners: dict[str, rsa.RSAPrivateKey]) -> None:
+    dep = Deployment(owners, [], 0)
+    rec = Recoverer(None, dep.try_key, dep.recovery_keys, public_keys={})
+    with pytest.raises(RecoveryError, match="no recovery keys"):
+        rec.upload(*junk())
+    assert dep.tried == []

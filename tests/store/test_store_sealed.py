@@ -360,3 +360,46 @@ async def test_damaged_sqlite_file_is_a_store_error(db: Path, provider: Simulati
 async def test_database_file_is_private(db: Path, provider: SimulationKeyFileProvider) -> None:
     await (await make_state(db, provider)).close()
     assert db.stat().st_mode & 0o077 == 0
+
+
+# ------------------------------------- the recovery public keys beside R (issue 11, finding 2)
+
+
+async def test_recovery_public_keys_are_plaintext_authenticated_and_readable_in_recovery(
+    db: Path, provider: SimulationKeyFileProvider, tmp_path: Path
+) -> None:
+    store = await make_state(db, provider)
+    assert store.recovery_keys is None  # as in a state written before they were stored
+    await store.rekey(os.urandom(32), recovery_data=b"null", recovery_keys=b'{"RecoveryKeys":{"a":"PEM"}}')
+    await put(store, {"x": b"1"})
+    await store.close()
+    assert raw_rows(db)["meta:recovery_keys"] == b'{"RecoveryKeys":{"a":"PEM"}}'
+    reopened = opened(await open_db(db, provider))
+    assert reopened.recovery_keys == b'{"RecoveryKeys":{"a":"PEM"}}'
+    await reopened.close()
+    # readable without the KEK (Recovery), before any DEK is known
+    other = SimulationKeyFileProvider(tmp_path / "other-kek")
+    pending = needs_recovery(await open_db(db, other)).recovery
+    assert pending.recovery_keys == b'{"RecoveryKeys":{"a":"PEM"}}'
+    await pending.close()
+    # authenticated once the DEK is known: a swapped record is refused
+    raw_exec(db, "UPDATE records SET value = ? WHERE key = ?", b'{"RecoveryKeys":{}}', b"meta:recovery_keys")
+    with pytest.raises(IntegrityError, match="meta:recovery_keys"):
+        await open_db(db, provider)
+    raw_exec(db, "DELETE FROM records WHERE key = ?", b"meta:recovery_keys")
+    with pytest.raises(IntegrityError, match="meta:recovery_keys"):
+        await open_db(db, provider)
+
+
+async def test_set_recovery_keys_stores_them_for_an_older_state(
+    db: Path, provider: SimulationKeyFileProvider
+) -> None:
+    store = await make_state(db, provider)
+    epoch = store.epoch
+    await store.set_recovery_keys(b"{}")
+    await store.set_recovery_keys(b"{}")  # unchanged: no commit
+    assert store.epoch == epoch + 1
+    await store.close()
+    reopened = opened(await open_db(db, provider))
+    assert reopened.recovery_keys == b"{}" and await reopened.get("secret:db") == SECRET
+    await reopened.close()

@@ -224,7 +224,7 @@ async def recover_v2(request: web.Request) -> web.Response:
 
 
 async def recover_public_key_v2(request: web.Request) -> web.Response:
-    der = coordinator_of(request).recovery_public_key()
+    der = await coordinator_of(request).recovery_public_key()
     return jsend.success({"algorithm": "RSA", "ephemeralPublicKey": base64.b64encode(der).decode()})
 
 

@@ -1,40 +1,52 @@
-"""The recovery upload state machine (``POST /api/v2/recover``), as MarbleRun behaves.
+"""The recovery upload state machine (``POST /api/v2/recover``), as MarbleRun behaves, hardened.
 
 Pure: no I/O. The Coordinator creates one :class:`Recoverer` when it enters Recovery,
-passing the stored recovery data ``R`` and two callbacks:
+passing the stored recovery data ``R``, the stored recovery *public* keys and two callbacks:
 
 - ``try_key(candidate_dek) -> bool``: does the candidate decrypt the sealed state?
   (:meth:`marblekeep.store.PendingRecovery.try_key`)
 - ``recovery_keys(dek) -> (RecoveryKeys PEM map, RecoveryThreshold)``: read from the
-  stored manifest once the DEK is known; used to check the upload signatures.
+  stored manifest once the DEK is known; the authoritative signature check.
 
 Rules of :meth:`Recoverer.upload`, in order:
 
 1. A secret whose length is not 16, 32 or 33 is first decrypted with the ephemeral
    RSA-4096 key (RSA-OAEP-SHA256) served by ``GET /recover/public-key``
    (:meth:`Recoverer.public_key_der`; created lazily).
-2. 33 bytes: a Shamir share. With ``R`` it must hash to an unused entry of ``R``
+2. **Signed uploads only** (not in MarbleRun): each upload carries a signature, RSA
+   PKCS#1 v1.5 with SHA-256 over the *plaintext* secret, by its owner's recovery key. When
+   the state stores its recovery public keys (``public_keys`` is not ``None``), an upload
+   that no recovery key signed is refused before anything else and nothing of it is kept.
+   Each kept upload belongs to the key that signed it: a key has at most one upload kept,
+   and a new one from the same key replaces it where no ``R`` says otherwise.
+3. 33 bytes: a Shamir share. With ``R`` it must hash to an unused entry of ``R``
    (else ``uploaded an invalid or already used secret``); without ``R`` it must not
-   repeat. From the second share on, the shares are combined and test-decrypted.
+   repeat. From the second share on, the kept shares are combined and test-decrypted.
    ``remaining`` is the number of unused entries of ``R`` (not the threshold deficit).
-3. Otherwise, without ``R`` (single key, or ``R`` lost): the secret must be 16 or 32
+4. Otherwise, without ``R`` (single key, or ``R`` lost): the secret must be 16 or 32
    bytes (``invalid secret length``). If it decrypts the state it is the DEK; else it is
-   kept and every non-empty subset of the uploaded secrets is tried XORed (all of one
-   length, else ``recovery secrets must match in length``). A hit made of several
-   secrets reconstructs ``R`` (returned for the caller to store).
-4. Otherwise (XOR multi-party with ``R``): the secret must hash to an unused entry; it
+   kept (all kept secrets of one length, else ``recovery secrets must match in length``)
+   and the XOR of the kept secrets — one per signing key — is tried. A hit made of several
+   secrets reconstructs ``R`` (returned for the caller to store). MarbleRun instead tries
+   every subset of every upload so far (2^n work for upload n).
+5. Otherwise (XOR multi-party with ``R``): the secret must hash to an unused entry; it
    is XORed in; when every entry is used the result is the candidate DEK.
-5. Each upload carries a signature: RSA PKCS#1 v1.5 with SHA-256 over the *plaintext*
-   secret, by the owner's recovery key. Signatures are kept per secret and checked only
-   once a candidate DEK is found, against the stored manifest's ``RecoveryKeys``: with
+6. Once a candidate DEK is found, progress is reset and the signatures are checked
+   against the *sealed* manifest's ``RecoveryKeys`` (:func:`verify_signatures`): with
    threshold 0 or n there must be exactly n signatures, each key matching a distinct
-   one; otherwise exactly t signatures, each matching a distinct key.
-6. Once a candidate is found, progress is reset *before* the signatures are checked: a
-   failure then means every party uploads again. After success the ephemeral key is
-   dropped.
+   one; otherwise exactly t signatures, each matching a distinct key. A failure then
+   means every party uploads again. After success the ephemeral key is dropped.
+
+The work of one upload is bounded: at most one RSA decryption, one signature check per
+recovery key, and one candidate (two without ``R``: the secret alone and the XOR), whatever
+came before. States written before the public keys were stored (``public_keys=None``)
+cannot check signatures before the DEK is known; for them the Recoverer keeps only the
+last :data:`LEGACY_WINDOW` uploads of the no-``R`` path and tries only the combinations
+that contain the newest upload (at most ``2^(LEGACY_WINDOW-1)`` candidates). The
+Coordinator stores the public keys the first time it opens such a state.
 
 Every failure is a :class:`~marblekeep.errors.RecoveryError` whose message never
-contains secret material.
+contains secret material. The caller runs :meth:`Recoverer.upload` off the event loop.
 """
 
 from __future__ import annotations
@@ -53,7 +65,14 @@ from marblekeep.errors import ManifestError, MarbleKeepError, RecoveryError
 from marblekeep.recovery import shamir
 from marblekeep.recovery.keys import oaep, parse_recovery_public_key, recovery_data_for
 
-__all__ = ["MSG_DONE", "RecoverProgress", "Recoverer", "progress_message", "verify_signatures"]
+__all__ = [
+    "LEGACY_WINDOW",
+    "MSG_DONE",
+    "RecoverProgress",
+    "Recoverer",
+    "progress_message",
+    "verify_signatures",
+]
 
 MSG_DONE = "Recovery successful."
 EPHEMERAL_KEY_BITS = 4096
@@ -61,6 +80,21 @@ EPHEMERAL_KEY_BITS = 4096
 ERR_INVALID = "uploaded an invalid or already used secret"
 ERR_LENGTH = "invalid secret length"
 ERR_MISMATCH = "recovery secrets must match in length"
+ERR_UNSIGNED = (
+    "the recovery secret's signature does not match any recovery key of the manifest: sign the "
+    "plaintext secret (RSA PKCS#1 v1.5, SHA-256) with its owner's recovery private key "
+    "(marblekeep recover sign-secret); nothing of this upload was kept"
+)
+ERR_NO_KEYS = (
+    "the sealed state has no recovery keys, so it cannot be recovered: set a new manifest instead "
+    "(this discards the old state)"
+)
+ERR_SAME_KEY = (
+    "a secret signed by this recovery key was already uploaded; each recovery key owner uploads "
+    "their own secret once"
+)
+#: Uploads kept on the no-R path of a state that does not store its recovery public keys.
+LEGACY_WINDOW = 8
 
 
 def progress_message(remaining: int) -> str:
@@ -159,6 +193,7 @@ class Recoverer:
         try_key: Callable[[bytes], bool],
         recovery_keys: Callable[[bytes], tuple[Mapping[str, str], int]],
         *,
+        public_keys: Mapping[str, str] | None = None,
         ephemeral_key_factory: Callable[[], rsa.RSAPrivateKey] = _generate_ephemeral_key,
     ) -> None:
         self._entries = _parse_recovery_data(recovery_data)
@@ -166,13 +201,27 @@ class Recoverer:
         self._recovery_keys = recovery_keys
         self._key_factory = ephemeral_key_factory
         self._ephemeral: rsa.RSAPrivateKey | None = None
+        self._public: list[rsa.RSAPublicKey] | None = None
+        if public_keys is not None:
+            self._public = []
+            for name, pem in sorted(public_keys.items()):
+                try:
+                    self._public.append(parse_recovery_public_key(name, pem))
+                except ManifestError:
+                    continue  # a key that cannot sign anything; the sealed manifest's check decides
         self.reset()
+
+    @property
+    def checks_signatures_first(self) -> bool:
+        """Whether uploads are checked against the recovery public keys before they are kept."""
+        return self._public is not None
 
     def reset(self) -> None:
         """Forget every upload (all parties start again)."""
         self._used: set[str] = set()
         self._secrets: list[bytes] = []
         self._signatures: dict[bytes, bytes] = {}
+        self._by_signer: dict[int, bytes] = {}
 
     @property
     def remaining(self) -> int:
@@ -202,69 +251,143 @@ class Recoverer:
                 "ephemeral key; fetch the public key again and re-encrypt"
             ) from None
 
+    def _signers(self, plain: bytes, signature: bytes) -> list[int] | None:
+        """The recovery keys (indexes) whose signature this is; ``None`` when keys are unknown."""
+        if self._public is None:
+            return None
+        if not self._public:
+            raise RecoveryError(ERR_NO_KEYS)
+        signers = [i for i, key in enumerate(self._public) if _signature_matches(key, plain, signature)]
+        if not signers:
+            raise RecoveryError(ERR_UNSIGNED)
+        return signers
+
     def upload(self, secret: bytes, signature: bytes) -> RecoverProgress:
-        """Process one uploaded secret and its signature."""
+        """Process one uploaded secret and its signature (CPU-bound: call it off the event loop)."""
         plain = secret if len(secret) in (16, 32, 33) else self._decrypt(secret)
+        signers = self._signers(plain, signature)
         if len(plain) == 33:
-            return self._shamir(plain, signature)
+            return self._shamir(plain, signature, signers)
         if self._entries is None:
-            return self._without_recovery_data(plain, signature)
-        return self._xor_with_recovery_data(plain, signature)
+            return self._without_recovery_data(plain, signature, signers)
+        return self._xor_with_recovery_data(plain, signature, signers)
 
-    # -- paths -----------------------------------------------------------------------------
+    # -- bookkeeping -----------------------------------------------------------------------
 
-    def _claim(self, plain: bytes) -> None:
-        """Mark the entry of R for this share as used, or refuse."""
+    def _free_signer(self, signers: list[int] | None) -> int | None:
+        """The first signing key without a kept upload; raises if all have one (R paths)."""
+        if signers is None:
+            return None
+        for index in signers:
+            if index not in self._by_signer:
+                return index
+        raise RecoveryError(ERR_SAME_KEY)
+
+    def _keep(self, plain: bytes, signature: bytes, signer: int | None) -> None:
+        if signer is not None:
+            self._by_signer[signer] = plain
+        self._secrets.append(plain)
+        self._signatures[plain] = signature
+
+    def _forget(self, plain: bytes) -> None:
+        self._secrets.remove(plain)
+        self._signatures.pop(plain, None)
+        for index, kept in list(self._by_signer.items()):
+            if kept == plain:
+                del self._by_signer[index]
+
+    def _replaceable(self, plain: bytes, signers: list[int] | None) -> bytes | None:
+        """No-R paths: the kept upload this one replaces (same signer), or, for a state without
+        stored keys, the oldest one once :data:`LEGACY_WINDOW` are kept."""
+        if signers is None:
+            return self._secrets[0] if len(self._secrets) >= LEGACY_WINDOW else None
+        free = [i for i in signers if i not in self._by_signer]
+        return None if free else self._by_signer[signers[0]]
+
+    def _claim(self, plain: bytes, signers: list[int] | None) -> int | None:
+        """Mark the entry of R for this share as used (or refuse); returns the signing key it is
+        kept for."""
         assert self._entries is not None
         digest = sha256(plain).hexdigest()
         if digest not in self._entries or digest in self._used:
             raise RecoveryError(ERR_INVALID)
+        signer = self._free_signer(signers)
         self._used.add(digest)
+        return signer
 
-    def _shamir(self, plain: bytes, signature: bytes) -> RecoverProgress:
+    def _legacy_subsets(self, size_min: int) -> list[list[bytes]]:
+        """Combinations of the kept uploads that contain the newest one (no stored keys)."""
+        newest, older = self._secrets[-1], self._secrets[:-1]
+        return [
+            [*rest, newest]
+            for size in range(size_min - 1, len(older) + 1)
+            for rest in combinations(older, size)
+        ]
+
+    # -- paths -----------------------------------------------------------------------------
+
+    def _shamir(self, plain: bytes, signature: bytes, signers: list[int] | None) -> RecoverProgress:
         if self._entries is not None:
-            self._claim(plain)
-        elif plain in self._secrets:
-            raise RecoveryError(ERR_INVALID)
-        self._secrets.append(plain)
-        self._signatures[plain] = signature
+            self._keep(plain, signature, self._claim(plain, signers))
+        else:
+            if plain in self._secrets:
+                raise RecoveryError(ERR_INVALID)
+            replaced = self._replaceable(plain, signers)
+            if replaced is not None:
+                self._forget(replaced)
+            self._keep(plain, signature, self._free_signer(signers))
         if len(self._secrets) >= 2:
-            try:
-                candidate = shamir.combine(self._secrets)
-            except RecoveryError:
-                self.reset()
-                raise RecoveryError(ERR_INVALID) from None
-            if self._try_key(candidate):
-                return self._finish(candidate, list(self._secrets), None)
+            candidates = (
+                self._legacy_subsets(2)
+                if signers is None and self._entries is None
+                else [list(self._secrets)]
+            )
+            for shares in candidates:
+                try:
+                    candidate = shamir.combine(shares)
+                except RecoveryError:
+                    if len(candidates) == 1:
+                        self.reset()
+                        raise RecoveryError(ERR_INVALID) from None
+                    continue
+                if self._try_key(candidate):
+                    return self._finish(candidate, list(shares), None)
         if self._entries is not None and self.remaining == 0:
             self.reset()
             raise RecoveryError("the uploaded shares do not recover the key; every party must upload again")
         return RecoverProgress(self.remaining, progress_message(self.remaining))
 
-    def _without_recovery_data(self, plain: bytes, signature: bytes) -> RecoverProgress:
+    def _without_recovery_data(
+        self, plain: bytes, signature: bytes, signers: list[int] | None
+    ) -> RecoverProgress:
         if len(plain) not in (16, 32):
             raise RecoveryError(ERR_LENGTH)
-        self._signatures[plain] = signature
         if self._try_key(plain):
+            self._signatures[plain] = signature
             return self._finish(plain, [plain], None)
-        if self._secrets and len(self._secrets[0]) != len(plain):
-            del self._signatures[plain]
+        if plain in self._secrets:
+            return RecoverProgress(1, progress_message(1))
+        replaced = self._replaceable(plain, signers)
+        others = [s for s in self._secrets if s != replaced]
+        if others and len(others[0]) != len(plain):
             raise RecoveryError(ERR_MISMATCH)
-        if plain not in self._secrets:
-            self._secrets.append(plain)
-        for size in range(2, len(self._secrets) + 1):
-            for subset in combinations(self._secrets, size):
+        if replaced is not None:
+            self._forget(replaced)
+        self._keep(plain, signature, self._free_signer(signers))
+        if len(self._secrets) >= 2:
+            subsets = self._legacy_subsets(2) if signers is None else [list(self._secrets)]
+            for subset in subsets:
                 candidate = _xor(subset)
                 if self._try_key(candidate):
-                    return self._finish(candidate, list(subset), recovery_data_for(list(subset)))
+                    return self._finish(candidate, subset, recovery_data_for(subset))
         return RecoverProgress(1, progress_message(1))
 
-    def _xor_with_recovery_data(self, plain: bytes, signature: bytes) -> RecoverProgress:
+    def _xor_with_recovery_data(
+        self, plain: bytes, signature: bytes, signers: list[int] | None
+    ) -> RecoverProgress:
         if self._secrets and len(self._secrets[0]) != len(plain):
             raise RecoveryError(ERR_MISMATCH)
-        self._claim(plain)
-        self._secrets.append(plain)
-        self._signatures[plain] = signature
+        self._keep(plain, signature, self._claim(plain, signers))
         if self.remaining > 0:
             return RecoverProgress(self.remaining, progress_message(self.remaining))
         candidate = _xor(self._secrets)

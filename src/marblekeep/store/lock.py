@@ -42,7 +42,12 @@ def _describe_holder(raw: bytes) -> str:
     if not isinstance(doc, dict):
         return "an unknown process (the lock file does not name it)"
     parts = []
-    for label, key in (("pid", "pid"), ("host", "host"), ("started", "started"), ("client API", "client_addr")):
+    for label, key in (
+        ("pid", "pid"),
+        ("host", "host"),
+        ("started", "started"),
+        ("client API", "client_addr"),
+    ):
         value = doc.get(key)
         if isinstance(value, str | int) and not isinstance(value, bool):
             parts.append(f"{label} {str(value)[:200]}")

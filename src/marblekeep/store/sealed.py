@@ -6,6 +6,8 @@ Storage is untrusted. What the backend (SQLite file, etcd, …) holds::
     meta:wrapped_dek    1 || store_id(16) || key_id(16) || nonce(12) || AES-GCM(KEK, DEK)
                         AAD = b"marblekeep/wrapped-dek/v1\\0" || store_id || key_id
     meta:recovery_data  MarbleRun's recovery data R (JSON), plaintext: needed before the DEK is known
+    meta:recovery_keys  the manifest's recovery *public* keys (JSON), plaintext: uploads are checked
+                        against them before the DEK is known (absent in states written before it existed)
     sys:state           sealed index record (below)
     data:<key>          one sealed record per user key
 
@@ -16,7 +18,10 @@ record or decrypted under another DEK. **Key names are not encrypted** (names su
 ``secret:db-password`` leak to whoever reads the disk); values are.
 
 ``sys:state`` (sealed like a record) holds ``b"MKS1" || store_id || epoch (u64) ||
-record count (u64) || index digest (32) || SHA-256 of R``. The index digest is
+record count (u64) || index digest (32) || public-metadata hash``, the hash being
+``SHA-256(0x00)`` (no R) or ``SHA-256(0x01 || R)`` without ``meta:recovery_keys``, and
+``SHA-256(0x02 || u64(len(h)) || h || recovery_keys)`` with it (``h`` the former form), so
+both plaintext records are authenticated once the DEK is known. The index digest is
 ``Σ HMAC-SHA256(K_idx, len(key) || key || sealed record) mod 2^256`` over every
 ``data:`` record, ``K_idx = HKDF(DEK, info=b"marblekeep/record-index/v1")``: a record
 that is removed, added, or replaced by an older sealed copy of itself changes it. The
@@ -88,9 +93,10 @@ FORMAT = b"marblekeep-sealed-store/1"
 META_FORMAT = "meta:format"
 META_WRAPPED_DEK = "meta:wrapped_dek"
 META_RECOVERY_DATA = "meta:recovery_data"
+META_RECOVERY_KEYS = "meta:recovery_keys"
 SYS_STATE = "sys:state"
 DATA_PREFIX = "data:"
-_META_KEYS = frozenset({META_FORMAT, META_WRAPPED_DEK, META_RECOVERY_DATA, SYS_STATE})
+_META_KEYS = frozenset({META_FORMAT, META_WRAPPED_DEK, META_RECOVERY_DATA, META_RECOVERY_KEYS, SYS_STATE})
 
 _VERSION = 1
 _ID = 16
@@ -120,8 +126,12 @@ KEEP = _Keep.KEEP
 # pure helpers
 
 
-def _recovery_data_hash(recovery_data: bytes | None) -> bytes:
-    return sha256(b"\x00" if recovery_data is None else b"\x01" + recovery_data).digest()
+def _recovery_data_hash(recovery_data: bytes | None, recovery_keys: bytes | None = None) -> bytes:
+    """The sealed index's hash of the plaintext metadata (R and the public recovery keys)."""
+    base = b"\x00" if recovery_data is None else b"\x01" + recovery_data
+    if recovery_keys is None:  # the format before meta:recovery_keys existed
+        return sha256(base).digest()
+    return sha256(b"\x02" + struct.pack(">Q", len(base)) + base + recovery_keys).digest()
 
 
 class _DekMismatch(Exception):
@@ -215,6 +225,7 @@ class _State:
     elements: dict[str, int]
     digest: int
     recovery_data: bytes | None
+    recovery_keys: bytes | None = None
 
     def sealed(self, crypto: _Crypto) -> bytes:
         body = _STATE.pack(
@@ -223,7 +234,7 @@ class _State:
             self.epoch,
             len(self.elements),
             self.digest.to_bytes(32, "big"),
-            _recovery_data_hash(self.recovery_data),
+            _recovery_data_hash(self.recovery_data, self.recovery_keys),
         )
         return crypto.seal(SYS_STATE, body)
 
@@ -280,12 +291,13 @@ def _verify(records: Mapping[str, bytes], crypto: _Crypto) -> _State:
             f"{len(elements)}): a record was removed, added or replaced by an older copy; restore a backup"
         )
     recovery_data = records.get(META_RECOVERY_DATA)
-    if _recovery_data_hash(recovery_data) != rd_hash:
+    recovery_keys = records.get(META_RECOVERY_KEYS)
+    if _recovery_data_hash(recovery_data, recovery_keys) != rd_hash:
         raise IntegrityError(
-            f"record {META_RECOVERY_DATA!r} does not match the sealed index: it was modified; "
-            "restore a backup"
+            f"record {META_RECOVERY_DATA!r} or {META_RECOVERY_KEYS!r} does not match the sealed index: it "
+            "was modified; restore a backup"
         )
-    return _State(store_id, epoch, elements, digest, recovery_data)
+    return _State(store_id, epoch, elements, digest, recovery_data, recovery_keys)
 
 
 # --------------------------------------------------------------------------------------------
@@ -344,6 +356,11 @@ class SealedStore:
     def recovery_data(self) -> bytes | None:
         """MarbleRun's recovery data R as stored (``None``: none, e.g. single recovery key)."""
         return self._state.recovery_data
+
+    @property
+    def recovery_keys(self) -> bytes | None:
+        """The manifest's recovery public keys as stored (``None``: not stored, an older state)."""
+        return self._state.recovery_keys
 
     @property
     def inner(self) -> Store:
@@ -433,6 +450,8 @@ class SealedStore:
                 writes[META_WRAPPED_DEK] = _wrap(self._kek, state.store_id, crypto.keyring, self._rng)
         if state.recovery_data != self._state.recovery_data or self._unwritten:
             writes[META_RECOVERY_DATA] = state.recovery_data
+        if state.recovery_keys != self._state.recovery_keys or self._unwritten:
+            writes[META_RECOVERY_KEYS] = state.recovery_keys
         try:
             revision = await self._inner.commit(writes, expected_revision=self._revision)
         except StoreError:  # a conflict, or a backend failure: re-read the backend before trusting memory
@@ -530,7 +549,12 @@ class SealedStore:
                         elements[inner_key] = self._crypto.element(inner_key, blob)
                         digest = (digest + elements[inner_key]) % _MOD
                 state = _State(
-                    self._state.store_id, self._state.epoch + 1, elements, digest, self._state.recovery_data
+                    self._state.store_id,
+                    self._state.epoch + 1,
+                    elements,
+                    digest,
+                    self._state.recovery_data,
+                    self._state.recovery_keys,
                 )
                 return await self._commit_inner(inner_writes, state, self._crypto)
             except BaseException:
@@ -547,12 +571,18 @@ class SealedStore:
 
     # -- key management ----------------------------------------------------------------------
 
-    async def rekey(self, new_dek: bytes, *, recovery_data: bytes | _Keep | None = KEEP) -> int:
+    async def rekey(
+        self,
+        new_dek: bytes,
+        *,
+        recovery_data: bytes | _Keep | None = KEEP,
+        recovery_keys: bytes | _Keep | None = KEEP,
+    ) -> int:
         """Re-encrypt every record under ``new_dek`` and store the new wrapped DEK, in one commit.
 
         Used when a manifest is set or its recovery keys change (the DEK is what the
-        recovery secrets open). ``recovery_data`` replaces R in the same commit.
-        Returns the new revision.
+        recovery secrets open). ``recovery_data`` replaces R and ``recovery_keys`` the
+        public recovery keys in the same commit. Returns the new revision.
         """
         if not isinstance(new_dek, bytes) or len(new_dek) != DEK_SIZE:
             raise SealError(f"a data-encryption key must be {DEK_SIZE} bytes")
@@ -579,10 +609,31 @@ class SealedStore:
                 elements[key] = crypto.element(key, sealed)
                 digest = (digest + elements[key]) % _MOD
             rd = self._state.recovery_data if isinstance(recovery_data, _Keep) else recovery_data
-            state = _State(self._state.store_id, self._state.epoch + 1, elements, digest, rd)
+            rk = self._state.recovery_keys if isinstance(recovery_keys, _Keep) else recovery_keys
+            state = _State(self._state.store_id, self._state.epoch + 1, elements, digest, rd, rk)
             if self._kek is not None:
                 writes[META_WRAPPED_DEK] = _wrap(self._kek, state.store_id, crypto.keyring, self._rng)
             return await self._commit_inner(writes, state, crypto)
+
+    async def set_recovery_keys(self, recovery_keys: bytes | None) -> int:
+        """Store the manifest's recovery public keys (plaintext, authenticated by the sealed index).
+
+        For states written before ``meta:recovery_keys`` existed; a manifest set or an update
+        that changes the keys stores them with :meth:`rekey`. Returns the new revision.
+        """
+        async with self._lock:
+            await self._refresh()
+            if recovery_keys == self._state.recovery_keys:
+                return self._revision
+            state = _State(
+                self._state.store_id,
+                self._state.epoch + 1,
+                dict(self._state.elements),
+                self._state.digest,
+                self._state.recovery_data,
+                recovery_keys,
+            )
+            return await self._commit_inner({}, state, self._crypto)
 
     async def rewrap(self, provider: KeyEncryptionKeyProvider) -> int:
         """Wrap the DEK under another provider's KEK (e.g. the seal mode changed), in one commit.
@@ -600,6 +651,7 @@ class SealedStore:
                 dict(self._state.elements),
                 self._state.digest,
                 self._state.recovery_data,
+                self._state.recovery_keys,
             )
             writes: dict[str, bytes | None] = {
                 META_WRAPPED_DEK: _wrap(kek, state.store_id, self._crypto.keyring, self._rng)
@@ -862,6 +914,12 @@ class PendingRecovery:
         """R as stored in plaintext (unauthenticated until the DEK is known, as in MarbleRun)."""
         return self._snap.records.get(META_RECOVERY_DATA)
 
+    @property
+    def recovery_keys(self) -> bytes | None:
+        """The recovery public keys as stored (unauthenticated until the DEK is known; ``None``:
+        a state written before they were stored)."""
+        return self._snap.records.get(META_RECOVERY_KEYS)
+
     def try_key(self, candidate: bytes) -> bool:
         blob = self._snap.records.get(SYS_STATE)
         key_id = None if blob is None else _key_id_of(blob)
@@ -890,7 +948,12 @@ class PendingRecovery:
         return _Crypto(_Keyring(dek, key_id), self._rng).open(inner_key, blob)
 
     async def complete(
-        self, dek: bytes, *, recovery_data: bytes | _Keep | None = KEEP, allow_rollback: bool = False
+        self,
+        dek: bytes,
+        *,
+        recovery_data: bytes | _Keep | None = KEEP,
+        recovery_keys: bytes | _Keep | None = KEEP,
+        allow_rollback: bool = False,
     ) -> SealedStore:
         """Load the state with the recovered DEK and re-seal it under this Coordinator's KEK."""
         snap = await self._inner.snapshot("")
@@ -937,7 +1000,8 @@ class PendingRecovery:
             reset_anchor=True,
         )
         rd = state.recovery_data if isinstance(recovery_data, _Keep) else recovery_data
-        new_state = _State(state.store_id, state.epoch + 1, dict(state.elements), state.digest, rd)
+        rk = state.recovery_keys if isinstance(recovery_keys, _Keep) else recovery_keys
+        new_state = _State(state.store_id, state.epoch + 1, dict(state.elements), state.digest, rd, rk)
         writes: dict[str, bytes | None] = {}
         if self._kek is not None:
             writes[META_WRAPPED_DEK] = _wrap(self._kek, state.store_id, crypto.keyring, self._rng)
