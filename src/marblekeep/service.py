@@ -50,6 +50,7 @@ from marblekeep.core.deployment import (
     set_manifest,
 )
 from marblekeep.core.governance import UpdateOutcome, log_initial_manifest
+from marblekeep.core.publicmeta import PublicMetadata
 from marblekeep.core.records import K_MANIFEST, deployment_changes, deployment_from_records
 from marblekeep.core.users import user_certificates
 from marblekeep.errors import (
@@ -74,11 +75,7 @@ from marblekeep.marble.protocol import (
     parse_activation_request,
     seal_parameters,
 )
-from marblekeep.recovery.keys import (
-    generate_recovery_keys,
-    public_recovery_keys_record,
-    read_public_recovery_keys,
-)
+from marblekeep.recovery.keys import generate_recovery_keys
 from marblekeep.recovery.recoverer import Recoverer
 from marblekeep.store.base import Store
 from marblekeep.store.kek import KeyEncryptionKeyProvider, SimulationKeyFileProvider
@@ -117,6 +114,30 @@ class CoordinatorConfig:
     collateral_dir: Path | None = None
     #: Timeouts and the per-listener connection cap (api/limits.py, docs/operations.md).
     connection_limits: ConnectionLimits = field(default_factory=ConnectionLimits)
+    #: Operator override: a non-simulation Coordinator loads a state made in simulation (logged).
+    accept_simulation_state: bool = False
+
+
+def _simulation_state_refusal(seal_dir: Path) -> ConfigError:
+    return ConfigError(
+        f"refusing to use the sealed state in {seal_dir}: it was created or held by a Coordinator in "
+        "simulation mode, so its keys (root certificate, secrets, seal keys) never had TEE protection "
+        "and must not become production keys. Start a new deployment instead (move the seal directory "
+        "away and set the manifest again), or, if you accept that risk, start with "
+        "--unsafe-accept-simulation-state (logged at WARNING on every start)"
+    )
+
+
+def check_simulation_mark(config: CoordinatorConfig, meta: PublicMetadata | None) -> None:
+    """Refuse a state made in simulation outside simulation, unless the operator overrides."""
+    if meta is None or not meta.sealed_in_simulation or config.simulation:
+        return
+    if not config.accept_simulation_state:
+        raise _simulation_state_refusal(config.seal_dir)
+    log.warning(
+        "UNSAFE: --unsafe-accept-simulation-state: using a state created or held in simulation "
+        "mode; its keys never had TEE protection"
+    )
 
 
 class EvidenceVerifier(Protocol):
@@ -165,6 +186,8 @@ class Coordinator:
         self._seal_providers = dict(seal_providers or {})
         self._seal_mode_in_use = seal_mode_in_use
         self.simulation = config.simulation
+        #: Whether the state was created or held in simulation mode (sticky; see core/publicmeta.py).
+        self._sealed_in_simulation = config.simulation
         self.clock = clock
         self.rng = rng
         self.verifier: EvidenceVerifier = verifier or NoQuoteVerifier()
@@ -277,6 +300,8 @@ class Coordinator:
                 "seal_mode_in_use": mode_in_use,
             }
             if isinstance(opened, NeedsRecovery):
+                # the plaintext mark (checked again, authenticated, once a recovery key is complete)
+                check_simulation_mark(config, PublicMetadata.decode(opened.recovery.public_metadata))
                 log.warning(
                     "sealed state cannot be opened: entering recovery mode",
                     extra={"reason": opened.reason.message},
@@ -308,9 +333,14 @@ class Coordinator:
                     "sealed state loaded",
                     extra={"state": dep.state.name, "records": len(records)},
                 )
+            meta = PublicMetadata.decode(store.public_metadata) if records else None
+            check_simulation_mark(config, meta)
             coord = cls(config, deployment=dep, store=store, records=records, **common)  # type: ignore[arg-type]
             if records:
-                await coord._store_public_recovery_keys(dep)
+                coord._sealed_in_simulation = config.simulation or (
+                    meta is not None and meta.sealed_in_simulation
+                )
+                await coord._store_public_metadata(dep)
             return coord
         except BaseException:
             await inner.close()
@@ -429,6 +459,7 @@ class Coordinator:
                     self._recoverer = None
                 self._persisted = None
                 log.warning("manifest set in recovery mode: the old sealed state was discarded")
+            self._sealed_in_simulation = self.simulation  # a new state, made by this Coordinator
             new = log_initial_manifest(set_manifest(dep, manifest, now, self.rng), now)
             material = generate_recovery_keys(
                 manifest.recovery_keys, manifest.config.recovery_threshold, rng=self.rng
@@ -439,7 +470,7 @@ class Coordinator:
                 await self._store.rekey(
                     material.dek,
                     recovery_data=material.recovery_data,
-                    recovery_keys=public_recovery_keys_record(manifest.recovery_keys),
+                    public_metadata=self._public_metadata(manifest),
                 )
             await self.commit(new)
         log.info(
@@ -459,21 +490,28 @@ class Coordinator:
             await self._store.rekey(
                 material.dek,
                 recovery_data=material.recovery_data,
-                recovery_keys=public_recovery_keys_record(manifest.recovery_keys),
+                public_metadata=self._public_metadata(manifest),
             )
         return dict(material.secrets)
 
     # ------------------------------------------------------------------ recovery
 
-    async def _store_public_recovery_keys(self, dep: Deployment) -> None:
-        """States written before the recovery public keys were stored get them now (one commit)."""
+    def _public_metadata(self, manifest: Manifest) -> bytes:
+        return PublicMetadata(manifest.recovery_keys, self._sealed_in_simulation).encode()
+
+    async def _store_public_metadata(self, dep: Deployment) -> None:
+        """Keep ``meta:public`` in line: states written before it existed get it now, and a state a
+        simulation Coordinator holds gets the simulation mark (one commit, only when it changes)."""
         store = self._store
         if store is None or dep.manifest is None or not self._persists(dep):
             return
-        wanted = public_recovery_keys_record(dep.manifest.recovery_keys)
-        if store.recovery_keys != wanted:
-            await store.set_recovery_keys(wanted)
-            log.info("the recovery public keys are now stored beside the sealed state")
+        wanted = self._public_metadata(dep.manifest)
+        if store.public_metadata != wanted:
+            await store.set_public_metadata(wanted)
+            log.info("the sealed state's public metadata (recovery public keys, simulation mark) was stored")
+
+    def _check_simulation_mark(self, meta: PublicMetadata | None) -> None:
+        check_simulation_mark(self.config, meta)
 
     def _require_recovery(self) -> Recoverer:
         if self._dep.state is not CoordinatorState.RECOVERY or self._pending_recovery is None:
@@ -482,13 +520,16 @@ class Coordinator:
             pending = self._pending_recovery
 
             def recovery_keys(dek: bytes) -> tuple[Mapping[str, str], int]:
+                # the simulation mark, now authenticated (an attacker may strip the plaintext one)
+                self._check_simulation_mark(PublicMetadata.decode(pending.verified_public_metadata(dek)))
                 raw = pending.peek(dek, K_MANIFEST)
                 if raw is None:
                     raise RecoveryError("the recovered state holds no manifest; set a new manifest instead")
                 stored = load_manifest(raw)
                 return stored.recovery_keys, stored.config.recovery_threshold
 
-            public = read_public_recovery_keys(pending.recovery_keys)
+            meta = PublicMetadata.decode(pending.public_metadata)
+            public = None if meta is None else meta.recovery_keys
             if public is None:
                 log.warning(
                     "the sealed state does not store its recovery public keys (written by an older "
@@ -533,7 +574,9 @@ class Coordinator:
                 raise RecoveryError("the recovered state holds no deployment; set a new manifest instead")
             self._store = store
             self._persisted = dep
-            await self._store_public_recovery_keys(dep)
+            meta = PublicMetadata.decode(store.public_metadata)
+            self._sealed_in_simulation = self.simulation or (meta is not None and meta.sealed_in_simulation)
+            await self._store_public_metadata(dep)
             # Recovery re-sealed the state under the first (product) key provider.
             self._seal_mode_in_use = SealMode.PRODUCT_KEY
             if self._persists(dep):

@@ -15,9 +15,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from marblekeep.core.deployment import CoordinatorState
+from marblekeep.core.publicmeta import PublicMetadata
 from marblekeep.errors import RecoveryError
 from marblekeep.recovery import decrypt_recovery_secret, sign_recovery_secret
-from marblekeep.recovery.keys import public_recovery_keys_record
 from marblekeep.service import SIMULATION_KEK_FILE, STATE_DB, Coordinator, CoordinatorConfig
 from marblekeep.store import SimulationKeyFileProvider, SQLiteStore, open_sealed_store
 from marblekeep.store.sealed import Opened
@@ -42,7 +42,7 @@ def manifest(owner: rsa.RSAPrivateKey) -> tuple[bytes, dict[str, str]]:
 def stored_recovery_keys(seal_dir: Path) -> bytes | None:
     conn = sqlite3.connect(seal_dir / STATE_DB)
     try:
-        row = conn.execute("SELECT value FROM records WHERE key = ?", (b"meta:recovery_keys",)).fetchone()
+        row = conn.execute("SELECT value FROM records WHERE key = ?", (b"meta:public",)).fetchone()
     finally:
         conn.close()
     return None if row is None else bytes(row[0])
@@ -54,7 +54,7 @@ async def make_older_state(seal_dir: Path) -> None:
         await SQLiteStore.open(seal_dir / STATE_DB), SimulationKeyFileProvider(seal_dir / SIMULATION_KEK_FILE)
     )
     assert isinstance(opened, Opened)
-    await opened.store.set_recovery_keys(None)
+    await opened.store.set_public_metadata(None)
     await opened.store.close()
 
 
@@ -66,13 +66,13 @@ async def test_keys_are_stored_at_set_and_backfilled_for_older_states_then_check
     coord = await Coordinator.open(config)
     secrets = await coord.set_manifest(raw)
     await coord.close()
-    assert stored_recovery_keys(config.seal_dir) == public_recovery_keys_record(keys)
+    assert stored_recovery_keys(config.seal_dir) == PublicMetadata(keys, sealed_in_simulation=True).encode()
 
     await make_older_state(config.seal_dir)
     assert stored_recovery_keys(config.seal_dir) is None
     coord = await Coordinator.open(config)  # a normal start stores them
     await coord.close()
-    assert stored_recovery_keys(config.seal_dir) == public_recovery_keys_record(keys)
+    assert stored_recovery_keys(config.seal_dir) == PublicMetadata(keys, sealed_in_simulation=True).encode()
 
     (config.seal_dir / SIMULATION_KEK_FILE).unlink()
     coord = await Coordinator.open(config)
@@ -105,7 +105,9 @@ async def test_an_older_state_already_in_recovery_falls_back_and_still_recovers(
         assert (await coord.recover(dek, sign_recovery_secret(dek, owner)))[0] == 0
     finally:
         await coord.close()
-    assert stored_recovery_keys(config.seal_dir) == public_recovery_keys_record(keys)  # stored now
+    assert (
+        stored_recovery_keys(config.seal_dir) == PublicMetadata(keys, sealed_in_simulation=True).encode()
+    )  # stored now
 
 
 async def test_the_ephemeral_key_and_uploads_are_made_off_the_event_loop(

@@ -365,41 +365,41 @@ async def test_database_file_is_private(db: Path, provider: SimulationKeyFilePro
 # ------------------------------------- the recovery public keys beside R (issue 11, finding 2)
 
 
-async def test_recovery_public_keys_are_plaintext_authenticated_and_readable_in_recovery(
+async def test_public_metadata_is_plaintext_authenticated_and_readable_in_recovery(
     db: Path, provider: SimulationKeyFileProvider, tmp_path: Path
 ) -> None:
     store = await make_state(db, provider)
-    assert store.recovery_keys is None  # as in a state written before they were stored
-    await store.rekey(os.urandom(32), recovery_data=b"null", recovery_keys=b'{"RecoveryKeys":{"a":"PEM"}}')
+    assert store.public_metadata is None  # as in a state written before they were stored
+    await store.rekey(os.urandom(32), recovery_data=b"null", public_metadata=b'{"RecoveryKeys":{"a":"PEM"}}')
     await put(store, {"x": b"1"})
     await store.close()
-    assert raw_rows(db)["meta:recovery_keys"] == b'{"RecoveryKeys":{"a":"PEM"}}'
+    assert raw_rows(db)["meta:public"] == b'{"RecoveryKeys":{"a":"PEM"}}'
     reopened = opened(await open_db(db, provider))
-    assert reopened.recovery_keys == b'{"RecoveryKeys":{"a":"PEM"}}'
+    assert reopened.public_metadata == b'{"RecoveryKeys":{"a":"PEM"}}'
     await reopened.close()
     # readable without the KEK (Recovery), before any DEK is known
     other = SimulationKeyFileProvider(tmp_path / "other-kek")
     pending = needs_recovery(await open_db(db, other)).recovery
-    assert pending.recovery_keys == b'{"RecoveryKeys":{"a":"PEM"}}'
+    assert pending.public_metadata == b'{"RecoveryKeys":{"a":"PEM"}}'
     await pending.close()
     # authenticated once the DEK is known: a swapped record is refused
-    raw_exec(db, "UPDATE records SET value = ? WHERE key = ?", b'{"RecoveryKeys":{}}', b"meta:recovery_keys")
-    with pytest.raises(IntegrityError, match="meta:recovery_keys"):
+    raw_exec(db, "UPDATE records SET value = ? WHERE key = ?", b'{"RecoveryKeys":{}}', b"meta:public")
+    with pytest.raises(IntegrityError, match="meta:public"):
         await open_db(db, provider)
-    raw_exec(db, "DELETE FROM records WHERE key = ?", b"meta:recovery_keys")
-    with pytest.raises(IntegrityError, match="meta:recovery_keys"):
+    raw_exec(db, "DELETE FROM records WHERE key = ?", b"meta:public")
+    with pytest.raises(IntegrityError, match="meta:public"):
         await open_db(db, provider)
 
 
-async def test_set_recovery_keys_stores_them_for_an_older_state(
+async def test_set_public_metadata_stores_them_for_an_older_state(
     db: Path, provider: SimulationKeyFileProvider
 ) -> None:
     store = await make_state(db, provider)
     epoch = store.epoch
-    await store.set_recovery_keys(b"{}")
-    await store.set_recovery_keys(b"{}")  # unchanged: no commit
+    await store.set_public_metadata(b"{}")
+    await store.set_public_metadata(b"{}")  # unchanged: no commit
     assert store.epoch == epoch + 1
     await store.close()
     reopened = opened(await open_db(db, provider))
-    assert reopened.recovery_keys == b"{}" and await reopened.get("secret:db") == SECRET
+    assert reopened.public_metadata == b"{}" and await reopened.get("secret:db") == SECRET
     await reopened.close()

@@ -98,6 +98,13 @@ def _tee_present(attestation_root: Path) -> bool:
     "(restoring a backup). Logged.",
 )
 @click.option(
+    "--unsafe-accept-simulation-state",
+    is_flag=True,
+    help="UNSAFE operator override: outside simulation, load a sealed state that a Coordinator in "
+    "--simulation mode created or held. Its keys never had TEE protection; they would become "
+    "production keys. Logged at WARNING on every start. Without it such a state is refused.",
+)
+@click.option(
     "--pccs-url",
     envvar="MARBLEKEEP_PCCS_URL",
     default="",
@@ -131,6 +138,7 @@ def coordinator(
     simulation: bool,
     attestation_root: Path,
     allow_rollback: bool,
+    unsafe_accept_simulation_state: bool,
     pccs_url: str,
     collateral_dir: Path | None,
     log_format: str,
@@ -161,6 +169,7 @@ def coordinator(
         seal_dir=seal_dir,
         simulation=simulation,
         allow_rollback=allow_rollback,
+        accept_simulation_state=unsafe_accept_simulation_state,
         attestation_root=attestation_root,
         log_format=log_format,
         pccs_url=pccs_url,

@@ -37,8 +37,6 @@ __all__ = [
     "generate_recovery_keys",
     "oaep",
     "parse_recovery_public_key",
-    "public_recovery_keys_record",
-    "read_public_recovery_keys",
     "recovery_data_for",
     "recovery_keys_changed",
 ]
@@ -89,28 +87,6 @@ def parse_recovery_public_key(name: str, pem: str) -> rsa.RSAPublicKey:
             problems=[Problem(path, "recovery keys must be RSA public keys (e.g. openssl genrsa 4096)")],
         )
     return key
-
-
-def public_recovery_keys_record(recovery_keys: Mapping[str, str]) -> bytes:
-    """What the sealed store keeps in plaintext so that uploads can be checked before the DEK is
-    known: the manifest's ``RecoveryKeys`` (public keys only) as compact JSON with sorted keys."""
-    doc = {"RecoveryKeys": {str(name): str(pem) for name, pem in recovery_keys.items()}}
-    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
-
-
-def read_public_recovery_keys(record: bytes | None) -> dict[str, str] | None:
-    """The recovery public keys from :func:`public_recovery_keys_record`'s output; ``None`` if the
-    record is absent (a state written before it existed) or unreadable."""
-    if record is None:
-        return None
-    try:
-        doc = json.loads(record)
-    except (ValueError, UnicodeDecodeError):
-        return None
-    keys = doc.get("RecoveryKeys") if isinstance(doc, dict) else None
-    if not isinstance(keys, dict) or not all(isinstance(v, str) for v in keys.values()):
-        return None
-    return {str(k): v for k, v in keys.items()}
 
 
 def recovery_data_for(shares: list[bytes]) -> bytes:

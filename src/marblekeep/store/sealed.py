@@ -6,8 +6,9 @@ Storage is untrusted. What the backend (SQLite file, etcd, …) holds::
     meta:wrapped_dek    1 || store_id(16) || key_id(16) || nonce(12) || AES-GCM(KEK, DEK)
                         AAD = b"marblekeep/wrapped-dek/v1\\0" || store_id || key_id
     meta:recovery_data  MarbleRun's recovery data R (JSON), plaintext: needed before the DEK is known
-    meta:recovery_keys  the manifest's recovery *public* keys (JSON), plaintext: uploads are checked
-                        against them before the DEK is known (absent in states written before it existed)
+    meta:public         public metadata (JSON; opaque to the store, written by the Coordinator: the
+                        recovery public keys and whether the state was created in simulation),
+                        plaintext: needed before the DEK is known (absent in older states)
     sys:state           sealed index record (below)
     data:<key>          one sealed record per user key
 
@@ -19,8 +20,8 @@ record or decrypted under another DEK. **Key names are not encrypted** (names su
 
 ``sys:state`` (sealed like a record) holds ``b"MKS1" || store_id || epoch (u64) ||
 record count (u64) || index digest (32) || public-metadata hash``, the hash being
-``SHA-256(0x00)`` (no R) or ``SHA-256(0x01 || R)`` without ``meta:recovery_keys``, and
-``SHA-256(0x02 || u64(len(h)) || h || recovery_keys)`` with it (``h`` the former form), so
+``SHA-256(0x00)`` (no R) or ``SHA-256(0x01 || R)`` without ``meta:public``, and
+``SHA-256(0x02 || u64(len(h)) || h || public metadata)`` with it (``h`` the former form), so
 both plaintext records are authenticated once the DEK is known. The index digest is
 ``Σ HMAC-SHA256(K_idx, len(key) || key || sealed record) mod 2^256`` over every
 ``data:`` record, ``K_idx = HKDF(DEK, info=b"marblekeep/record-index/v1")``: a record
@@ -93,10 +94,10 @@ FORMAT = b"marblekeep-sealed-store/1"
 META_FORMAT = "meta:format"
 META_WRAPPED_DEK = "meta:wrapped_dek"
 META_RECOVERY_DATA = "meta:recovery_data"
-META_RECOVERY_KEYS = "meta:recovery_keys"
+META_PUBLIC = "meta:public"
 SYS_STATE = "sys:state"
 DATA_PREFIX = "data:"
-_META_KEYS = frozenset({META_FORMAT, META_WRAPPED_DEK, META_RECOVERY_DATA, META_RECOVERY_KEYS, SYS_STATE})
+_META_KEYS = frozenset({META_FORMAT, META_WRAPPED_DEK, META_RECOVERY_DATA, META_PUBLIC, SYS_STATE})
 
 _VERSION = 1
 _ID = 16
@@ -126,12 +127,12 @@ KEEP = _Keep.KEEP
 # pure helpers
 
 
-def _recovery_data_hash(recovery_data: bytes | None, recovery_keys: bytes | None = None) -> bytes:
+def _recovery_data_hash(recovery_data: bytes | None, public_metadata: bytes | None = None) -> bytes:
     """The sealed index's hash of the plaintext metadata (R and the public recovery keys)."""
     base = b"\x00" if recovery_data is None else b"\x01" + recovery_data
-    if recovery_keys is None:  # the format before meta:recovery_keys existed
+    if public_metadata is None:  # the format before meta:public existed
         return sha256(base).digest()
-    return sha256(b"\x02" + struct.pack(">Q", len(base)) + base + recovery_keys).digest()
+    return sha256(b"\x02" + struct.pack(">Q", len(base)) + base + public_metadata).digest()
 
 
 class _DekMismatch(Exception):
@@ -225,7 +226,7 @@ class _State:
     elements: dict[str, int]
     digest: int
     recovery_data: bytes | None
-    recovery_keys: bytes | None = None
+    public_metadata: bytes | None = None
 
     def sealed(self, crypto: _Crypto) -> bytes:
         body = _STATE.pack(
@@ -234,7 +235,7 @@ class _State:
             self.epoch,
             len(self.elements),
             self.digest.to_bytes(32, "big"),
-            _recovery_data_hash(self.recovery_data, self.recovery_keys),
+            _recovery_data_hash(self.recovery_data, self.public_metadata),
         )
         return crypto.seal(SYS_STATE, body)
 
@@ -291,13 +292,13 @@ def _verify(records: Mapping[str, bytes], crypto: _Crypto) -> _State:
             f"{len(elements)}): a record was removed, added or replaced by an older copy; restore a backup"
         )
     recovery_data = records.get(META_RECOVERY_DATA)
-    recovery_keys = records.get(META_RECOVERY_KEYS)
-    if _recovery_data_hash(recovery_data, recovery_keys) != rd_hash:
+    public_metadata = records.get(META_PUBLIC)
+    if _recovery_data_hash(recovery_data, public_metadata) != rd_hash:
         raise IntegrityError(
-            f"record {META_RECOVERY_DATA!r} or {META_RECOVERY_KEYS!r} does not match the sealed index: it "
+            f"record {META_RECOVERY_DATA!r} or {META_PUBLIC!r} does not match the sealed index: it "
             "was modified; restore a backup"
         )
-    return _State(store_id, epoch, elements, digest, recovery_data, recovery_keys)
+    return _State(store_id, epoch, elements, digest, recovery_data, public_metadata)
 
 
 # --------------------------------------------------------------------------------------------
@@ -358,9 +359,9 @@ class SealedStore:
         return self._state.recovery_data
 
     @property
-    def recovery_keys(self) -> bytes | None:
-        """The manifest's recovery public keys as stored (``None``: not stored, an older state)."""
-        return self._state.recovery_keys
+    def public_metadata(self) -> bytes | None:
+        """The public metadata record as stored and verified (``None``: not stored, an older state)."""
+        return self._state.public_metadata
 
     @property
     def inner(self) -> Store:
@@ -450,8 +451,8 @@ class SealedStore:
                 writes[META_WRAPPED_DEK] = _wrap(self._kek, state.store_id, crypto.keyring, self._rng)
         if state.recovery_data != self._state.recovery_data or self._unwritten:
             writes[META_RECOVERY_DATA] = state.recovery_data
-        if state.recovery_keys != self._state.recovery_keys or self._unwritten:
-            writes[META_RECOVERY_KEYS] = state.recovery_keys
+        if state.public_metadata != self._state.public_metadata or self._unwritten:
+            writes[META_PUBLIC] = state.public_metadata
         try:
             revision = await self._inner.commit(writes, expected_revision=self._revision)
         except StoreError:  # a conflict, or a backend failure: re-read the backend before trusting memory
@@ -554,7 +555,7 @@ class SealedStore:
                     elements,
                     digest,
                     self._state.recovery_data,
-                    self._state.recovery_keys,
+                    self._state.public_metadata,
                 )
                 return await self._commit_inner(inner_writes, state, self._crypto)
             except BaseException:
@@ -576,12 +577,12 @@ class SealedStore:
         new_dek: bytes,
         *,
         recovery_data: bytes | _Keep | None = KEEP,
-        recovery_keys: bytes | _Keep | None = KEEP,
+        public_metadata: bytes | _Keep | None = KEEP,
     ) -> int:
         """Re-encrypt every record under ``new_dek`` and store the new wrapped DEK, in one commit.
 
         Used when a manifest is set or its recovery keys change (the DEK is what the
-        recovery secrets open). ``recovery_data`` replaces R and ``recovery_keys`` the
+        recovery secrets open). ``recovery_data`` replaces R and ``public_metadata`` the
         public recovery keys in the same commit. Returns the new revision.
         """
         if not isinstance(new_dek, bytes) or len(new_dek) != DEK_SIZE:
@@ -609,21 +610,21 @@ class SealedStore:
                 elements[key] = crypto.element(key, sealed)
                 digest = (digest + elements[key]) % _MOD
             rd = self._state.recovery_data if isinstance(recovery_data, _Keep) else recovery_data
-            rk = self._state.recovery_keys if isinstance(recovery_keys, _Keep) else recovery_keys
-            state = _State(self._state.store_id, self._state.epoch + 1, elements, digest, rd, rk)
+            pm = self._state.public_metadata if isinstance(public_metadata, _Keep) else public_metadata
+            state = _State(self._state.store_id, self._state.epoch + 1, elements, digest, rd, pm)
             if self._kek is not None:
                 writes[META_WRAPPED_DEK] = _wrap(self._kek, state.store_id, crypto.keyring, self._rng)
             return await self._commit_inner(writes, state, crypto)
 
-    async def set_recovery_keys(self, recovery_keys: bytes | None) -> int:
-        """Store the manifest's recovery public keys (plaintext, authenticated by the sealed index).
+    async def set_public_metadata(self, public_metadata: bytes | None) -> int:
+        """Replace the public metadata (plaintext, authenticated by the sealed index), in one commit.
 
-        For states written before ``meta:recovery_keys`` existed; a manifest set or an update
-        that changes the keys stores them with :meth:`rekey`. Returns the new revision.
+        A manifest set or an update that changes the recovery keys stores it with :meth:`rekey`.
+        Returns the new revision.
         """
         async with self._lock:
             await self._refresh()
-            if recovery_keys == self._state.recovery_keys:
+            if public_metadata == self._state.public_metadata:
                 return self._revision
             state = _State(
                 self._state.store_id,
@@ -631,7 +632,7 @@ class SealedStore:
                 dict(self._state.elements),
                 self._state.digest,
                 self._state.recovery_data,
-                recovery_keys,
+                public_metadata,
             )
             return await self._commit_inner({}, state, self._crypto)
 
@@ -651,7 +652,7 @@ class SealedStore:
                 dict(self._state.elements),
                 self._state.digest,
                 self._state.recovery_data,
-                self._state.recovery_keys,
+                self._state.public_metadata,
             )
             writes: dict[str, bytes | None] = {
                 META_WRAPPED_DEK: _wrap(kek, state.store_id, self._crypto.keyring, self._rng)
@@ -915,10 +916,22 @@ class PendingRecovery:
         return self._snap.records.get(META_RECOVERY_DATA)
 
     @property
-    def recovery_keys(self) -> bytes | None:
-        """The recovery public keys as stored (unauthenticated until the DEK is known; ``None``:
-        a state written before they were stored)."""
-        return self._snap.records.get(META_RECOVERY_KEYS)
+    def public_metadata(self) -> bytes | None:
+        """The public metadata as stored (unauthenticated until the DEK is known; ``None``: a state
+        written before it existed)."""
+        return self._snap.records.get(META_PUBLIC)
+
+    def verified_public_metadata(self, dek: bytes) -> bytes | None:
+        """The public metadata, authenticated with a candidate DEK (read-only; every record is
+        verified as in :meth:`complete`). Raises ``SealError``/``IntegrityError``."""
+        state_blob = self._snap.records.get(SYS_STATE)
+        key_id = None if state_blob is None else _key_id_of(state_blob)
+        if key_id is None or not self.try_key(dek):
+            raise SealError("the key does not decrypt the stored state")
+        try:
+            return _verify(self._snap.records, _Crypto(_Keyring(dek, key_id), self._rng)).public_metadata
+        except _DekMismatch:
+            raise SealError("the key does not decrypt the stored state") from None
 
     def try_key(self, candidate: bytes) -> bool:
         blob = self._snap.records.get(SYS_STATE)
@@ -952,7 +965,7 @@ class PendingRecovery:
         dek: bytes,
         *,
         recovery_data: bytes | _Keep | None = KEEP,
-        recovery_keys: bytes | _Keep | None = KEEP,
+        public_metadata: bytes | _Keep | None = KEEP,
         allow_rollback: bool = False,
     ) -> SealedStore:
         """Load the state with the recovered DEK and re-seal it under this Coordinator's KEK."""
@@ -1000,8 +1013,8 @@ class PendingRecovery:
             reset_anchor=True,
         )
         rd = state.recovery_data if isinstance(recovery_data, _Keep) else recovery_data
-        rk = state.recovery_keys if isinstance(recovery_keys, _Keep) else recovery_keys
-        new_state = _State(state.store_id, state.epoch + 1, dict(state.elements), state.digest, rd, rk)
+        pm = state.public_metadata if isinstance(public_metadata, _Keep) else public_metadata
+        new_state = _State(state.store_id, state.epoch + 1, dict(state.elements), state.digest, rd, pm)
         writes: dict[str, bytes | None] = {}
         if self._kek is not None:
             writes[META_WRAPPED_DEK] = _wrap(self._kek, state.store_id, crypto.keyring, self._rng)
