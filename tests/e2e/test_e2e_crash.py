@@ -2,15 +2,18 @@
 writes; after every kill the state loads and every write the API acknowledged is present.
 
 The Coordinator serves HTTPS on loopback (Client API and Marble API) over the sealed SQLite
-state; it is started by a fork server (e2e_crash_server.py) so that 200 starts fit the time
-budget, and each start is a real one (the state is opened and verified, TLS credentials made,
+state; it is started by a fork server (e2e_crash_server.py) so that 200 starts stay quick, and
+each start is a real one (the state is opened and verified, TLS credentials made,
 listeners bound). The test process writes through the APIs as fast as it can:
 
 * activations of a ``MaxActivations`` Marble type (each success increments a persisted counter),
   spoken with the protocol module directly (challenge, binding, simulation evidence);
 * user-defined secret uploads (``POST /api/v2/secrets`` with a manifest user's certificate).
 
-A timer SIGKILLs the Coordinator at a random moment (10 % of the time during its start-up). Then:
+A timer SIGKILLs the Coordinator at a random moment after the round's first acknowledged write, so
+that every kill hits a busy Coordinator however loaded the machine is (10 % of the kills land during
+its start-up instead). The test waits on events (the log line, the first acknowledgement), never
+on a time budget. Then:
 
 1. the state on disk opens (sealed store verified, deployment decoded) and the counter equals the
    acknowledged activations, or that plus the one in flight; each secret holds its acknowledged
@@ -35,6 +38,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,7 +63,6 @@ pytestmark = pytest.mark.slow
 
 SERVER = Path(__file__).with_name("e2e_crash_server.py")
 KILLS = 200
-TIME_BUDGET = 115.0
 SECRETS = ("s0", "s1", "s2", "s3")
 COUNTED = "counted"
 
@@ -174,10 +177,14 @@ def user_context(cert: Path, key: Path) -> ssl.SSLContext:
     return ctx
 
 
-def write_until_killed(site: Site, user_tls: ssl.SSLContext, ack: Acknowledged, rnd: random.Random) -> None:
+def write_until_killed(
+    site: Site, user_tls: ssl.SSLContext, ack: Acknowledged, rnd: random.Random, first_ack: Callable[[], None]
+) -> None:
+    """Write until the Coordinator is gone; ``first_ack`` runs once the first write was acknowledged."""
+    armed = False
     with (
-        httpx.Client(base_url=f"https://{site.client_addr}", verify=user_tls, timeout=10) as api,
-        httpx.Client(base_url=f"https://{site.mesh_addr}", verify=False, timeout=10) as mesh,
+        httpx.Client(base_url=f"https://{site.client_addr}", verify=user_tls, timeout=60) as api,
+        httpx.Client(base_url=f"https://{site.mesh_addr}", verify=False, timeout=60) as mesh,
     ):
         while True:
             try:
@@ -188,6 +195,9 @@ def write_until_killed(site: Site, user_tls: ssl.SSLContext, ack: Acknowledged, 
             except httpx.TransportError:
                 return  # the Coordinator is gone (the kill landed)
             ack.writes += 1
+            if not armed:
+                armed = True
+                first_ack()
 
 
 async def check_state_on_disk(site: Site, ack: Acknowledged, kill: int) -> None:
@@ -237,8 +247,7 @@ async def test_sigkill_at_random_moments_never_loses_an_acknowledged_write(
     rnd = random.Random(20261127)
     ack = Acknowledged()
     server = ForkServer(site)
-    started = time.monotonic()
-    startup_kills = 0
+    startup_kills = busy_kills = 0
     try:
         out = site.path("coordinator-0.log")
         pid = server.start(out)
@@ -249,8 +258,6 @@ async def test_sigkill_at_random_moments_never_loses_an_acknowledged_write(
         )
         assert response.status_code == 200, response.text
         for kill in range(KILLS):
-            elapsed = time.monotonic() - started
-            assert elapsed < TIME_BUDGET, f"only {kill} kills in {elapsed:.0f} s"
             if kill > 0:
                 out = site.path(f"coordinator-{kill % 2}.log")
                 out.unlink(missing_ok=True)  # wait_started must not see the last run's output
@@ -267,18 +274,20 @@ async def test_sigkill_at_random_moments_never_loses_an_acknowledged_write(
                     f"kill {kill}: the restarted Coordinator serves other secret values"
                 )
             timer = threading.Timer(rnd.uniform(0.0, 0.12), sigkill, (pid,))
-            timer.start()
-            write_until_killed(site, user_tls, ack, rnd)
-            timer.join()
+            write_until_killed(site, user_tls, ack, rnd, timer.start)
+            if timer.ident is None:  # gone before acknowledging anything (not expected): end the round
+                sigkill(pid)
+            else:
+                timer.join()
+            busy_kills += 1
             server.reaped()
             await check_state_on_disk(site, ack, kill)
     finally:
         sigkill(pid)
         server.close()
-    elapsed = time.monotonic() - started
     print(
         f"{KILLS} kills ({startup_kills} during start-up), {ack.writes} acknowledged writes,"
-        f" {ack.landed_in_flight} unacknowledged writes that landed, {elapsed:.1f} s"
+        f" {ack.landed_in_flight} unacknowledged writes that landed"
     )
-    assert ack.writes > KILLS  # the kills interrupted a busy writer
+    assert startup_kills + busy_kills == KILLS and ack.writes >= busy_kills  # each busy kill followed an ack
     assert ack.activations > KILLS // 4 and len(ack.secrets) == len(SECRETS)

@@ -26,7 +26,8 @@ from marblekeep.store import Opened, SimulationKeyFileProvider, SQLiteStore, ope
 
 CHILD = Path(__file__).with_name("store_crash_child.py")
 KILLS = 200
-TIME_BUDGET = 85.0
+#: A generous bound for the writer to reach a point (only a hung writer hits it).
+WAIT = 60.0
 
 
 def parse_writes(line: str) -> dict[str, bytes | None]:
@@ -47,12 +48,16 @@ def apply(state: dict[str, bytes], writes: dict[str, bytes | None]) -> dict[str,
     return new
 
 
-def wait_ready(out: Path, deadline: float) -> None:
+def wait_for(out: Path, what: str) -> None:
+    """Wait until the writer's output holds ``what`` (a line), bounded only against a hung writer."""
+    deadline = time.monotonic() + WAIT
     while time.monotonic() < deadline:
-        if out.exists() and out.read_text().startswith("ready\n"):
+        if out.exists() and what in out.read_text():
             return
         time.sleep(0.001)
-    raise AssertionError(f"writer did not start: {out.read_text() if out.exists() else '(no output)'}")
+    raise AssertionError(
+        f"writer never printed {what!r}: {out.read_text() if out.exists() else '(no output)'}"
+    )
 
 
 @pytest.mark.slow
@@ -72,10 +77,9 @@ async def test_sigkill_never_loses_an_acknowledged_write(
         text=True,
     )
     assert server.stdin is not None and server.stdout is not None
-    started = time.monotonic()
+    busy_kills = 0
     try:
         for kill in range(KILLS):
-            assert time.monotonic() - started < TIME_BUDGET, f"only {kill} kills within the time budget"
             out.unlink(missing_ok=True)
             server.stdin.write(f"run {rnd.randrange(1 << 30)} {out}\n")
             server.stdin.flush()
@@ -83,7 +87,10 @@ async def test_sigkill_never_loses_an_acknowledged_write(
             if rnd.random() < 0.1:
                 time.sleep(rnd.uniform(0.0, 0.01))  # somewhere in start-up
             else:
-                wait_ready(out, time.monotonic() + 10)
+                # busy: the writer has acknowledged a write (an event, not a time budget), then a
+                # random moment within its next writes
+                wait_for(out, "\nack\n")
+                busy_kills += 1
                 time.sleep(rnd.uniform(0.0, 0.03))
             os.kill(pid, signal.SIGKILL)
             assert server.stdout.readline() == "done\n"
@@ -112,5 +119,5 @@ async def test_sigkill_never_loses_an_acknowledged_write(
     finally:
         server.stdin.close()
         server.wait(timeout=10)
-    assert acked_total > KILLS  # the kills really interrupted a busy writer
+    assert busy_kills > KILLS // 2 and acked_total >= busy_kills  # most kills hit a busy writer
     assert in_flight_landed > 0  # and some landed between commit and acknowledgement
