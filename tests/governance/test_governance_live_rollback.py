@@ -15,7 +15,6 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-import httpx
 import pytest
 from governance_support import RunningCoordinator, activate, b64, changed, manifest_bytes, user
 
@@ -77,9 +76,8 @@ def test_a_database_rolled_back_under_a_running_coordinator_is_never_served(tmp_
             assert b64(b"v1") not in answer.text
         with pytest.raises(RollbackError, match="went back from epoch"):
             rc.run(activate(rc.coord, "backend"))
-        with pytest.raises(httpx.TransportError):  # the removed user stays removed
-            with rc.client(user("dave")) as c:
-                c.get("/api/v2/secrets", params={"s": "user_plain"})
+        with rc.client(user("dave")) as c:  # the removed user stays removed
+            assert c.get("/api/v2/secrets", params={"s": "user_plain"}).status_code == 401
         # nothing was written on top of the old copy
         assert revision(db) == revision(old)
         # and a restart refuses the old state (rollback anchor) instead of serving it
