@@ -21,7 +21,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -547,7 +547,7 @@ class Coordinator:
         Made on first use (about a second of CPU): in a worker thread, not on the event loop."""
         async with self.lock:
             recoverer = self._require_recovery()
-            return await asyncio.to_thread(recoverer.public_key_der)
+            return await _in_thread_to_the_end(recoverer.public_key_der)
 
     async def recover(self, secret: bytes, signature: bytes) -> tuple[int, str]:
         """One recovery secret upload; when the key is complete, load the sealed state.
@@ -556,7 +556,7 @@ class Coordinator:
         answered meanwhile; uploads are serialised by :attr:`lock`."""
         async with self.lock:
             recoverer = self._require_recovery()
-            progress = await asyncio.to_thread(recoverer.upload, secret, signature)
+            progress = await _in_thread_to_the_end(recoverer.upload, secret, signature)
             if not progress.complete:
                 return progress.remaining, progress.message
             assert self._pending_recovery is not None and progress.dek is not None
@@ -772,6 +772,23 @@ class Coordinator:
             result = activate(self._prepared, inp, now, simulation=self.simulation, rng=self.rng)
             sealed = _seal(result, req)
         return ActivationOutcome(sealed, req.marble_type, str(req.uuid))
+
+
+_T = TypeVar("_T")
+
+
+async def _in_thread_to_the_end(fn: Callable[..., _T], *args: object) -> _T:
+    """``fn(*args)`` in a worker thread. If the caller is cancelled (a client went away), wait
+    for the thread to finish before passing the cancellation on, so the caller's lock is never
+    released while the thread still works on the state it protects."""
+    job = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    try:
+        return await asyncio.shield(job)
+    except asyncio.CancelledError:
+        await asyncio.wait({job})
+        if not job.cancelled():
+            job.exception()  # retrieved: the caller is gone, its outcome with it
+        raise
 
 
 def _seal(result: ActivationResult, req: ActivationRequest) -> bytes:

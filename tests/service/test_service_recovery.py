@@ -8,6 +8,7 @@ import asyncio
 import json
 import os
 import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
@@ -133,5 +134,41 @@ async def test_the_ephemeral_key_and_uploads_are_made_off_the_event_loop(
         assert tick_task in done and ticked.is_set() and not key_task.done()
         der = await key_task
         assert serialization.load_der_public_key(der).key_size == 4096  # type: ignore[union-attr]
+    finally:
+        await coord.close()
+
+
+async def test_a_cancelled_upload_keeps_the_lock_until_its_thread_is_done(
+    tmp_path: Path, owner: rsa.RSAPrivateKey
+) -> None:
+    """A client that goes away mid-upload must not let the next upload run on the Recoverer while
+    the first one's thread still works on it."""
+    config = CoordinatorConfig(seal_dir=tmp_path / "seal", simulation=True)
+    coord = await Coordinator.open(config)
+    await coord.set_manifest(manifest(owner)[0])
+    await coord.close()
+    (config.seal_dir / SIMULATION_KEK_FILE).unlink()
+    coord = await Coordinator.open(config)
+    try:
+        recoverer = coord._require_recovery()
+        entered, release = threading.Event(), threading.Event()
+        real_upload = recoverer.upload
+
+        def slow_upload(secret: bytes, signature: bytes) -> object:
+            entered.set()
+            release.wait(60)
+            return real_upload(secret, signature)
+
+        recoverer.upload = slow_upload  # type: ignore[method-assign]
+        task = asyncio.ensure_future(coord.recover(os.urandom(32), os.urandom(256)))
+        assert await asyncio.to_thread(entered.wait, 60)
+        task.cancel()
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert coord.lock.locked() and not task.done()  # still waiting for the thread
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert not coord.lock.locked()
     finally:
         await coord.close()
