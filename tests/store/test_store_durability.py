@@ -18,8 +18,9 @@ What "an acknowledged write survives a power loss" rests on, and how each part i
    the anchor in it vouches for exactly the committed epoch, under the key file in it.
 
 Mutation checks done by hand when this was written: ``PRAGMA synchronous=OFF`` in sqlite.py fails
-:func:`test_sqlite_commits_with_wal_and_synchronous_full`; removing the anchor's ``os.fsync(fd)`` or
-its directory fsync fails :func:`test_every_acknowledged_epoch_survives_a_power_loss_in_the_anchor`.
+:func:`test_sqlite_commits_with_wal_and_synchronous_full`; removing the anchor's ``os.fsync(fd)``, its
+directory fsync, or the key file's directory fsync fails
+:func:`test_every_acknowledged_epoch_survives_a_power_loss_in_the_anchor`.
 """
 
 from __future__ import annotations
@@ -161,6 +162,17 @@ async def test_every_acknowledged_epoch_survives_a_power_loss_in_the_anchor(
     assert isinstance(opened, Opened)
     store = opened.store
     kek = (seal / "simulation-kek.key").read_bytes()
+    # the moment SQLite's commit is durable (before the anchor write), the key that opens it must be
+    inner = store.inner
+    real_commit = inner.commit
+    keys_at_commit: list[bytes | None] = []
+
+    async def commit(writes: dict[str, bytes | None], *, expected_revision: int) -> int:
+        revision = await real_commit(writes, expected_revision=expected_revision)
+        keys_at_commit.append(disk.image().get(seal / "simulation-kek.key"))
+        return revision
+
+    inner.commit = commit  # type: ignore[method-assign]
     after = tmp_path / "after-power-loss"
     after.mkdir()
     try:
@@ -178,6 +190,7 @@ async def test_every_acknowledged_epoch_survives_a_power_loss_in_the_anchor(
             assert (reading.store_id, reading.epoch) == (store.store_id, store.epoch)
     finally:
         await store.close()
+    assert keys_at_commit and all(k == kek for k in keys_at_commit), "the key file was not durable"
     # each anchor write is fsynced before the next one starts
     writes = [c for c in disk.calls if c[1] == "simulation-kek.key.anchor"]
     opens = [i for i, c in enumerate(writes) if c[0] == "open"]
