@@ -15,7 +15,9 @@ _F = descriptor_pb2.FieldDescriptorProto
 
 
 def _build() -> dict[str, Any]:
-    fdp = descriptor_pb2.FileDescriptorProto(name="marblekeep_test_coordinator.proto", package="rpc", syntax="proto3")
+    fdp = descriptor_pb2.FileDescriptorProto(
+        name="marblekeep_test_coordinator.proto", package="rpc", syntax="proto3"
+    )
     req = fdp.message_type.add(name="ActivationReq")
     for name, number, kind in (
         ("Quote", 1, _F.TYPE_BYTES),
@@ -40,7 +42,11 @@ def _build() -> dict[str, Any]:
     params.field.add(name="Argv", number=3, type=_F.TYPE_STRING, label=_F.LABEL_REPEATED)
     resp = fdp.message_type.add(name="ActivationResp")
     resp.field.add(
-        name="Parameters", number=1, type=_F.TYPE_MESSAGE, label=_F.LABEL_OPTIONAL, type_name=".rpc.Parameters"
+        name="Parameters",
+        number=1,
+        type=_F.TYPE_MESSAGE,
+        label=_F.LABEL_OPTIONAL,
+        type_name=".rpc.Parameters",
     )
     pool = descriptor_pool.DescriptorPool()
     pool.Add(fdp)

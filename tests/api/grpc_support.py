@@ -1,0 +1,295 @@
+"""MarbleRun-protocol test support: Marbles built as MarbleRun's premain builds them, a grpcio client,
+and gRPC endpoints serving marblekeep's ``rpc.Marble/Activate`` from an in-process Coordinator.
+
+Two endpoints, both the production :func:`marblekeep.api.server.grpc_protocol_factory` behind a
+small transport wrapper that answers ``get_extra_info("peer_cert_der")`` (what the TLS layer
+provides in production):
+
+- ``tls``: real TLS 1.3 with ALPN ``h2`` (CPython's ``ssl``), the client certificate requested; the
+  wrapper hands on the leaf certificate the client presented in that handshake. CPython's ``ssl``
+  verifies client certificates, so each test Marble's self-signed certificate is added to the
+  endpoint's trust store before it connects (:meth:`GrpcEndpoints.trust`). This is test scaffolding
+  only: the product's TLS layer accepts any client certificate.
+- ``h2c``: plaintext HTTP/2 (prior knowledge); the wrapper injects :attr:`GrpcEndpoints.h2c_peer_cert`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import ipaddress
+import ssl
+import uuid as uuid_mod
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import trustme
+from api_support import RunningCoordinator, free_port
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from marble.marblerun_pb import PbActivationReq, PbActivationResp
+from marblekeep.api.server import MARBLERUN_ACTIVATE_PATH, grpc_protocol_factory
+
+MAX_VALIDITY = dt.timedelta(days=365 * 292)
+
+
+# --------------------------------------------------------------------------- a MarbleRun-style Marble
+
+
+@dataclass
+class MarbleRunMarble:
+    """A Marble's TLS identity as MarbleRun's premain makes it (reference §5.2): a fresh P-384 key,
+    a self-signed certificate ``CN=MarbleRun Marble`` with the DNS names and loopback IPs, and a CSR
+    with the same key, an empty subject and SANs = default IPs then DNS names."""
+
+    dns_names: tuple[str, ...] = ("localhost",)
+    uuid: uuid_mod.UUID = field(default_factory=uuid_mod.uuid4)
+    key: ec.EllipticCurvePrivateKey = field(default_factory=lambda: ec.generate_private_key(ec.SECP384R1()))
+    csr_subject: x509.Name = field(default_factory=lambda: x509.Name([]))
+
+    def __post_init__(self) -> None:
+        now = dt.datetime.now(dt.UTC)
+        ips = [ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")]
+        san = x509.SubjectAlternativeName(
+            [*(x509.DNSName(n) for n in self.dns_names), *(x509.IPAddress(ip) for ip in ips)]
+        )
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "MarbleRun Marble")])
+        self.cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(self.key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=1))
+            .not_valid_after(now + MAX_VALIDITY)
+            .add_extension(
+                x509.KeyUsage(True, False, False, False, True, False, False, False, False), critical=True
+            )
+            .add_extension(
+                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+                critical=False,
+            )
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(san, critical=False)
+            .sign(self.key, hashes.SHA256())
+        )
+        csr_san = x509.SubjectAlternativeName(
+            [*(x509.IPAddress(ip) for ip in ips), *(x509.DNSName(n) for n in self.dns_names)]
+        )
+        self.csr = (
+            x509.CertificateSigningRequestBuilder()
+            .subject_name(self.csr_subject)
+            .add_extension(csr_san, critical=False)
+            .sign(self.key, hashes.SHA256())
+        )
+
+    @property
+    def cert_der(self) -> bytes:
+        return self.cert.public_bytes(serialization.Encoding.DER)
+
+    @property
+    def cert_pem(self) -> bytes:
+        return self.cert.public_bytes(serialization.Encoding.PEM)
+
+    @property
+    def key_pem(self) -> bytes:
+        return self.key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+
+    @property
+    def csr_der(self) -> bytes:
+        return self.csr.public_bytes(serialization.Encoding.DER)
+
+    def request(
+        self, marble_type: str, *, quote: bytes = b"", uuid: str | None = None, csr: bytes | None = None
+    ) -> bytes:
+        msg = PbActivationReq(
+            Quote=quote,
+            CSR=self.csr_der if csr is None else csr,
+            MarbleType=marble_type,
+            UUID=str(self.uuid) if uuid is None else uuid,
+        )
+        return bytes(msg.SerializeToString())
+
+
+@dataclass(frozen=True)
+class Activated:
+    files: dict[str, bytes]
+    env: dict[str, bytes]
+    argv: tuple[str, ...]
+
+
+def parse_response(data: bytes) -> Activated:
+    resp = PbActivationResp.FromString(data)
+    p = resp.Parameters
+    return Activated(dict(p.Files), dict(p.Env), tuple(p.Argv))
+
+
+class RpcFailed(Exception):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+
+# --------------------------------------------------------------------------- endpoints
+
+
+class _PeerCertTransport(asyncio.Transport):
+    """Delegates to the real transport; answers ``peer_cert_der`` as the TLS layer does."""
+
+    def __init__(self, inner: asyncio.Transport, cert: bytes | None) -> None:
+        super().__init__()
+        self._inner = inner
+        self._cert = cert
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name == "peer_cert_der":
+            return self._cert
+        return self._inner.get_extra_info(name, default)
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self._inner.write(data)
+
+    def is_closing(self) -> bool:
+        return self._inner.is_closing()
+
+    def close(self) -> None:
+        self._inner.close()
+
+    def abort(self) -> None:
+        self._inner.abort()
+
+    def pause_reading(self) -> None:
+        self._inner.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._inner.resume_reading()
+
+    def get_write_buffer_size(self) -> int:
+        return self._inner.get_write_buffer_size()
+
+
+class _Injecting(asyncio.Protocol):
+    def __init__(self, inner: asyncio.Protocol, cert_of: Callable[[asyncio.Transport], bytes | None]) -> None:
+        self._inner = inner
+        self._cert_of = cert_of
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._inner.connection_made(_PeerCertTransport(transport, self._cert_of(transport)))
+
+    def data_received(self, data: bytes) -> None:
+        self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
+
+
+def _tls_peer_cert(transport: asyncio.Transport) -> bytes | None:
+    ssl_object = transport.get_extra_info("ssl_object")
+    return ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+
+
+class GrpcEndpoints:
+    """gRPC endpoints (TLS and h2c) of a :class:`RunningCoordinator`, on free loopback ports."""
+
+    def __init__(self, running: RunningCoordinator) -> None:
+        self.running = running
+        self.h2c_peer_cert: bytes | None = None
+        ca = trustme.CA()
+        self.server_ca_pem = ca.cert_pem.bytes()
+        server_cert = ca.issue_cert("localhost", "127.0.0.1")
+        self.ssl = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        server_cert.configure_cert(self.ssl)
+        self.ssl.set_alpn_protocols(["h2"])
+        self.ssl.verify_mode = ssl.CERT_OPTIONAL
+        self.ssl.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+        self.ssl.load_verify_locations(cadata=ca.cert_pem.bytes().decode())  # a non-empty store
+        factory = grpc_protocol_factory(running.coord, running.listeners.metrics)
+        self.tls_port = free_port()
+        self.h2c_port = free_port()
+
+        async def start() -> list[asyncio.Server]:
+            loop = asyncio.get_running_loop()
+            tls = await loop.create_server(
+                lambda: _Injecting(factory(), _tls_peer_cert), "127.0.0.1", self.tls_port, ssl=self.ssl
+            )
+            h2c = await loop.create_server(
+                lambda: _Injecting(factory(), lambda _t: self.h2c_peer_cert), "127.0.0.1", self.h2c_port
+            )
+            return [tls, h2c]
+
+        self._servers = running.run(start())
+
+    def trust(self, cert_pem: bytes) -> None:
+        """Let CPython's ``ssl`` accept this self-signed client certificate (test scaffolding)."""
+
+        async def add() -> None:
+            self.ssl.load_verify_locations(cadata=cert_pem.decode())
+
+        self.running.run(add())
+
+    def stop(self) -> None:
+        async def close() -> None:
+            for server in self._servers:
+                server.close()
+            for server in self._servers:
+                await server.wait_closed()
+
+        self.running.run(close())
+
+    @contextmanager
+    def tls_channel(self, marble: MarbleRunMarble | None) -> Iterator[grpc.Channel]:
+        """A grpcio channel over TLS presenting ``marble``'s certificate (None: no certificate)."""
+        if marble is not None:
+            self.trust(marble.cert_pem)
+            creds = grpc.ssl_channel_credentials(self.server_ca_pem, marble.key_pem, marble.cert_pem)
+        else:
+            creds = grpc.ssl_channel_credentials(self.server_ca_pem)
+        options = [("grpc.ssl_target_name_override", "localhost"), ("grpc.use_local_subchannel_pool", 1)]
+        channel = grpc.secure_channel(f"127.0.0.1:{self.tls_port}", creds, options=options)
+        try:
+            yield channel
+        finally:
+            channel.close()
+
+    @contextmanager
+    def h2c_channel(self) -> Iterator[grpc.Channel]:
+        channel = grpc.insecure_channel(
+            f"127.0.0.1:{self.h2c_port}", options=[("grpc.use_local_subchannel_pool", 1)]
+        )
+        try:
+            yield channel
+        finally:
+            channel.close()
+
+
+def call(channel: grpc.Channel, request: bytes, path: str = MARBLERUN_ACTIVATE_PATH) -> bytes:
+    """One unary call with raw bytes; raises :class:`RpcFailed` with the status and details."""
+    stub = channel.unary_unary(path, request_serializer=lambda b: b, response_deserializer=lambda b: b)
+    try:
+        return bytes(stub(request, timeout=60))
+    except grpc.RpcError as exc:
+        raise RpcFailed(exc.code(), exc.details() or "") from None  # type: ignore[attr-defined]
+
+
+def activate_tls(endpoints: GrpcEndpoints, marble: MarbleRunMarble, marble_type: str, **kw: Any) -> Activated:
+    with endpoints.tls_channel(marble) as channel:
+        return parse_response(call(channel, marble.request(marble_type, **kw)))
