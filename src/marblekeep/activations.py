@@ -275,19 +275,22 @@ class MarbleActivations:
         marble_type, uuid = marble_identity(cert, self._coord.deployment.ca.marble_root.cert)
         return marble_type, uuid.bytes
 
-    async def monotonic_counter(self, client_cert_der: bytes | None, name: object, value: object) -> int:
-        """Raise the Marble's counter ``name`` to ``value`` if that is larger; returns the previous value.
-
-        Order (MarbleRun's): the feature gate (AuthorizationError, 403), the state (StateError), the
-        Marble certificate (AuthenticationError, 401), the body (RequestError, 400)."""
-        coord = self._coord
-        manifest = coord.deployment.manifest
-        if manifest is None or not manifest.config.feature_enabled("MonotonicCounter"):
+    def counter_client(self, client_cert_der: bytes | None) -> tuple[str, bytes]:
+        """Who may use monotonic counters, checked in MarbleRun's order: the feature gate
+        (AuthorizationError, 403), the state (StateError), the Marble certificate
+        (AuthenticationError, 401). Returns (Marble type, 16 UUID bytes)."""
+        dep = self._coord.deployment
+        if dep.manifest is None or not dep.manifest.config.feature_enabled("MonotonicCounter"):
             raise AuthorizationError(
                 "monotonic counters are disabled: add MonotonicCounter to the manifest's Config.FeatureGates"
             )
-        coord.deployment.require(CoordinatorState.ACCEPTING_MARBLES)
-        marble_type, uuid_bytes = self.authenticate_marble(client_cert_der)
+        dep.require(CoordinatorState.ACCEPTING_MARBLES)
+        return self.authenticate_marble(client_cert_der)
+
+    async def raise_counter(self, marble: tuple[str, bytes], name: object, value: object) -> int:
+        """Raise ``marble``'s counter ``name`` to ``value`` if that is larger (atomically, under the
+        Coordinator's lock; committed before returning). Returns the previous value (0 if unset).
+        Raises RequestError for a bad name or value."""
         if not isinstance(name, str):
             raise RequestError("name: must be a string")
         try:
@@ -298,12 +301,18 @@ class MarbleActivations:
             raise RequestError(f"name: longer than {MAX_COUNTER_NAME_BYTES} bytes")
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < _U64:
             raise RequestError("value: must be an unsigned 64-bit integer (0 to 18446744073709551615)")
-        key = counter_id(marble_type, uuid_bytes, name)
+        coord = self._coord
+        key = counter_id(marble[0], marble[1], name)
         async with coord.lock:
             dep = coord.deployment
+            dep.require(CoordinatorState.ACCEPTING_MARBLES)
             previous = dep.counters.get(key, 0)
             if value > previous:
                 counters = dict(dep.counters)
                 counters[key] = value
                 await coord.commit(dataclasses.replace(dep, counters=counters))
         return previous
+
+    async def monotonic_counter(self, client_cert_der: bytes | None, name: object, value: object) -> int:
+        """:meth:`counter_client` then :meth:`raise_counter`."""
+        return await self.raise_counter(self.counter_client(client_cert_der), name, value)

@@ -17,106 +17,23 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import ipaddress
 import ssl
-import uuid as uuid_mod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 import trustme
 from api_support import RunningCoordinator, free_port
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from marble.marblerun_pb import PbActivationReq, PbActivationResp
+from marble.marblerun_support import MarbleRunMarble, PbActivationResp
 from marblekeep.api.server import MARBLERUN_ACTIVATE_PATH, grpc_protocol_factory
 
 MAX_VALIDITY = dt.timedelta(days=365 * 292)
 
 
 # --------------------------------------------------------------------------- a MarbleRun-style Marble
-
-
-@dataclass
-class MarbleRunMarble:
-    """A Marble's TLS identity as MarbleRun's premain makes it (reference §5.2): a fresh P-384 key,
-    a self-signed certificate ``CN=MarbleRun Marble`` with the DNS names and loopback IPs, and a CSR
-    with the same key, an empty subject and SANs = default IPs then DNS names."""
-
-    dns_names: tuple[str, ...] = ("localhost",)
-    uuid: uuid_mod.UUID = field(default_factory=uuid_mod.uuid4)
-    key: ec.EllipticCurvePrivateKey = field(default_factory=lambda: ec.generate_private_key(ec.SECP384R1()))
-    csr_subject: x509.Name = field(default_factory=lambda: x509.Name([]))
-
-    def __post_init__(self) -> None:
-        now = dt.datetime.now(dt.UTC)
-        ips = [ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")]
-        san = x509.SubjectAlternativeName(
-            [*(x509.DNSName(n) for n in self.dns_names), *(x509.IPAddress(ip) for ip in ips)]
-        )
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "MarbleRun Marble")])
-        self.cert = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(self.key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=1))
-            .not_valid_after(now + MAX_VALIDITY)
-            .add_extension(
-                x509.KeyUsage(True, False, False, False, True, False, False, False, False), critical=True
-            )
-            .add_extension(
-                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
-                critical=False,
-            )
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(san, critical=False)
-            .sign(self.key, hashes.SHA256())
-        )
-        csr_san = x509.SubjectAlternativeName(
-            [*(x509.IPAddress(ip) for ip in ips), *(x509.DNSName(n) for n in self.dns_names)]
-        )
-        self.csr = (
-            x509.CertificateSigningRequestBuilder()
-            .subject_name(self.csr_subject)
-            .add_extension(csr_san, critical=False)
-            .sign(self.key, hashes.SHA256())
-        )
-
-    @property
-    def cert_der(self) -> bytes:
-        return self.cert.public_bytes(serialization.Encoding.DER)
-
-    @property
-    def cert_pem(self) -> bytes:
-        return self.cert.public_bytes(serialization.Encoding.PEM)
-
-    @property
-    def key_pem(self) -> bytes:
-        return self.key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-
-    @property
-    def csr_der(self) -> bytes:
-        return self.csr.public_bytes(serialization.Encoding.DER)
-
-    def request(
-        self, marble_type: str, *, quote: bytes = b"", uuid: str | None = None, csr: bytes | None = None
-    ) -> bytes:
-        msg = PbActivationReq(
-            Quote=quote,
-            CSR=self.csr_der if csr is None else csr,
-            MarbleType=marble_type,
-            UUID=str(self.uuid) if uuid is None else uuid,
-        )
-        return bytes(msg.SerializeToString())
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from marble.marblerun_pb import PbActivationReq, PbActivationResp
+from marble.marblerun_support import PbActivationReq, PbActivationResp
 from marblekeep.errors import RequestError
 from marblekeep.marble.marblerun_wire import (
     ActivationReq,

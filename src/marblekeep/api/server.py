@@ -21,6 +21,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from marblekeep.activations import ActivationOutcome
 from marblekeep.api import jsend
 from marblekeep.api.client_api import COORDINATOR_KEY, add_client_routes
+from marblekeep.api.counter_api import add_counter_routes
 from marblekeep.api.governance_api import add_governance_routes
 from marblekeep.api.grpc import GrpcProtocol, GrpcStatus, UnaryMethod
 from marblekeep.api.limits import ConnectionLimits, deadline_middleware
@@ -130,6 +131,7 @@ def build_client_app(
     app[API_NAME_KEY] = "client"
     add_client_routes(app)
     add_governance_routes(app)
+    add_counter_routes(app)
     return app
 
 
