@@ -59,7 +59,7 @@ class RpcFailed(Exception):
 # --------------------------------------------------------------------------- endpoints
 
 
-class _PeerCertTransport(asyncio.Transport):
+class PeerCertTransport(asyncio.Transport):
     """Delegates to the real transport; answers ``peer_cert_der`` as the TLS layer does."""
 
     def __init__(self, inner: asyncio.Transport, cert: bytes | None) -> None:
@@ -94,14 +94,14 @@ class _PeerCertTransport(asyncio.Transport):
         return self._inner.get_write_buffer_size()
 
 
-class _Injecting(asyncio.Protocol):
+class InjectingProtocol(asyncio.Protocol):
     def __init__(self, inner: asyncio.Protocol, cert_of: Callable[[asyncio.Transport], bytes | None]) -> None:
         self._inner = inner
         self._cert_of = cert_of
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
-        self._inner.connection_made(_PeerCertTransport(transport, self._cert_of(transport)))
+        self._inner.connection_made(PeerCertTransport(transport, self._cert_of(transport)))
 
     def data_received(self, data: bytes) -> None:
         self._inner.data_received(data)
@@ -146,10 +146,12 @@ class GrpcEndpoints:
         async def start() -> list[asyncio.Server]:
             loop = asyncio.get_running_loop()
             tls = await loop.create_server(
-                lambda: _Injecting(factory(), _tls_peer_cert), "127.0.0.1", self.tls_port, ssl=self.ssl
+                lambda: InjectingProtocol(factory(), _tls_peer_cert), "127.0.0.1", self.tls_port, ssl=self.ssl
             )
             h2c = await loop.create_server(
-                lambda: _Injecting(factory(), lambda _t: self.h2c_peer_cert), "127.0.0.1", self.h2c_port
+                lambda: InjectingProtocol(factory(), lambda _t: self.h2c_peer_cert),
+                "127.0.0.1",
+                self.h2c_port,
             )
             return [tls, h2c]
 
