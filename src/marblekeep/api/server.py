@@ -139,17 +139,19 @@ async def observe_activation(
     metrics: Metrics,
     coord: Coordinator,
     protocol: str,
-    claimed_type: object,
+    claimed_type: Callable[[], object],
     activation: Awaitable[ActivationOutcome],
 ) -> ActivationOutcome:
     """Count and log one activation, whichever protocol carried it (the same metrics and log lines
-    for both; ``protocol`` is a log field). ``claimed_type`` labels a refusal only if the manifest
-    defines it (else ``unknown``): a client cannot create metric series."""
+    for both; ``protocol`` is a log field). ``claimed_type()`` (called only for a refusal, when the
+    request parsed) labels it only if the manifest defines it (else ``unknown``): a client cannot
+    create metric series."""
     try:
         outcome = await activation
     except ActivationRefused as exc:
         known = coord.deployment.manifest.marbles if coord.deployment.manifest else {}
-        label = claimed_type if isinstance(claimed_type, str) and claimed_type in known else "unknown"
+        claimed = claimed_type()
+        label = claimed if isinstance(claimed, str) and claimed in known else "unknown"
         metrics.activation_attempts.labels(label).inc()
         metrics.activation_refusals.labels(label, exc.reason).inc()
         log.warning(
@@ -177,7 +179,7 @@ def build_marble_app(
     async def activate(request: web.Request) -> web.Response:
         body = await request.read()
         outcome = await observe_activation(
-            metrics, coord, "marblekeep", _claimed_type(body), coord.marbles.activate_hpke(body)
+            metrics, coord, "marblekeep", lambda: _claimed_type(body), coord.marbles.activate_hpke(body)
         )
         return jsend.success({"sealedParameters": base64.b64encode(outcome.payload).decode()})
 
@@ -207,7 +209,7 @@ def marble_grpc_methods(coord: Coordinator, metrics: Metrics) -> dict[str, Unary
     async def activate(message: bytes, client_cert_der: bytes | None) -> bytes:
         msg = decode_activation_req(message)
         activation = coord.marbles.activate_marblerun(msg, client_cert_der)
-        outcome = await observe_activation(metrics, coord, "marblerun", msg.marble_type, activation)
+        outcome = await observe_activation(metrics, coord, "marblerun", lambda: msg.marble_type, activation)
         return outcome.payload
 
     return {MARBLERUN_ACTIVATE_PATH: UnaryMethod(activate, MAX_ACTIVATION_BODY)}
