@@ -234,3 +234,32 @@ def test_other_http_methods_and_content_types(server: Server) -> None:
     assert raw_call(server.port, _headers(content_type="application/json"), b"{}")[":status"] == "415"
     ok = raw_call(server.port, _headers(content_type="application/grpc+proto"), frame(b"hi"))
     assert ok["grpc-status"] == "0" and ok["data"] == frame(b"hi" * 5)
+
+
+def test_an_idle_connection_is_closed_with_goaway() -> None:
+    async def echo(message: bytes, cert: bytes | None) -> bytes:
+        return message
+
+    async def scenario() -> list[type]:
+        methods = {"/t.S/Echo": UnaryMethod(echo, 1024)}
+        server = await asyncio.get_running_loop().create_server(
+            lambda: GrpcProtocol(methods, idle_timeout=0.2), "127.0.0.1", 0
+        )
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        conn.initiate_connection()
+        writer.write(conn.data_to_send())
+        seen: list[type] = []
+        while True:  # the server closes the connection after the idle timeout
+            data = await asyncio.wait_for(reader.read(65536), timeout=30)
+            if not data:
+                break
+            seen.extend(type(e) for e in conn.receive_data(data))
+            writer.write(conn.data_to_send())
+        writer.close()
+        server.close()
+        await server.wait_closed()
+        return seen
+
+    assert h2.events.ConnectionTerminated in asyncio.run(scenario())

@@ -18,8 +18,10 @@ than taken from grpcio or grpclib. What it implements of the gRPC-over-HTTP/2 pr
    A message larger than the method's bound: ``RESOURCE_EXHAUSTED``, answered as soon as the bound
    is passed (the rest of the stream is not read).
 4. Each stream's handler runs as its own task, so one connection can carry concurrent calls
-   (at most :data:`MAX_CONCURRENT_STREAMS`). Received data is acknowledged as it is consumed (flow
-   control); answers are sent as the peer's flow-control windows allow.
+   (at most :data:`MAX_CONCURRENT_STREAMS`, so a connection buffers at most that many bounded
+   messages). Received data is acknowledged as it is consumed (flow control); answers are sent as the
+   peer's flow-control windows allow. A connection with no call in progress for
+   :data:`IDLE_TIMEOUT` seconds is closed with GOAWAY (a premain makes one call and leaves).
 5. The handler receives the message bytes and the TLS client certificate of the connection
    (``transport.get_extra_info("peer_cert_der")``: the TLS layer puts the leaf certificate the peer
    presented *in this handshake* there; None when it presented none). It returns the answer's
@@ -31,6 +33,7 @@ than taken from grpcio or grpclib. What it implements of the gRPC-over-HTTP/2 pr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import struct
@@ -41,6 +44,7 @@ from urllib.parse import quote
 
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
@@ -63,6 +67,7 @@ from marblekeep.errors import (
 )
 
 __all__ = [
+    "IDLE_TIMEOUT",
     "MAX_CONCURRENT_STREAMS",
     "GrpcProtocol",
     "GrpcStatus",
@@ -73,7 +78,8 @@ __all__ = [
 
 log = logging.getLogger("marblekeep.grpc")
 
-MAX_CONCURRENT_STREAMS = 128
+MAX_CONCURRENT_STREAMS = 16
+IDLE_TIMEOUT = 60.0
 MAX_HEADER_LIST_SIZE = 16 * 1024
 _PREFIX = struct.Struct(">BI")
 
@@ -163,9 +169,17 @@ class _Stream:
 class GrpcProtocol(asyncio.Protocol):
     """One HTTP/2 connection serving unary gRPC methods; build one per connection."""
 
-    def __init__(self, methods: Mapping[str, UnaryMethod], *, observe: Observer | None = None) -> None:
+    def __init__(
+        self,
+        methods: Mapping[str, UnaryMethod],
+        *,
+        observe: Observer | None = None,
+        idle_timeout: float = IDLE_TIMEOUT,
+    ) -> None:
         self._methods = methods
         self._observe = observe
+        self._idle_timeout = idle_timeout
+        self._idle: asyncio.TimerHandle | None = None
         config = h2.config.H2Configuration(
             client_side=False, header_encoding=None, validate_inbound_headers=True
         )
@@ -193,6 +207,7 @@ class GrpcProtocol(asyncio.Protocol):
         )
         self._conn.initiate_connection()
         self._flush()
+        self._arm_idle()
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -205,9 +220,12 @@ class GrpcProtocol(asyncio.Protocol):
         for event in events:
             self._on_event(event)
         self._flush()
+        self._arm_idle()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
+        if self._idle is not None:
+            self._idle.cancel()
         for task in list(self._tasks):
             task.cancel()
         self._streams.clear()
@@ -268,6 +286,9 @@ class GrpcProtocol(asyncio.Protocol):
                 GrpcStatus.RESOURCE_EXHAUSTED,
                 f"request message larger than {stream.method.max_request_bytes} bytes",
             )
+            # The answer is complete: ask the client to stop sending the rest (RFC 9113 §8.1).
+            with contextlib.suppress(h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+                self._conn.reset_stream(stream_id, h2.errors.ErrorCodes.NO_ERROR)
 
     def _on_end(self, stream_id: int) -> None:
         stream = self._streams.get(stream_id)
@@ -300,6 +321,24 @@ class GrpcProtocol(asyncio.Protocol):
             return
         self._finish(stream_id, answer, GrpcStatus.OK, "")
 
+    # ------------------------------------------------------------------ idle connections
+
+    def _arm_idle(self) -> None:
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+        if not self._closed and not self._streams and not self._tasks and not self._pending:
+            self._idle = asyncio.get_running_loop().call_later(self._idle_timeout, self._idle_close)
+
+    def _idle_close(self) -> None:
+        self._idle = None
+        if self._streams or self._tasks or self._pending or self._closed:
+            return
+        with contextlib.suppress(h2.exceptions.ProtocolError):
+            self._conn.close_connection()
+        self._flush()
+        self._close()
+
     # ------------------------------------------------------------------ sending
 
     def _finish(self, stream_id: int, answer: bytes | None, status: GrpcStatus, message: str) -> None:
@@ -320,6 +359,10 @@ class GrpcProtocol(asyncio.Protocol):
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
             self._pending.pop(stream_id, None)  # the client went away meanwhile
         self._flush()
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.discard(task)  # done: it no longer keeps the connection busy
+        self._arm_idle()
 
     def _send_pending(self, stream_id: int) -> None:
         data, trailers = self._pending[stream_id]
