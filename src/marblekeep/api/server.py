@@ -242,8 +242,9 @@ class Listeners:
     """The running listeners of one Coordinator (for tests and :func:`serve`).
 
     Both TLS listeners run on the TLS layer (api/tlslayer.py) with the same in-memory listener
-    credentials. ``marble_h2`` is the protocol factory for ALPN ``h2`` on the Marble API (gRPC);
-    without it, that listener offers only ``http/1.1``. The Client API never offers ``h2``.
+    credentials. The Marble API offers ALPN ``h2`` — MarbleRun's gRPC Marble API
+    (:func:`grpc_protocol_factory`; ``marble_h2`` replaces it in tests) — and ``http/1.1``, our own
+    protocol (docs/adr/0003-marblerun-grpc-marble-api.md). The Client API never offers ``h2``.
     """
 
     def __init__(
@@ -257,7 +258,7 @@ class Listeners:
         self.tls_listeners: list[TLSListener] = []
         self.client_listener: TLSListener | None = None
         self.marble_listener: TLSListener | None = None
-        self._marble_h2 = marble_h2
+        self._marble_h2 = marble_h2 if marble_h2 is not None else grpc_protocol_factory(coord, self.metrics)
         self._root_der = coord.deployment.ca.root.cert_der
         self.credentials = make_server_credentials(coord.deployment.ca.root, config.dns_names, coord.clock())
         # New handshakes see a recovered root without a restart. Users are matched per request
