@@ -1,30 +1,25 @@
 """MarbleRun-protocol test support: Marbles built as MarbleRun's premain builds them, a grpcio client,
 and gRPC endpoints serving marblekeep's ``rpc.Marble/Activate`` from an in-process Coordinator.
 
-Two endpoints, both the production :func:`marblekeep.api.server.grpc_protocol_factory` behind a
-small transport wrapper that answers ``get_extra_info("peer_cert_der")`` (what the TLS layer
-provides in production):
+Two endpoints:
 
-- ``tls``: real TLS 1.3 with ALPN ``h2`` (CPython's ``ssl``), the client certificate requested; the
-  wrapper hands on the leaf certificate the client presented in that handshake. CPython's ``ssl``
-  verifies client certificates, so each test Marble's self-signed certificate is added to the
-  endpoint's trust store before it connects (:meth:`GrpcEndpoints.trust`). This is test scaffolding
-  only: the product's TLS layer accepts any client certificate.
-- ``h2c``: plaintext HTTP/2 (prior knowledge); the wrapper injects :attr:`GrpcEndpoints.h2c_peer_cert`.
+- ``tls``: the Coordinator's own Marble listener (the TLS layer, ALPN ``h2``): the Marble presents its
+  self-signed certificate, which nobody registered, exactly as a MarbleRun premain does;
+- ``h2c``: the production :func:`marblekeep.api.server.grpc_protocol_factory` over plaintext HTTP/2
+  (prior knowledge), behind a small transport wrapper that answers ``get_extra_info("peer_cert_der")``
+  with :attr:`GrpcEndpoints.h2c_peer_cert` (what the TLS layer provides in production).
 """
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import ssl
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
-import trustme
 from api_support import RunningCoordinator, free_port
 
 from marble.marblerun_support import MarbleRunMarble, PbActivationResp
@@ -119,51 +114,26 @@ class InjectingProtocol(asyncio.Protocol):
         self._inner.resume_writing()
 
 
-def _tls_peer_cert(transport: asyncio.Transport) -> bytes | None:
-    ssl_object = transport.get_extra_info("ssl_object")
-    return ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
-
-
 class GrpcEndpoints:
-    """gRPC endpoints (TLS and h2c) of a :class:`RunningCoordinator`, on free loopback ports."""
+    """gRPC endpoints (TLS and h2c) of a :class:`RunningCoordinator`."""
 
     def __init__(self, running: RunningCoordinator) -> None:
         self.running = running
         self.h2c_peer_cert: bytes | None = None
-        ca = trustme.CA()
-        self.server_ca_pem = ca.cert_pem.bytes()
-        server_cert = ca.issue_cert("localhost", "127.0.0.1")
-        self.ssl = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        server_cert.configure_cert(self.ssl)
-        self.ssl.set_alpn_protocols(["h2"])
-        self.ssl.verify_mode = ssl.CERT_OPTIONAL
-        self.ssl.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
-        self.ssl.load_verify_locations(cadata=ca.cert_pem.bytes().decode())  # a non-empty store
+        self.server_ca_pem = running.coord.deployment.ca.root.cert_pem
+        self.tls_port = running.marble_port
         factory = grpc_protocol_factory(running.coord, running.listeners.metrics)
-        self.tls_port = free_port()
         self.h2c_port = free_port()
 
         async def start() -> list[asyncio.Server]:
-            loop = asyncio.get_running_loop()
-            tls = await loop.create_server(
-                lambda: InjectingProtocol(factory(), _tls_peer_cert), "127.0.0.1", self.tls_port, ssl=self.ssl
-            )
-            h2c = await loop.create_server(
+            h2c = await asyncio.get_running_loop().create_server(
                 lambda: InjectingProtocol(factory(), lambda _t: self.h2c_peer_cert),
                 "127.0.0.1",
                 self.h2c_port,
             )
-            return [tls, h2c]
+            return [h2c]
 
         self._servers = running.run(start())
-
-    def trust(self, cert_pem: bytes) -> None:
-        """Let CPython's ``ssl`` accept this self-signed client certificate (test scaffolding)."""
-
-        async def add() -> None:
-            self.ssl.load_verify_locations(cadata=cert_pem.decode())
-
-        self.running.run(add())
 
     def stop(self) -> None:
         async def close() -> None:
@@ -178,7 +148,6 @@ class GrpcEndpoints:
     def tls_channel(self, marble: MarbleRunMarble | None) -> Iterator[grpc.Channel]:
         """A grpcio channel over TLS presenting ``marble``'s certificate (None: no certificate)."""
         if marble is not None:
-            self.trust(marble.cert_pem)
             creds = grpc.ssl_channel_credentials(self.server_ca_pem, marble.key_pem, marble.cert_pem)
         else:
             creds = grpc.ssl_channel_credentials(self.server_ca_pem)

@@ -209,8 +209,6 @@ def test_malformed_messages_unknown_methods_and_oversized_messages(deployed: Grp
 def test_max_activations_is_exact_across_both_protocols_under_concurrency(deployed: GrpcEndpoints) -> None:
     limit = MANIFEST["Marbles"]["twice"]["MaxActivations"]
     marbles = [MarbleRunMarble() for _ in range(8)]
-    for m in marbles:
-        deployed.trust(m.cert_pem)
 
     def via_grpc(m: MarbleRunMarble) -> bool:
         try:
