@@ -181,7 +181,12 @@ class GrpcProtocol(asyncio.Protocol):
         self._idle_timeout = idle_timeout
         self._idle: asyncio.TimerHandle | None = None
         config = h2.config.H2Configuration(
-            client_side=False, header_encoding=None, validate_inbound_headers=True
+            client_side=False,
+            header_encoding=None,
+            validate_inbound_headers=True,
+            # Our own response headers are fixed and valid: skip h2's per-header checks on them.
+            validate_outbound_headers=False,
+            normalize_outbound_headers=False,
         )
         self._conn = h2.connection.H2Connection(config=config)
         self._transport: asyncio.Transport | None = None
