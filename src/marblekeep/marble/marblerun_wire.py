@@ -79,8 +79,13 @@ class MarbleRunParameters:
 # --------------------------------------------------------------------------- primitives
 
 
+_ONE_BYTE = [bytes([i]) for i in range(128)]
+
+
 def _varint(value: int) -> bytes:
     assert value >= 0
+    if value < 128:
+        return _ONE_BYTE[value]
     out = bytearray()
     while value > 0x7F:
         out.append((value & 0x7F) | 0x80)
@@ -223,13 +228,20 @@ def decode_activation_req(data: bytes | memoryview) -> ActivationReq:
 # --------------------------------------------------------------------------- ActivationResp / Parameters
 
 
-def _map_entry(key: str, value: bytes) -> bytes:
-    return _len_field(1, key.encode("utf-8")) + _len_field(2, value)
+def _map_entries(number: int, entries: Mapping[str, bytes]) -> list[bytes]:
+    """One length-delimited field ``number`` per entry, each holding {key = 1, value = 2}."""
+    key_tag, value_tag, tag = _key(1, WT_LEN), _key(2, WT_LEN), _key(number, WT_LEN)
+    out: list[bytes] = []
+    for name in sorted(entries):
+        key, value = name.encode("utf-8"), entries[name]
+        entry_len = 2 + len(key) + len(value) + len(_varint(len(key))) + len(_varint(len(value)))
+        out += (tag, _varint(entry_len), key_tag, _varint(len(key)), key)
+        out += (value_tag, _varint(len(value)), value)
+    return out
 
 
 def _encode_parameters(params: MarbleRunParameters) -> bytes:
-    parts = [_len_field(1, _map_entry(k, params.files[k])) for k in sorted(params.files)]
-    parts += [_len_field(2, _map_entry(k, params.env[k])) for k in sorted(params.env)]
+    parts = _map_entries(1, params.files) + _map_entries(2, params.env)
     parts += [_len_field(3, arg.encode("utf-8")) for arg in params.argv]
     return b"".join(parts)
 
