@@ -25,6 +25,7 @@ from marblekeep.errors import (
     AuthenticationError,
     CollateralError,
     IntegrityError,
+    QuoteUnavailable,
     RequestError,
     RequestTooLarge,
     StateError,
@@ -164,6 +165,7 @@ def test_unknown_method_and_oversized_message(server: Server) -> None:
 
 def test_status_mapping_of_every_error_family() -> None:
     assert status_of(CollateralError("expired")) is GrpcStatus.UNAVAILABLE
+    assert status_of(QuoteUnavailable("quoting failed")) is GrpcStatus.UNAVAILABLE
     assert status_of(StoreError("down")) is GrpcStatus.UNAVAILABLE
     assert status_of(IntegrityError("damaged")) is GrpcStatus.INTERNAL
     assert status_of(RequestTooLarge("big")) is GrpcStatus.RESOURCE_EXHAUSTED

@@ -59,6 +59,7 @@ from marblekeep.errors import (
     IntegrityError,
     MarbleKeepError,
     NotFoundError,
+    QuoteUnavailable,
     RequestError,
     RequestTooLarge,
     SealError,
@@ -135,7 +136,7 @@ def status_of(exc: MarbleKeepError) -> GrpcStatus:
         return GrpcStatus.FAILED_PRECONDITION
     if isinstance(exc, AuthenticationError):
         return GrpcStatus.UNAUTHENTICATED
-    if isinstance(exc, CollateralError):
+    if isinstance(exc, CollateralError | QuoteUnavailable):
         return GrpcStatus.UNAVAILABLE
     if isinstance(exc, ActivationRefused | AttestationError | AuthorizationError):
         return GrpcStatus.PERMISSION_DENIED
