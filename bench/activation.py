@@ -1,7 +1,8 @@
-"""Marble activations over HTTPS on loopback, against a real ``marblekeep coordinator`` process.
+"""Marble activations over HTTPS on loopback, against a real ``marblekeep coordinator`` process,
+by both protocols the Marble address speaks: marblekeep's (HTTPS + HPKE) and MarbleRun's (gRPC).
 
     .venv/bin/python bench/activation.py [--seconds 3] [--levels 1,16,64] [--clients 2]
-                                         [--profile-server FILE]
+                                         [--protocols marblekeep,marblerun] [--profile-server FILE]
 
 Starts ``marblekeep coordinator --simulation`` as a subprocess on free loopback ports (state in a
 temporary directory), sets a manifest, then for each concurrency level N runs N concurrent Marbles
@@ -9,15 +10,22 @@ in ``--clients`` load-generator processes (separate from the Coordinator, so the
 does not share a GIL with them). One activation does what the premain does: a NEW HTTPS connection
 (full TLS handshake, no session resumption), POST /marble/v1/challenge, a fresh X25519 key, the
 simulation evidence bound to the request, POST /marble/v1/activate, and opening the sealed
-Parameters with marblekeep.marble.protocol. The Marble receives the seal key, a shared and a
-per-Marble symmetric key, a shared cert-ecdsa secret and its TLS credentials (the bench/core.py
-Marble). Printed per level: activations/s, p50/p99 latency and the server's CPU per activation.
+Parameters with marblekeep.marble.protocol. One MarbleRun activation does what MarbleRun's premain
+does: a NEW gRPC channel (TLS with ALPN h2, presenting the Marble's self-signed P-384 client
+certificate; full handshake), one rpc.Marble/Activate call with an empty quote (simulation), its CSR,
+type and a fresh UUID, and decoding the answer. The Marble identities (key, self-signed certificate,
+CSR) are made before the measurement, a pool per load generator used round robin: a premain makes one
+per start, and the bench measures the Coordinator, not the Marble's key generation. The Marble
+receives the seal key, a shared and a per-Marble symmetric key, a shared cert-ecdsa secret and its
+TLS credentials (the bench/core.py Marble). Printed per level and protocol: activations/s, p50/p99
+latency, the server's CPU per activation, and the MarbleRun protocol's rate as a share of ours.
 
 In the same run: the crypto floor (pki.leaf_floor: P-384 keygen + one signature, one core) and a
 bare TLS-handshake floor: GET /api/v2/status on the Client API (same credentials) with a new
 connection each, at the highest level's concurrency.
 
-Targets on the 2-core reference machine: >= 200 activations/s at N = 64; p50 <= 15 ms at N = 1.
+Targets on the 2-core reference machine: >= 200 activations/s at N = 64; p50 <= 15 ms at N = 1
+(marblekeep's protocol); MarbleRun's protocol >= 80% of marblekeep's activations/s at each N.
 The load generator shares those 2 cores with the Coordinator; the output says so. Nothing asserts
 on time. ``--profile-server FILE`` runs the Coordinator under cProfile and writes its stats there.
 """
@@ -30,6 +38,7 @@ import base64
 import contextlib
 import dataclasses
 import datetime as dt
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -48,9 +57,13 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import grpc
 import httpx
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.x509.oid import NameOID
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -58,6 +71,7 @@ from core import MANIFEST  # the same Marble as bench/core.py
 from marblekeep.api.server import serve
 from marblekeep.crypto.pki import leaf_floor
 from marblekeep.logs import configure_logging
+from marblekeep.marble.marblerun_wire import ActivationReq, decode_activation_resp, encode_activation_req
 from marblekeep.marble.protocol import (
     ACTIVATE_PATH,
     CHALLENGE_PATH,
@@ -75,6 +89,9 @@ JSON_HEADERS = {"Content-Type": "application/json"}
 STARTUP_TIMEOUT = 20.0
 TARGET_RATE_AT_64 = 200.0
 TARGET_P50_AT_1_MS = 15.0
+TARGET_GRPC_SHARE = 0.80
+GRPC_METHOD = "/rpc.Marble/Activate"
+IDENTITY_POOL = 32
 
 
 # --------------------------------------------------------------------------- the Coordinator
@@ -92,6 +109,7 @@ class Server:
     client_url: str
     marble_url: str
     log_path: Path
+    root_pem_path: Path
 
     def cpu_seconds(self) -> float:
         """User + system CPU time of the Coordinator process so far (Linux /proc)."""
@@ -116,7 +134,13 @@ def coordinator(workdir: Path, profile: Path | None) -> Iterator[Server]:
     ]
     with log_path.open("wb") as log_file:
         proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT)
-    server = Server(proc, f"https://127.0.0.1:{client_port}", f"https://127.0.0.1:{marble_port}", log_path)
+    server = Server(
+        proc,
+        f"https://127.0.0.1:{client_port}",
+        f"https://127.0.0.1:{marble_port}",
+        log_path,
+        workdir / "root.pem",
+    )
     try:
         deadline = time.monotonic() + STARTUP_TIMEOUT
         while b"coordinator started" not in log_path.read_bytes():
@@ -139,6 +163,9 @@ def set_manifest(server: Server) -> None:
     response = httpx.post(f"{server.client_url}/api/v2/manifest", json=body, verify=False, timeout=30)
     if response.status_code != 200:
         raise SystemExit(f"setting the manifest failed: {response.status_code} {response.text}")
+    chain = httpx.get(f"{server.client_url}/api/v2/quote", verify=False, timeout=30).json()["data"]["cert"]
+    marker = "-----BEGIN CERTIFICATE-----"
+    server.root_pem_path.write_text(marker + chain.rsplit(marker, 1)[1])  # the root CA, last in the chain
 
 
 # --------------------------------------------------------------------------- load generator
@@ -197,17 +224,75 @@ async def status_handshake(ctx: ssl.SSLContext, base_url: str) -> None:
         await resp.read()
 
 
+@dataclasses.dataclass(frozen=True)
+class MarbleIdentity:
+    """What MarbleRun's premain makes at start: a P-384 key, a self-signed certificate, a CSR."""
+
+    credentials: grpc.ChannelCredentials
+    csr_der: bytes
+
+
+def marble_identity(root_pem: bytes) -> MarbleIdentity:
+    key = ec.generate_private_key(ec.SECP384R1())
+    now = dt.datetime.now(dt.UTC)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "MarbleRun Marble")])
+    san = x509.SubjectAlternativeName([x509.DNSName("app.internal")])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=1))
+        .not_valid_after(now + dt.timedelta(days=3650))
+        .add_extension(san, critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([]))
+        .add_extension(san, critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    creds = grpc.ssl_channel_credentials(root_pem, key_pem, cert.public_bytes(serialization.Encoding.PEM))
+    return MarbleIdentity(creds, csr.public_bytes(serialization.Encoding.DER))
+
+
+#: The load generator's pool of Marble identities, used round robin (set up before the measurement).
+_identities: list[Iterator[MarbleIdentity]] = []
+
+
+async def grpc_activation(ctx: ssl.SSLContext, base_url: str) -> None:
+    """One MarbleRun-premain activation: a new gRPC channel (TLS + client certificate), one call."""
+    identity = next(_identities[0])
+    target = base_url.removeprefix("https://")
+    options = [("grpc.ssl_target_name_override", "localhost"), ("grpc.use_local_subchannel_pool", 1)]
+    request = ActivationReq(csr=identity.csr_der, marble_type=MARBLE_TYPE, uuid=str(uuid.uuid4()))
+    async with grpc.aio.secure_channel(target, identity.credentials, options=options) as channel:
+        call = channel.unary_unary(GRPC_METHOD, request_serializer=None, response_deserializer=None)
+        answer = await call(encode_activation_req(request), timeout=60)
+    params = decode_activation_resp(answer)
+    if b"BEGIN CERTIFICATE" not in params.files["/tls/marble.crt"]:
+        raise RuntimeError("activation returned no Marble certificate")
+
+
 OPS: dict[str, Callable[[ssl.SSLContext, str], Awaitable[None]]] = {
     "activation": activation,
     "handshake": status_handshake,
+    "grpc-activation": grpc_activation,
 }
 
 
 async def _drive(
-    op_name: str, base_url: str, concurrency: int, seconds: float, barrier: Barrier
+    op_name: str, base_url: str, concurrency: int, seconds: float, barrier: Barrier, root_pem: bytes
 ) -> dict[str, Any]:
     ctx = client_tls()
     op = OPS[op_name]
+    if op_name == "grpc-activation":
+        _identities[:] = [itertools.cycle([marble_identity(root_pem) for _ in range(IDENTITY_POOL)])]
     for _ in range(3):  # warm up imports, the TLS context and the server's code paths
         await op(ctx, base_url)
     await asyncio.get_running_loop().run_in_executor(None, barrier.wait)
@@ -237,9 +322,15 @@ async def _drive(
 
 
 def loadgen(
-    op_name: str, base_url: str, concurrency: int, seconds: float, barrier: Barrier, out: mp.Queue[Any]
+    op_name: str,
+    base_url: str,
+    concurrency: int,
+    seconds: float,
+    barrier: Barrier,
+    out: mp.Queue[Any],
+    root_pem: bytes,
 ) -> None:
-    out.put(asyncio.run(_drive(op_name, base_url, concurrency, seconds, barrier)))
+    out.put(asyncio.run(_drive(op_name, base_url, concurrency, seconds, barrier, root_pem)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -265,7 +356,10 @@ def run_phase(
     out: mp.Queue[Any] = ctx.Queue()
     shares = [concurrency // procs + (1 if i < concurrency % procs else 0) for i in range(procs)]
     workers = [
-        ctx.Process(target=loadgen, args=(op_name, base_url, share, seconds, barrier, out))
+        ctx.Process(
+            target=loadgen,
+            args=(op_name, base_url, share, seconds, barrier, out, server.root_pem_path.read_bytes()),
+        )
         for share in shares
     ]
     for p in workers:
@@ -324,6 +418,11 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0, help="duration of each measured level")
     parser.add_argument("--levels", default="1,16,64", help="comma-separated concurrency levels N")
     parser.add_argument("--clients", type=int, default=2, help="load-generator processes")
+    parser.add_argument(
+        "--protocols",
+        default="marblekeep,marblerun",
+        help="which activation protocols to measure (marblekeep: HTTPS + HPKE; marblerun: gRPC)",
+    )
     parser.add_argument("--profile-server", type=Path, default=None, help="cProfile the Coordinator to FILE")
     parser.add_argument("--serve-coordinator", metavar="CLIENT,MESH,DIR", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -331,6 +430,10 @@ def main() -> None:
         serve_coordinator(args.serve_coordinator)
         return
     levels = [int(x) for x in args.levels.split(",") if x.strip()]
+    protocols = [x.strip() for x in args.protocols.split(",") if x.strip()]
+    unknown = set(protocols) - {"marblekeep", "marblerun"}
+    if unknown:
+        parser.error(f"--protocols: unknown {', '.join(sorted(unknown))} (use marblekeep, marblerun)")
     started = time.perf_counter()
 
     cpus = os.cpu_count() or 1
@@ -341,7 +444,7 @@ def main() -> None:
     floor = crypto_floor(1.0)
     print(f"crypto floor (P-384 keygen + one signature, one core):   {floor:7.0f} /s  ({1e6 / floor:.0f} us)")
 
-    phases: list[Phase] = []
+    phases: dict[tuple[str, int], Phase] = {}
     with (
         tempfile.TemporaryDirectory(prefix="marblekeep-bench-") as tmp,
         coordinator(Path(tmp), args.profile_server) as server,
@@ -354,28 +457,42 @@ def main() -> None:
             f"client CPU {hs.client_cpu_ms:.2f} ms each)"
         )
         print()
-        print("   N  activations/s   p50 ms   p99 ms   count  errors  CPU ms/activation: server client")
+        print(
+            "protocol      N  activations/s   p50 ms   p99 ms   count  errors  "
+            "CPU ms/activation: server client"
+        )
+        ops = {"marblekeep": "activation", "marblerun": "grpc-activation"}
         for n in levels:
-            ph = run_phase(server, "activation", server.marble_url, n, args.seconds, args.clients)
-            phases.append(ph)
-            print(
-                f"{n:4d}  {ph.rate:13.0f}  {ph.p50_ms:7.1f}  {ph.p99_ms:7.1f}  {ph.count:6d}"
-                f"  {ph.errors:6d}  {ph.server_cpu_ms:25.2f} {ph.client_cpu_ms:6.2f}",
-                flush=True,
-            )
-            if ph.first_error:
-                print(f"      first error: {ph.first_error}")
+            for protocol in protocols:
+                ph = run_phase(server, ops[protocol], server.marble_url, n, args.seconds, args.clients)
+                phases[(protocol, n)] = ph
+                print(
+                    f"{protocol:10s} {n:4d}  {ph.rate:13.0f}  {ph.p50_ms:7.1f}  {ph.p99_ms:7.1f}"
+                    f"  {ph.count:6d}  {ph.errors:6d}  {ph.server_cpu_ms:25.2f} {ph.client_cpu_ms:6.2f}",
+                    flush=True,
+                )
+                if ph.first_error:
+                    print(f"      first error: {ph.first_error}")
 
     print()
-    by_n = {p.concurrency: p for p in phases}
-    if 64 in by_n:
-        ok = by_n[64].rate >= TARGET_RATE_AT_64
+    ours = {n: p for (protocol, n), p in phases.items() if protocol == "marblekeep"}
+    theirs = {n: p for (protocol, n), p in phases.items() if protocol == "marblerun"}
+    if 64 in ours:
+        ok = ours[64].rate >= TARGET_RATE_AT_64
         verdict = "met" if ok else "MISSED"
-        print(f"target N=64 >= {TARGET_RATE_AT_64:.0f} activations/s: {by_n[64].rate:.0f} ({verdict})")
-    if 1 in by_n:
-        ok = by_n[1].p50_ms <= TARGET_P50_AT_1_MS
+        print(f"target N=64 >= {TARGET_RATE_AT_64:.0f} activations/s: {ours[64].rate:.0f} ({verdict})")
+    if 1 in ours:
+        ok = ours[1].p50_ms <= TARGET_P50_AT_1_MS
         verdict = "met" if ok else "MISSED"
-        print(f"target N=1 p50 <= {TARGET_P50_AT_1_MS:.0f} ms: {by_n[1].p50_ms:.1f} ms ({verdict})")
+        print(f"target N=1 p50 <= {TARGET_P50_AT_1_MS:.0f} ms: {ours[1].p50_ms:.1f} ms ({verdict})")
+    for n in levels:
+        if n in ours and n in theirs:
+            share = theirs[n].rate / ours[n].rate
+            verdict = "met" if share >= TARGET_GRPC_SHARE else "MISSED"
+            print(
+                f"target MarbleRun protocol >= {TARGET_GRPC_SHARE:.0%} of ours at N={n}: "
+                f"{theirs[n].rate:.0f} / {ours[n].rate:.0f} = {share:.0%} ({verdict})"
+            )
     print(f"(whole run {time.perf_counter() - started:.0f} s)")
     if args.profile_server is not None:
         print(f"server profile written to {args.profile_server} (python -m pstats {args.profile_server})")

@@ -72,6 +72,12 @@ class Metrics:
             ["type", "reason"],
             registry=self.registry,
         )
+        self.grpc_requests = Counter(
+            "coordinator_grpc_requests",
+            "gRPC calls on the Marble API (MarbleRun's protocol), by method and gRPC status",
+            ["method", "status"],
+            registry=self.registry,
+        )
         self.http_requests = Counter(
             "coordinator_http_requests",
             "HTTP requests, by API, route, method and status code",

@@ -13,7 +13,6 @@ current snapshot and write nothing, so they run without it.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import datetime as dt
 import hashlib
 import logging
@@ -27,18 +26,13 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
+from marblekeep.activations import ActivationOutcome, MarbleActivations
 from marblekeep.api.limits import ConnectionLimits
 from marblekeep.attestation.claims import TeeClaims, TeeKind
 from marblekeep.attestation.evidence import parse_header, strip_oe_header
 from marblekeep.attestation.signquote import sign_quote_payload
 from marblekeep.core import governance
-from marblekeep.core.activation import (
-    ActivationInput,
-    ActivationResult,
-    PreparedDeployment,
-    activate,
-    refusal,
-)
+from marblekeep.core.activation import PreparedDeployment
 from marblekeep.core.auditlog import LogHead, decode_head
 from marblekeep.core.deployment import (
     NOT_IN_EXPECTED_STATE,
@@ -56,7 +50,6 @@ from marblekeep.core.users import user_certificates
 from marblekeep.errors import (
     AttestationError,
     AuthorizationError,
-    CollateralError,
     ConfigError,
     QuoteUnavailable,
     RecoveryError,
@@ -66,15 +59,7 @@ from marblekeep.errors import (
 from marblekeep.manifest import load_manifest, manifest_fingerprint
 from marblekeep.manifest.model import Manifest, SealMode, Secret
 from marblekeep.marble.evidence import EvidenceIssuer
-from marblekeep.marble.protocol import (
-    ActivationRequest,
-    ChallengeBook,
-    EvidenceType,
-    MarbleParameters,
-    expected_report_data,
-    parse_activation_request,
-    seal_parameters,
-)
+from marblekeep.marble.protocol import ChallengeBook, EvidenceType
 from marblekeep.recovery.keys import generate_recovery_keys
 from marblekeep.recovery.recoverer import Recoverer
 from marblekeep.store.base import Store
@@ -156,13 +141,6 @@ class NoQuoteVerifier:
         )
 
 
-@dataclass(frozen=True)
-class ActivationOutcome:
-    sealed: bytes = field(repr=False)
-    marble_type: str
-    uuid: str
-
-
 class Coordinator:
     """One Coordinator instance. Build it with :meth:`open`; close it with :meth:`close`."""
 
@@ -203,6 +181,7 @@ class Coordinator:
         self._dir_lock: DataDirLock | None = None
         self.observers: list[Callable[[Deployment], None]] = []
         self._publish(deployment)
+        self.marbles = MarbleActivations(self)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -703,75 +682,19 @@ class Coordinator:
         return dep.update_log, decode_head(dep.update_log_head)
 
     # ------------------------------------------------------------------ Marble API operations
+    # (activations.py: both activation protocols share one path; monotonic counters)
+
+    @property
+    def prepared(self) -> PreparedDeployment:
+        """The current snapshot's preparation for activations (compiled templates, leaf issuer)."""
+        return self._prepared
 
     def challenge(self) -> bytes:
-        return self.challenges.issue(self.clock(), self.rng)
-
-    async def _claims(
-        self, evidence_type: str, evidence: bytes, expected: bytes, now: dt.datetime
-    ) -> TeeClaims:
-        if evidence_type == EvidenceType.SIMULATION:
-            if not self.simulation:
-                raise refusal(
-                    "attestation",
-                    "simulation evidence was sent to a Coordinator that is not in simulation mode: run the "
-                    "Marble inside a TEE (SGX/TDX) so that it sends a real quote",
-                )
-            if evidence != expected:
-                raise refusal(
-                    "binding", "simulation evidence does not match the activation request's binding"
-                )
-            return TeeClaims(kind=TeeKind.SIMULATION, report_data=evidence)
-        try:
-            claims = await self.verifier.verify(evidence_type, evidence, now)
-        except CollateralError as exc:
-            # The Coordinator's collateral is missing or expired: its problem, not the Marble's. 503
-            # lets the premain retry while the collateral is refreshed.
-            log.error("cannot verify a Marble's quote", extra={"reason": exc.message})
-            raise
-        except AttestationError as exc:
-            raise refusal("attestation", f"invalid quote: {exc.message}") from None
-        if claims.report_data[:32] != expected[:32]:
-            raise refusal(
-                "binding",
-                "the quote's report data does not match the activation request's binding (nonce, key, "
-                "type, UUID or DNS names were altered, or the quote belongs to another request)",
-            )
-        return claims
+        return self.marbles.challenge()
 
     async def activate(self, body: bytes) -> ActivationOutcome:
-        """Handle one activation request body; returns the sealed Parameters.
-
-        Raises RequestError (malformed), StateError (not ready: retry later) or ActivationRefused.
-        """
-        req = parse_activation_request(body)
-        now = self.clock()
-        if not self.challenges.consume(req.nonce, now):
-            raise refusal(
-                "replay",
-                "unknown, expired or already used challenge nonce (a replayed request?): request a new "
-                "challenge and activate again",
-            )
-        if self._dep.state is not CoordinatorState.ACCEPTING_MARBLES:
-            raise StateError("cannot accept marbles in current state: set a manifest first")
-        claims = await self._claims(req.evidence_type, req.evidence, expected_report_data(req), now)
-        inp = ActivationInput(req.marble_type, req.uuid, req.dns_names, claims)
-        marble = self._dep.manifest.marbles.get(req.marble_type) if self._dep.manifest else None
-        if marble is not None and marble.max_activations > 0:
-            async with self.lock:
-                result = activate(self._prepared, inp, now, simulation=self.simulation, rng=self.rng)
-                # Seal before counting: a request that cannot be answered (e.g. a low-order HPKE
-                # key) must not use up one of the type's activations.
-                sealed = _seal(result, req)
-                if result.new_activation_count is not None:
-                    dep = self._dep
-                    counts = dict(dep.activations)
-                    counts[req.marble_type] = result.new_activation_count
-                    await self.commit(_replace_activations(dep, counts))
-        else:
-            result = activate(self._prepared, inp, now, simulation=self.simulation, rng=self.rng)
-            sealed = _seal(result, req)
-        return ActivationOutcome(sealed, req.marble_type, str(req.uuid))
+        """marblekeep's protocol: one activation request body → the sealed Parameters."""
+        return await self.marbles.activate_hpke(body)
 
 
 _T = TypeVar("_T")
@@ -789,12 +712,3 @@ async def _in_thread_to_the_end(fn: Callable[..., _T], *args: object) -> _T:
         if not job.cancelled():
             job.exception()  # retrieved: the caller is gone, its outcome with it
         raise
-
-
-def _seal(result: ActivationResult, req: ActivationRequest) -> bytes:
-    params = MarbleParameters(files=result.files, env=result.env, argv=result.argv)
-    return seal_parameters(params, req)
-
-
-def _replace_activations(dep: Deployment, counts: Mapping[str, int]) -> Deployment:
-    return dataclasses.replace(dep, activations=dict(counts))

@@ -12,15 +12,18 @@ import json
 import logging
 import signal
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from marblekeep.activations import ActivationOutcome
 from marblekeep.api import jsend
 from marblekeep.api.client_api import COORDINATOR_KEY, add_client_routes
+from marblekeep.api.counter_api import add_counter_routes
 from marblekeep.api.governance_api import add_governance_routes
+from marblekeep.api.grpc import GrpcProtocol, GrpcStatus, UnaryMethod
 from marblekeep.api.limits import ConnectionLimits, deadline_middleware
 from marblekeep.api.tls import ServerCredentials, make_server_credentials
 from marblekeep.api.tlslayer import ALPN_H2, ALPN_HTTP11, ProtocolFactory, TLSListener
@@ -28,6 +31,7 @@ from marblekeep.core.deployment import Deployment
 from marblekeep.errors import ActivationRefused, ConfigError, MarbleKeepError
 from marblekeep.manifest.model import SealMode
 from marblekeep.marble.evidence import GramineIssuer
+from marblekeep.marble.marblerun_wire import decode_activation_req
 from marblekeep.marble.protocol import (
     ACTIVATE_PATH,
     CHALLENGE_PATH,
@@ -39,7 +43,17 @@ from marblekeep.service import Coordinator, CoordinatorConfig, utcnow
 from marblekeep.store.kek import GramineSealKeyProvider, KeyEncryptionKeyProvider
 from marblekeep.verification import DcapEvidenceVerifier, collateral_source
 
-__all__ = ["Listeners", "build_client_app", "build_marble_app", "parse_addr", "serve"]
+__all__ = [
+    "MARBLERUN_ACTIVATE_PATH",
+    "Listeners",
+    "build_client_app",
+    "build_marble_app",
+    "grpc_protocol_factory",
+    "marble_grpc_methods",
+    "observe_activation",
+    "parse_addr",
+    "serve",
+]
 
 log = logging.getLogger("marblekeep.coordinator")
 
@@ -48,6 +62,8 @@ API_NAME_KEY = web.AppKey("api_name", str)
 #: Response header naming the API that answered: "client" (Client API) or "marble" (Marble API).
 API_HEADER = "X-MarbleKeep-API"
 CLIENT_MAX_BODY = 8 * 1024 * 1024
+#: MarbleRun's Marble API method (gRPC service ``rpc.Marble``).
+MARBLERUN_ACTIVATE_PATH = "/rpc.Marble/Activate"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -115,7 +131,41 @@ def build_client_app(
     app[API_NAME_KEY] = "client"
     add_client_routes(app)
     add_governance_routes(app)
+    add_counter_routes(app)
     return app
+
+
+async def observe_activation(
+    metrics: Metrics,
+    coord: Coordinator,
+    protocol: str,
+    claimed_type: Callable[[], object],
+    activation: Awaitable[ActivationOutcome],
+) -> ActivationOutcome:
+    """Count and log one activation, whichever protocol carried it (the same metrics and log lines
+    for both; ``protocol`` is a log field). ``claimed_type()`` (called only for a refusal, when the
+    request parsed) labels it only if the manifest defines it (else ``unknown``): a client cannot
+    create metric series."""
+    try:
+        outcome = await activation
+    except ActivationRefused as exc:
+        known = coord.deployment.manifest.marbles if coord.deployment.manifest else {}
+        claimed = claimed_type()
+        label = claimed if isinstance(claimed, str) and claimed in known else "unknown"
+        metrics.activation_attempts.labels(label).inc()
+        metrics.activation_refusals.labels(label, exc.reason).inc()
+        log.warning(
+            "marble activation refused",
+            extra={"marble_type": label, "reason": exc.message, "protocol": protocol},
+        )
+        raise
+    metrics.activation_attempts.labels(outcome.marble_type).inc()
+    metrics.activation_successes.labels(outcome.marble_type).inc()
+    log.info(
+        "marble activated",
+        extra={"marble_type": outcome.marble_type, "uuid": outcome.uuid, "protocol": protocol},
+    )
+    return outcome
 
 
 def build_marble_app(
@@ -128,19 +178,10 @@ def build_marble_app(
 
     async def activate(request: web.Request) -> web.Response:
         body = await request.read()
-        marble_types = coord.deployment.manifest.marbles if coord.deployment.manifest else {}
-        try:
-            outcome = await coord.activate(body)
-        except ActivationRefused as exc:
-            label = _type_label(body, marble_types)
-            metrics.activation_attempts.labels(label).inc()
-            metrics.activation_refusals.labels(label, exc.reason).inc()
-            log.warning("marble activation refused", extra={"marble_type": label, "reason": exc.message})
-            raise
-        metrics.activation_attempts.labels(outcome.marble_type).inc()
-        metrics.activation_successes.labels(outcome.marble_type).inc()
-        log.info("marble activated", extra={"marble_type": outcome.marble_type, "uuid": outcome.uuid})
-        return jsend.success({"sealedParameters": base64.b64encode(outcome.sealed).decode()})
+        outcome = await observe_activation(
+            metrics, coord, "marblekeep", lambda: _claimed_type(body), coord.marbles.activate_hpke(body)
+        )
+        return jsend.success({"sealedParameters": base64.b64encode(outcome.payload).decode()})
 
     app = web.Application(
         middlewares=[deadline_middleware(limits or ConnectionLimits()), _errors_and_metrics],
@@ -154,13 +195,36 @@ def build_marble_app(
     return app
 
 
-def _type_label(body: bytes, known: Mapping[str, object]) -> str:
-    """The Marble type for metric labels: only types the manifest defines, else ``unknown``."""
+def _claimed_type(body: bytes) -> object:
     try:
-        value = json.loads(body).get("marbleType")
-    except (ValueError, AttributeError, UnicodeDecodeError):
-        return "unknown"
-    return value if isinstance(value, str) and value in known else "unknown"
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return doc.get("marbleType") if isinstance(doc, dict) else None
+
+
+def marble_grpc_methods(coord: Coordinator, metrics: Metrics) -> dict[str, UnaryMethod]:
+    """MarbleRun's Marble API as gRPC methods (served under ALPN ``h2`` on the Marble address)."""
+
+    async def activate(message: bytes, client_cert_der: bytes | None) -> bytes:
+        msg = decode_activation_req(message)
+        activation = coord.marbles.activate_marblerun(msg, client_cert_der)
+        outcome = await observe_activation(metrics, coord, "marblerun", lambda: msg.marble_type, activation)
+        return outcome.payload
+
+    return {MARBLERUN_ACTIVATE_PATH: UnaryMethod(activate, MAX_ACTIVATION_BODY)}
+
+
+def grpc_protocol_factory(coord: Coordinator, metrics: Metrics) -> Callable[[], GrpcProtocol]:
+    """A factory of HTTP/2 protocols serving :func:`marble_grpc_methods`, one per connection. The
+    transport handed to each must answer ``get_extra_info("peer_cert_der")``."""
+    methods = marble_grpc_methods(coord, metrics)
+
+    def observe(path: str, status: GrpcStatus, seconds: float) -> None:
+        route = path if path in methods else "unmatched"
+        metrics.grpc_requests.labels(route, status.name).inc()
+
+    return lambda: GrpcProtocol(methods, observe=observe)
 
 
 def build_metrics_app(metrics: Metrics) -> web.Application:
@@ -178,8 +242,9 @@ class Listeners:
     """The running listeners of one Coordinator (for tests and :func:`serve`).
 
     Both TLS listeners run on the TLS layer (api/tlslayer.py) with the same in-memory listener
-    credentials. ``marble_h2`` is the protocol factory for ALPN ``h2`` on the Marble API (gRPC);
-    without it, that listener offers only ``http/1.1``. The Client API never offers ``h2``.
+    credentials. The Marble API offers ALPN ``h2`` — MarbleRun's gRPC Marble API
+    (:func:`grpc_protocol_factory`; ``marble_h2`` replaces it in tests) — and ``http/1.1``, our own
+    protocol (docs/adr/0003-marblerun-grpc-marble-api.md). The Client API never offers ``h2``.
     """
 
     def __init__(
@@ -193,7 +258,7 @@ class Listeners:
         self.tls_listeners: list[TLSListener] = []
         self.client_listener: TLSListener | None = None
         self.marble_listener: TLSListener | None = None
-        self._marble_h2 = marble_h2
+        self._marble_h2 = marble_h2 if marble_h2 is not None else grpc_protocol_factory(coord, self.metrics)
         self._root_der = coord.deployment.ca.root.cert_der
         self.credentials = make_server_credentials(coord.deployment.ca.root, config.dns_names, coord.clock())
         # New handshakes see a recovered root without a restart. Users are matched per request

@@ -28,6 +28,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from uuid import UUID
 
+from cryptography import x509
+
 from marblekeep.attestation.claims import TeeClaims, TeeKind
 from marblekeep.attestation.policy import check_package
 from marblekeep.core.deployment import CoordinatorState, Deployment
@@ -61,10 +63,15 @@ def refusal(reason: str, message: str) -> ActivationRefused:
 
 @dataclass(frozen=True)
 class ActivationInput:
+    """One Marble asking to start, whichever protocol it spoke; its evidence is verified and bound."""
+
     marble_type: str
     uuid: UUID
     dns_names: tuple[str, ...]
     claims: TeeClaims
+    #: The Marble certificate's subject when it is more than ``CN=<uuid>`` (MarbleRun's protocol
+    #: copies attributes from the CSR); None: ``CN=<uuid>``.
+    subject: x509.Name | None = None
 
 
 @dataclass(frozen=True)
@@ -311,7 +318,7 @@ def activate(
         raise refusal("invalid_uuid", "the nil UUID is not a valid Marble UUID: use a random (v4) UUID")
 
     try:
-        leaf = prepared.leaf_issuer.issue(inp.uuid, inp.marble_type, inp.dns_names, now)
+        leaf = prepared.leaf_issuer.issue(inp.uuid, inp.marble_type, inp.dns_names, now, subject=inp.subject)
         per_marble = _per_marble_secrets(dep, manifest.secrets, dep.root_secret, inp, marble, now, rng)
     except MarbleKeepError as exc:
         raise refusal("parameters", f"issuing credentials: {exc.message}") from None

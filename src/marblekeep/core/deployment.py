@@ -107,6 +107,9 @@ class Deployment:
     secrets: Mapping[str, Secret] = field(default_factory=dict, repr=False)
     previous_secrets: Mapping[str, Secret] = field(default_factory=dict, repr=False)
     activations: Mapping[str, int] = field(default_factory=dict)
+    #: Marbles' monotonic counters (MarbleRun's MonotonicCounter feature), by counter ID
+    #: (activations.counter_id); values only grow. Kept across manifest updates.
+    counters: Mapping[str, int] = field(default_factory=dict)
     #: Governance (core/governance.py): the hash-chained update log (JSON lines), its head
     #: signed by the root (core/auditlog.py encode_head), the pending full update, and the
     #: SecurityVersions raised by package updates (already applied to ``manifest.packages``;
@@ -158,4 +161,5 @@ def set_manifest(dep: Deployment, manifest: Manifest, now: dt.datetime, rng: Rng
         secrets=secrets,
         previous_secrets=dict(secrets),
         activations={},
+        counters={},
     )

@@ -16,6 +16,8 @@ key                                       value
 ``sealMasterSecret``                      32 bytes; never rotated
 ``secret:<name>`` / ``previousSecret:``   JSON of the secret's value (definition comes from manifest)
 ``activations:<type>``                    hexadecimal ASCII count (as MarbleRun)
+``monotonicCounter:<id>``                 8-byte little-endian value of a Marble's monotonic counter;
+                                          ``<id>`` = base64(type):base64(UUID bytes):base64(name)
 ``updateLog:<seq, 10 digits>``            one update-log entry (a JSON line; docs/governance.md)
 ``updateLogHead``                         the log's head signed by the root key (JSON)
 ``pendingUpdate``                         JSON of the pending full update (raw manifest, users, acks)
@@ -58,6 +60,7 @@ K_SEAL_MASTER = "sealMasterSecret"
 P_SECRET = "secret:"  # noqa: S105
 P_PREVIOUS_SECRET = "previousSecret:"  # noqa: S105
 P_ACTIVATIONS = "activations:"
+P_COUNTER = "monotonicCounter:"
 P_UPDATE_LOG = "updateLog:"
 K_UPDATE_LOG_HEAD = "updateLogHead"
 K_PENDING_UPDATE = "pendingUpdate"
@@ -115,6 +118,10 @@ def _count_value(count: int) -> bytes:
     return f"{count:x}".encode()
 
 
+def _counter_value(value: int) -> bytes:
+    return value.to_bytes(8, "little")
+
+
 def _svn_value(svn: int) -> bytes:
     return str(svn).encode()
 
@@ -129,6 +136,7 @@ def _sections(dep: Deployment) -> list[tuple[str, Mapping[str, Any], Callable[[A
         (P_SECRET, dep.secrets, _secret_value),
         (P_PREVIOUS_SECRET, dep.previous_secrets, _secret_value),
         (P_ACTIVATIONS, dep.activations, _count_value),
+        (P_COUNTER, dep.counters, _counter_value),
         (P_PACKAGE_SVN, dep.package_svns, _svn_value),
     ]
 
@@ -361,6 +369,7 @@ def deployment_from_records(records: Mapping[str, bytes]) -> Deployment | None:
     secrets: dict[str, Secret] = {}
     previous: dict[str, Secret] = {}
     activations: dict[str, int] = {}
+    counters: dict[str, int] = {}
     svns: dict[str, int] = {}
     update_log: tuple[str, ...] = ()
     pending: PendingUpdate | None = None
@@ -385,6 +394,10 @@ def deployment_from_records(records: Mapping[str, bytes]) -> Deployment | None:
                 if not _HEX_COUNT.fullmatch(value):
                     raise _damaged(key)
                 activations[key[len(P_ACTIVATIONS) :]] = int(value, 16)
+            elif key.startswith(P_COUNTER):
+                if len(value) != 8:
+                    raise _damaged(key)
+                counters[key[len(P_COUNTER) :]] = int.from_bytes(value, "little")
     return Deployment(
         state=state,
         ca=ca,
@@ -396,6 +409,7 @@ def deployment_from_records(records: Mapping[str, bytes]) -> Deployment | None:
         secrets=secrets,
         previous_secrets=previous,
         activations=activations,
+        counters=counters,
         update_log=update_log,
         update_log_head=records.get(K_UPDATE_LOG_HEAD, b""),
         pending_update=pending,

@@ -340,17 +340,27 @@ class LeafIssuer:
             .add_extension(aki, critical=False)
         )
 
-    def issue(self, uuid: UUID, marble_type: str, dns_names: Sequence[str], now: dt.datetime) -> IssuedLeaf:
+    def issue(
+        self,
+        uuid: UUID,
+        marble_type: str,
+        dns_names: Sequence[str],
+        now: dt.datetime,
+        *,
+        subject: x509.Name | None = None,
+    ) -> IssuedLeaf:
         """A fresh key and certificate ``CN=<uuid>`` for one activation of a Marble of ``marble_type``.
 
         ``dns_names`` are the Marble's host names; entries that parse as IP addresses become IP SANs,
-        and 127.0.0.1 and ::1 are always present. Raises :class:`RequestError` for a bad name.
+        and 127.0.0.1 and ::1 are always present. ``subject`` replaces the plain ``CN=<uuid>``
+        (MarbleRun's protocol takes further subject attributes from the Marble's CSR; the caller
+        puts the UUID in it). Raises :class:`RequestError` for a bad name.
         """
         dns, ips = _split_names(dns_names, "dns_names", RequestError)
         now = _utc(now)
         key = ec.generate_private_key(_CURVE)
         cert = (
-            self._base.subject_name(_cn(str(uuid)))
+            self._base.subject_name(subject if subject is not None else _cn(str(uuid)))
             .public_key(key.public_key())
             .serial_number(random_serial(self._rng))
             .not_valid_before(now)
