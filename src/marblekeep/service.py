@@ -78,8 +78,8 @@ from marblekeep.recovery.keys import generate_recovery_keys
 from marblekeep.recovery.recoverer import Recoverer
 from marblekeep.store.base import Store
 from marblekeep.store.kek import KeyEncryptionKeyProvider, SimulationKeyFileProvider
+from marblekeep.store.location import SQLiteLocation, StoreLocation, open_backend
 from marblekeep.store.sealed import NeedsRecovery, Opened, PendingRecovery, SealedStore, open_sealed_store
-from marblekeep.store.sqlite import SQLiteStore
 
 __all__ = ["ActivationOutcome", "Coordinator", "CoordinatorConfig", "EvidenceVerifier"]
 
@@ -112,6 +112,8 @@ class CoordinatorConfig:
     collateral_dir: Path | None = None
     #: Timeouts and the per-listener connection cap (api/limits.py, docs/operations.md).
     connection_limits: ConnectionLimits = field(default_factory=ConnectionLimits)
+    #: Where the sealed state lives (``--store``): SQLite in ``seal_dir`` by default, or etcd.
+    store: StoreLocation = field(default_factory=SQLiteLocation)
 
 
 class EvidenceVerifier(Protocol):
@@ -209,7 +211,8 @@ class Coordinator:
                     )
                 provider = SimulationKeyFileProvider(seal_dir / SIMULATION_KEK_FILE)
             seal_providers = {SealMode.PRODUCT_KEY: provider, SealMode.UNIQUE_KEY: provider}
-        inner: Store = await SQLiteStore.open(seal_dir / STATE_DB)
+        inner: Store = await open_backend(config.store, seal_dir / STATE_DB)
+        log.info("state store opened", extra={"store": config.store.describe()})
         # The seal mode is part of the sealed manifest, so it is not known before unsealing: try the
         # product key first (MarbleRun's default), then the unique key.
         opened: Opened | NeedsRecovery | None = None
