@@ -177,3 +177,15 @@ class EtcdCluster:
     @property
     def url(self) -> str:
         return "etcd://" + ",".join(m.target for m in self.members)
+
+
+def raw_range(member: EtcdMember, prefix: str) -> dict[bytes, bytes]:
+    """Everything etcd holds under ``prefix`` (keys without the prefix), read with a plain gRPC client."""
+    channel = grpc.insecure_channel(member.target, options=[("grpc.max_receive_message_length", -1)])
+    try:
+        key = prefix.encode()
+        end = key[:-1] + bytes([key[-1] + 1])
+        response = rpc.KVStub(channel).Range(rpc.RangeRequest(key=key, range_end=end), timeout=10)
+        return {bytes(kv.key)[len(key) :]: bytes(kv.value) for kv in response.kvs}
+    finally:
+        channel.close()

@@ -16,7 +16,7 @@ import grpc
 import pytest
 from aetcd import rpc
 
-from etcd_support import EtcdCluster, EtcdMember, free_port, unique_prefix
+from etcd_support import EtcdCluster, EtcdMember, free_port, raw_range, unique_prefix
 from marblekeep.errors import ConflictError, RollbackError, StoreError
 from marblekeep.store import Opened, SimulationKeyFileProvider, open_sealed_store
 from marblekeep.store.etcd import EtcdConfig, EtcdEndpoint, EtcdStore, _Ambiguous
@@ -25,15 +25,7 @@ pytestmark = pytest.mark.slow
 
 
 def raw_keys(member: EtcdMember, prefix: str) -> dict[bytes, bytes]:
-    """Everything etcd holds under ``prefix``, read with a plain gRPC client."""
-    channel = grpc.insecure_channel(member.target, options=[("grpc.max_receive_message_length", -1)])
-    try:
-        key = prefix.encode()
-        end = key[:-1] + bytes([key[-1] + 1])
-        response = rpc.KVStub(channel).Range(rpc.RangeRequest(key=key, range_end=end), timeout=10)
-        return {bytes(kv.key)[len(key) :]: bytes(kv.value) for kv in response.kvs}
-    finally:
-        channel.close()
+    return raw_range(member, prefix)
 
 
 def raw_put(member: EtcdMember, key: bytes, value: bytes) -> None:
