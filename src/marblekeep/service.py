@@ -18,10 +18,10 @@ import datetime as dt
 import hashlib
 import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar, cast
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -57,6 +57,7 @@ from marblekeep.errors import (
     AuthorizationError,
     CollateralError,
     ConfigError,
+    ConflictError,
     QuoteUnavailable,
     RecoveryError,
     RequestTooLarge,
@@ -76,6 +77,7 @@ from marblekeep.marble.protocol import (
 )
 from marblekeep.recovery.keys import generate_recovery_keys
 from marblekeep.recovery.recoverer import Recoverer
+from marblekeep.replica import Follower, Watchable
 from marblekeep.store.base import Store
 from marblekeep.store.kek import KeyEncryptionKeyProvider, SimulationKeyFileProvider
 from marblekeep.store.location import SQLiteLocation, StoreLocation, open_backend
@@ -84,6 +86,10 @@ from marblekeep.store.sealed import NeedsRecovery, Opened, PendingRecovery, Seal
 __all__ = ["ActivationOutcome", "Coordinator", "CoordinatorConfig", "EvidenceVerifier"]
 
 log = logging.getLogger("marblekeep.coordinator")
+
+_T = TypeVar("_T")
+#: How often a write that lost the compare-and-set against another replica is computed again.
+CONFLICT_RETRIES = 16
 
 Clock = Callable[[], dt.datetime]
 Rng = Callable[[int], bytes]
@@ -157,8 +163,13 @@ class Coordinator:
         rng: Rng = os.urandom,
         seal_providers: Mapping[SealMode, KeyEncryptionKeyProvider] | None = None,
         seal_mode_in_use: SealMode = SealMode.PRODUCT_KEY,
+        store_revision: int = 0,
     ) -> None:
         self.config = config
+        #: The store revision the in-memory deployment was read at: commits are conditioned on it.
+        self._view_revision = store_revision
+        #: Follows the other replicas' commits when the store is shared (etcd).
+        self.follower: Follower | None = None
         self._seal_providers = dict(seal_providers or {})
         self._seal_mode_in_use = seal_mode_in_use
         self.simulation = config.simulation
@@ -259,7 +270,8 @@ class Coordinator:
                 **common,  # type: ignore[arg-type]
             )
         store = opened.store
-        records = await store.list("")
+        snap = await store.snapshot("")
+        records = dict(snap.records)
         dep = deployment_from_records(records)
         if dep is None:
             dep = new_deployment(config.dns_names, now, rng)
@@ -269,12 +281,67 @@ class Coordinator:
                 "sealed state loaded",
                 extra={"state": dep.state.name, "records": len(records)},
             )
-        return cls(config, deployment=dep, store=store, records=records, **common)  # type: ignore[arg-type]
+        coord = cls(
+            config,
+            deployment=dep,
+            store=store,
+            records=records,
+            store_revision=snap.revision,
+            **common,  # type: ignore[arg-type]
+        )
+        if hasattr(inner, "watch_head"):  # a shared store: other replicas may commit
+            coord.follower = Follower(cast(Watchable, inner), coord.sync, lambda: coord._view_revision)
+            coord.follower.start()
+        return coord
 
     async def close(self) -> None:
+        if self.follower is not None:
+            await self.follower.stop()
+            self.follower = None
         if self._store is not None:
             await self._store.close()
             self._store = None
+
+    # ------------------------------------------------------------------ replicas (shared store)
+
+    async def sync(self) -> None:
+        """Re-read the state if another replica committed since this view was read."""
+        async with self.lock:
+            await self._sync_locked()
+
+    async def _sync_locked(self) -> None:
+        if self._store is None:
+            return
+        snap = await self._store.snapshot("")
+        if snap.revision == self._view_revision:
+            return
+        dep = deployment_from_records(snap.records)
+        if dep is None:
+            return  # nothing stored yet
+        self._persisted = dep
+        self._view_revision = snap.revision
+        self._publish(dep)
+        log.info("state re-read after another replica's commit", extra={"revision": snap.revision})
+
+    async def _fresh_locked(self) -> None:
+        """On a shared store, make sure the view is current before computing a change (caller holds lock)."""
+        shared = self.follower is not None and self._store is not None
+        if shared and self._store is not None and await self._store.revision() != self._view_revision:
+            await self._sync_locked()
+
+    async def _mutate(self, attempt: Callable[[], Awaitable[_T]]) -> _T:
+        """Run ``attempt`` (compute from the current view, then commit) under the lock; when another
+        replica committed first, compute again on its state (never lost, never applied twice)."""
+        for tries in range(CONFLICT_RETRIES):
+            async with self.lock:
+                await self._fresh_locked()
+                try:
+                    return await attempt()
+                except ConflictError:
+                    if tries == CONFLICT_RETRIES - 1:
+                        raise
+            await asyncio.sleep(0.001 * (tries + 1))
+        raise AssertionError("unreachable")
 
     # ------------------------------------------------------------------ snapshot
 
@@ -311,8 +378,15 @@ class Coordinator:
         if persist and self._store is not None:
             changes = deployment_changes(self._persisted, new)
             if changes:
-                revision = await self._store.revision()
-                await self._store.commit(changes, expected_revision=revision)
+                try:
+                    self._view_revision = await self._store.commit(
+                        changes, expected_revision=self._view_revision
+                    )
+                except ConflictError:
+                    await self._sync_locked()  # another replica committed first: take its state
+                    raise ConflictError(
+                        "another Coordinator replica changed the state at the same time; retry"
+                    ) from None
             self._persisted = new
             await self._follow_seal_mode(new)
         self._publish(new)
@@ -328,7 +402,7 @@ class Coordinator:
         if target is None:
             return
         if target is not current:
-            await self._store.rewrap(target)
+            self._view_revision = await self._store.rewrap(target)
             log.info("state re-sealed for the manifest's seal mode", extra={"seal_mode": wanted.value})
         self._seal_mode_in_use = wanted
 
@@ -363,6 +437,7 @@ class Coordinator:
                 f"manifest is {len(raw)} bytes, more than the limit of {self.config.max_manifest_bytes}"
             )
         async with self.lock:
+            await self._fresh_locked()
             dep = self._dep
             dep.require(CoordinatorState.ACCEPTING_MANIFEST, CoordinatorState.RECOVERY)
             manifest = load_manifest(raw)
@@ -373,6 +448,7 @@ class Coordinator:
                 # through the quote endpoint) becomes the new deployment's root.
                 if self._pending_recovery is not None:
                     self._store = await self._pending_recovery.discard()
+                    self._view_revision = await self._store.revision()
                     self._pending_recovery = None
                     self._recoverer = None
                 self._persisted = None
@@ -383,7 +459,9 @@ class Coordinator:
             )
             if self._persists(new) and self._store is not None:
                 # The state is sealed under the DEK the recovery secrets open.
-                await self._store.rekey(material.dek, recovery_data=material.recovery_data)
+                self._view_revision = await self._store.rekey(
+                    material.dek, recovery_data=material.recovery_data, expected_revision=self._view_revision
+                )
             await self.commit(new)
         log.info(
             "manifest set",
@@ -399,7 +477,9 @@ class Coordinator:
             manifest.recovery_keys, manifest.config.recovery_threshold, rng=self.rng
         )
         if self._store is not None and manifest.config.seal_mode is not SealMode.DISABLED:
-            await self._store.rekey(material.dek, recovery_data=material.recovery_data)
+            self._view_revision = await self._store.rekey(
+                material.dek, recovery_data=material.recovery_data, expected_revision=self._view_revision
+            )
         return dict(material.secrets)
 
     # ------------------------------------------------------------------ recovery
@@ -445,6 +525,7 @@ class Coordinator:
             if dep is None:
                 raise RecoveryError("the recovered state holds no deployment; set a new manifest instead")
             self._store = store
+            self._view_revision = await store.revision()
             self._persisted = dep
             # Recovery re-sealed the state under the first (product) key provider.
             self._seal_mode_in_use = SealMode.PRODUCT_KEY
@@ -496,17 +577,22 @@ class Coordinator:
 
     async def read_secrets(self, user: str, names: Sequence[str]) -> dict[str, Secret]:
         """The secrets ``names`` (ReadSecret on all). The read is logged and committed first."""
-        async with self.lock:
+        async def attempt() -> dict[str, Secret]:
             new, secrets = governance.read_secrets(self._dep, user, names, self.clock())
             await self.commit(new)
+            return secrets
+
+        secrets = await self._mutate(attempt)
         log.info("secrets read", extra={"user": user, "secrets": sorted(secrets)})
         return secrets
 
     async def write_secrets(self, user: str, body: object) -> None:
         """Set user-defined secrets (all or nothing; see governance.write_secrets)."""
-        async with self.lock:
+        async def attempt() -> None:
             new = governance.write_secrets(self._dep, user, body, self.clock())
             await self.commit(new)
+
+        await self._mutate(attempt)
         names = sorted(str(n) for n in body) if isinstance(body, Mapping) else []
         log.info("user-defined secrets set", extra={"user": user, "secrets": names})
 
@@ -541,6 +627,7 @@ class Coordinator:
         acknowledge). Returns the outcome and the new recovery secrets (when the keys changed)."""
         self._check_manifest_size(raw)
         async with self.lock:
+            await self._fresh_locked()
             outcome = governance.update_manifest(self._dep, user, raw, self.clock(), self.rng)
             recovery = await self._commit_update(outcome)
         self._after_update(outcome)
@@ -552,14 +639,17 @@ class Coordinator:
         """Acknowledge the pending update with its exact bytes; the last one applies it."""
         self._check_manifest_size(raw)
         async with self.lock:
+            await self._fresh_locked()
             outcome = governance.acknowledge_update(self._dep, user, raw, self.clock(), self.rng)
             recovery = await self._commit_update(outcome)
         self._after_update(outcome)
         return outcome, recovery
 
     async def cancel_update(self, user: str) -> None:
-        async with self.lock:
+        async def attempt() -> None:
             await self.commit(governance.cancel_update(self._dep, user, self.clock()))
+
+        await self._mutate(attempt)
         log.info("pending manifest update cancelled", extra={"user": user})
 
     def pending_update(self) -> PendingUpdate | None:
@@ -627,7 +717,8 @@ class Coordinator:
         inp = ActivationInput(req.marble_type, req.uuid, req.dns_names, claims)
         marble = self._dep.manifest.marbles.get(req.marble_type) if self._dep.manifest else None
         if marble is not None and marble.max_activations > 0:
-            async with self.lock:
+
+            async def attempt() -> tuple[ActivationResult, bytes]:
                 result = activate(self._prepared, inp, now, simulation=self.simulation, rng=self.rng)
                 # Seal before counting: a request that cannot be answered (e.g. a low-order HPKE
                 # key) must not use up one of the type's activations.
@@ -637,6 +728,10 @@ class Coordinator:
                     counts = dict(dep.activations)
                     counts[req.marble_type] = result.new_activation_count
                     await self.commit(_replace_activations(dep, counts))
+                return result, sealed
+
+            # exact across replicas: a lost compare-and-set counts again on the other replica's state
+            result, sealed = await self._mutate(attempt)
         else:
             result = activate(self._prepared, inp, now, simulation=self.simulation, rng=self.rng)
             sealed = _seal(result, req)

@@ -63,7 +63,7 @@ import hashlib
 import logging
 import os
 import struct
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -337,6 +337,7 @@ class _Conn:
                 channel = grpc.aio.secure_channel(endpoint.target, creds, options=_channel_options(config))
             self._channels.append(channel)
         self._kv = [rpc.KVStub(c) for c in self._channels]
+        self._watch = [rpc.WatchStub(c) for c in self._channels]
         self._current = 0
         self.closed = False
 
@@ -409,6 +410,13 @@ class _Conn:
                 raise
             if self.closed:
                 raise StoreError(f"the etcd store {self.config.describe()} is closed")
+
+    def watch_stub(self) -> Any:
+        """The Watch stub of the current endpoint (rotated on failure by :meth:`rotate`)."""
+        return self._watch[self._current]
+
+    def rotate(self) -> None:
+        self._current = (self._current + 1) % len(self._channels)
 
     async def close(self) -> None:
         self.closed = True
@@ -1046,6 +1054,48 @@ class EtcdStore:
     async def close(self) -> None:
         if not self._conn.closed:
             await self._conn.close()
+
+    async def watch_head(self, after: int) -> AsyncIterator[int]:
+        """Yield the store revision each time it moves past ``after``, until the store is closed.
+
+        Built on an etcd watch of ``P head``. The watch reconnects on its own (trying the
+        endpoints in turn) and, after reconnecting or when it fell behind a compaction, yields
+        the current revision, so a follower that re-reads on every yield never misses a commit.
+        """
+        while not self._conn.closed:
+            call = None
+            try:
+                call = self._conn.watch_stub().Watch()
+                await call.write(
+                    rpc.WatchRequest(
+                        create_request=rpc.WatchCreateRequest(key=self._head_key, start_revision=after + 1)
+                    )
+                )
+                while True:
+                    response = await call.read()
+                    if response is grpc.aio.EOF or response.canceled:
+                        break
+                    if response.compact_revision:
+                        break  # fell behind a compaction: re-read below, then watch again
+                    revisions = [int(e.kv.mod_revision) for e in response.events]
+                    if revisions and max(revisions) > after:
+                        after = max(revisions)
+                        yield after
+            except grpc.aio.AioRpcError:
+                self._conn.rotate()
+            finally:
+                if call is not None:
+                    call.cancel()
+            if self._conn.closed:
+                return
+            await asyncio.sleep(0.5)
+            try:
+                current = await self.revision()
+            except StoreError:
+                continue
+            if current != after:
+                after = current
+                yield current
 
     # defined last: inside the class body, ``list`` names this method
     async def list(self, prefix: str) -> dict[str, bytes]:

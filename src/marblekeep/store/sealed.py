@@ -405,8 +405,11 @@ class SealedStore:
                 f"the stored state went back from epoch {self._state.epoch} to {state.epoch} while "
                 "running: the storage is being rolled back; restart and investigate"
             )
+        advanced = state.epoch > self._state.epoch
         self._crypto, self._state, self._revision = crypto, state, snap.revision
         self._unwritten, self._pending_deletes, self._stale = False, frozenset(), False
+        if advanced:  # another writer (a replica on a shared store) sealed newer epochs: remember them
+            await self._write_anchor()
 
     async def _refresh_if_unwritten(self) -> None:
         if self._unwritten and (self._stale or await self._inner.revision() != self._revision):
@@ -547,17 +550,29 @@ class SealedStore:
 
     # -- key management ----------------------------------------------------------------------
 
-    async def rekey(self, new_dek: bytes, *, recovery_data: bytes | _Keep | None = KEEP) -> int:
+    async def rekey(
+        self,
+        new_dek: bytes,
+        *,
+        recovery_data: bytes | _Keep | None = KEEP,
+        expected_revision: int | None = None,
+    ) -> int:
         """Re-encrypt every record under ``new_dek`` and store the new wrapped DEK, in one commit.
 
         Used when a manifest is set or its recovery keys change (the DEK is what the
         recovery secrets open). ``recovery_data`` replaces R in the same commit.
+        ``expected_revision`` (if given) makes it a compare-and-set like :meth:`commit`.
         Returns the new revision.
         """
         if not isinstance(new_dek, bytes) or len(new_dek) != DEK_SIZE:
             raise SealError(f"a data-encryption key must be {DEK_SIZE} bytes")
         async with self._lock:
             await self._refresh()
+            if expected_revision is not None and expected_revision != self._revision:
+                raise ConflictError(
+                    f"store changed since revision {expected_revision} (now {self._revision}); "
+                    "re-read and retry"
+                )
             old = self._crypto
             snap = await self._inner.snapshot(DATA_PREFIX)
             if snap.revision != self._revision:
