@@ -158,3 +158,23 @@ def test_etcd_outage_is_503_and_the_coordinator_recovers_on_its_own(tmp_path: Pa
         coordinator.stop()
         member.stop()
     assert "Traceback" not in coordinator.output
+
+
+def test_coordinator_started_before_etcd_waits_for_it(tmp_path: Path) -> None:
+    member = EtcdMember(tmp_path / "etcd")  # ports chosen, not started yet
+    site = Site(tmp_path / "site")
+    coordinator = CoordinatorProcess(site, "1", "--store", member.url, wait=False)
+    try:
+        deadline = time.monotonic() + 30
+        while "waiting for etcd" not in coordinator.output:
+            assert coordinator.proc.poll() is None, coordinator.output
+            assert time.monotonic() < deadline, coordinator.output
+            time.sleep(0.1)
+        member.start()
+        coordinator.wait_started()
+        assert cli(site, "status", site.client_addr, "--insecure").stdout.endswith(
+            "2: Coordinator is ready to accept a manifest.\n"
+        )
+    finally:
+        coordinator.stop()
+        member.stop()

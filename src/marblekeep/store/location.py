@@ -20,12 +20,15 @@ messages with any ``user:password@`` part removed.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
+import logging
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from marblekeep.errors import ConfigError
+from marblekeep.errors import ConfigError, StoreError
 from marblekeep.store.base import Store
 from marblekeep.store.etcd import DEFAULT_PREFIX, EtcdConfig, EtcdEndpoint, EtcdStore, EtcdTLS
 from marblekeep.store.sqlite import SQLiteStore
@@ -38,6 +41,8 @@ __all__ = [
     "open_backend",
     "parse_store_url",
 ]
+
+log = logging.getLogger("marblekeep.store")
 
 DEFAULT_ETCD_PORT = 2379
 _FORMS = (
@@ -227,8 +232,29 @@ def parse_store_url(
     return EtcdLocation(EtcdConfig(tuple(endpoints), prefix=prefix, tls=tls, timeout=timeout))
 
 
-async def open_backend(location: StoreLocation, sqlite_path: Path) -> Store:
-    """Open the backend ``location`` names (``sqlite_path``: the data directory's database file)."""
-    if isinstance(location, EtcdLocation):
-        return await EtcdStore.open(location.config)
-    return await SQLiteStore.open(sqlite_path)
+async def open_backend(
+    location: StoreLocation, sqlite_path: Path, *, wait_for_etcd: float | None = None
+) -> Store:
+    """Open the backend ``location`` names (``sqlite_path``: the data directory's database file).
+
+    An unreachable etcd is waited for (``wait_for_etcd`` seconds, ``None``: as long as it takes),
+    logging a WARNING every 10 s, so replicas and etcd can be started in any order.
+    """
+    if isinstance(location, SQLiteLocation):
+        return await SQLiteStore.open(sqlite_path)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    last_warning = -math.inf
+    while True:
+        try:
+            return await EtcdStore.open(location.config)
+        except StoreError as exc:
+            if "unreachable" not in exc.message:
+                raise
+            now = loop.time()
+            if wait_for_etcd is not None and now - start >= wait_for_etcd:
+                raise
+            if now - last_warning >= 10:
+                log.warning("waiting for etcd before loading the state", extra={"reason": exc.message})
+                last_warning = now
+        await asyncio.sleep(0.5)
