@@ -32,10 +32,10 @@ class Watchable(Protocol):
 
 
 class Follower:
-    """Calls ``sync()`` whenever the shared store's revision moves past the replica's view."""
+    """Calls ``sync(revision)`` whenever the shared store's revision moves past the replica's view."""
 
     def __init__(
-        self, store: Watchable, sync: Callable[[], Awaitable[object]], revision: Callable[[], int]
+        self, store: Watchable, sync: Callable[[int], Awaitable[object]], revision: Callable[[], int]
     ) -> None:
         self._store = store
         self._sync = sync
@@ -52,8 +52,8 @@ class Follower:
         while True:
             try:
                 async for revision in self._store.watch_head(self._revision()):
-                    if revision != self._revision():
-                        await self._sync()
+                    if revision > self._revision():
+                        await self._sync(revision)
                     self.synced.set()
                 return
             except asyncio.CancelledError:

@@ -304,13 +304,16 @@ class Coordinator:
 
     # ------------------------------------------------------------------ replicas (shared store)
 
-    async def sync(self) -> None:
-        """Re-read the state if another replica committed since this view was read."""
+    async def sync(self, seen: int | None = None) -> None:
+        """Re-read the state if another replica committed since this view was read (``seen``: the
+        store revision a watch reported; nothing to do if this view is already at or past it)."""
         async with self.lock:
+            if seen is not None and seen <= self._view_revision:
+                return
             await self._sync_locked()
 
     async def _sync_locked(self) -> None:
-        if self._store is None:
+        if self._store is None or await self._store.revision() == self._view_revision:
             return
         snap = await self._store.snapshot("")
         if snap.revision == self._view_revision:
@@ -331,10 +334,10 @@ class Coordinator:
 
     async def _mutate(self, attempt: Callable[[], Awaitable[_T]]) -> _T:
         """Run ``attempt`` (compute from the current view, then commit) under the lock; when another
-        replica committed first, compute again on its state (never lost, never applied twice)."""
+        replica committed first, the commit's compare-and-set fails, the view is re-read and the change
+        computed again on it (never lost, never applied twice)."""
         for tries in range(CONFLICT_RETRIES):
             async with self.lock:
-                await self._fresh_locked()
                 try:
                     return await attempt()
                 except ConflictError:
