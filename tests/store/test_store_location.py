@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from marblekeep.cli.main import main
 from marblekeep.errors import ConfigError
 from marblekeep.store.etcd import EtcdEndpoint, EtcdTLS
 from marblekeep.store.location import EtcdLocation, SQLiteLocation, parse_store_url
+from testsupport import REPO_ROOT, check_command_line
 
 
 @pytest.mark.parametrize("url", [None, "", "  ", "sqlite://", "SQLITE://"])
@@ -120,3 +122,15 @@ def test_help_documents_the_store_options() -> None:
         "--store-key-file",
     ):
         assert option in result.output
+
+
+def test_the_commands_in_the_ha_docs_are_real() -> None:
+    """Every ``marblekeep ...`` line of docs/ha.md (with ``\\`` continuations) uses real options and
+    a --store URL that parses."""
+    text = (REPO_ROOT / "docs" / "ha.md").read_text().replace("\\\n", " ")
+    lines = [line.strip() for line in text.splitlines() if line.strip().startswith("marblekeep ")]
+    assert len(lines) >= 2
+    for line in lines:
+        argv = shlex.split(line.split("#")[0])
+        check_command_line(argv)
+        parse_store_url(argv[argv.index("--store") + 1])
