@@ -69,6 +69,17 @@ def wait_ready(endpoints: list[str], timeout: float = 30.0) -> None:
     raise AssertionError(f"etcd at {endpoints} did not become ready within {timeout} s: {last}")
 
 
+def wait_port(port: int, timeout: float = 30.0) -> None:
+    """Until something accepts TCP connections on ``port`` (TLS members: the test then talks TLS)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
+
+
 @dataclass
 class EtcdMember:
     """One etcd process. ``start()`` (re)starts it with the same data dir and ports."""
@@ -80,10 +91,14 @@ class EtcdMember:
     initial_cluster: str = ""
     cluster_token: str = "marblekeep-test"
     proc: subprocess.Popen[bytes] | None = None
+    #: (CA file, server certificate file, server key file): clients must use TLS with a client
+    #: certificate signed by that CA.
+    tls: tuple[Path, Path, Path] | None = None
 
     @property
     def client_url(self) -> str:
-        return f"http://127.0.0.1:{self.client_port}"
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://127.0.0.1:{self.client_port}"
 
     @property
     def peer_url(self) -> str:
@@ -112,10 +127,16 @@ class EtcdMember:
             "--election-timeout", "500",
             "--log-level", "warn",
         ]  # fmt: skip
+        if self.tls is not None:
+            ca, cert, key = self.tls
+            argv += ["--cert-file", str(cert), "--key-file", str(key), "--client-cert-auth",
+                     "--trusted-ca-file", str(ca)]  # fmt: skip
         self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         log.close()
-        if wait:
+        if wait and self.tls is None:
             wait_ready([self.target])
+        elif wait:
+            wait_port(self.client_port)
         return self
 
     def kill(self) -> None:

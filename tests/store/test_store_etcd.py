@@ -14,12 +14,14 @@ from typing import Any
 
 import grpc
 import pytest
+import trustme
 from aetcd import rpc
 
 from etcd_support import EtcdCluster, EtcdMember, free_port, raw_range, unique_prefix
 from marblekeep.errors import ConflictError, RollbackError, StoreError
 from marblekeep.store import Opened, SimulationKeyFileProvider, open_sealed_store
 from marblekeep.store.etcd import EtcdConfig, EtcdEndpoint, EtcdStore, _Ambiguous
+from marblekeep.store.location import EtcdLocation, parse_store_url
 
 pytestmark = pytest.mark.slow
 
@@ -321,5 +323,55 @@ async def test_sealed_state_rollback_on_etcd_is_refused_by_the_anchor(tmp_path: 
         again = await open_sealed_store(inner, provider, allow_rollback=True)
         assert isinstance(again, Opened) and await again.store.get("counter") == b"2"
         await inner.close()
+    finally:
+        member.stop()
+
+
+async def test_etcds_with_client_certificates(tmp_path: Path) -> None:
+    """etcd requiring TLS client certificates: reached with etcds:// and the CA/cert/key options;
+    without a client certificate, or with the wrong CA, a clear StoreError."""
+    ca = trustme.CA()
+    server = ca.issue_cert("127.0.0.1", "localhost")
+    client = ca.issue_cert("marblekeep-replica")
+    files = {
+        name: tmp_path / f"{name}.pem" for name in ("ca", "server", "server-key", "client", "client-key")
+    }
+    ca.cert_pem.write_to_path(str(files["ca"]))
+    server.cert_chain_pems[0].write_to_path(str(files["server"]))
+    server.private_key_pem.write_to_path(str(files["server-key"]))
+    client.cert_chain_pems[0].write_to_path(str(files["client"]))
+    client.private_key_pem.write_to_path(str(files["client-key"]))
+    member = EtcdMember(tmp_path / "etcd", tls=(files["ca"], files["server"], files["server-key"])).start()
+    try:
+        url = f"etcds://127.0.0.1:{member.client_port}/tls-test"
+        location = parse_store_url(
+            url, ca_file=files["ca"], cert_file=files["client"], key_file=files["client-key"], timeout=10.0
+        )
+        assert isinstance(location, EtcdLocation)
+        store: EtcdStore | None = None
+        for _ in range(100):  # the member elects itself leader shortly after it listens
+            try:
+                store = await EtcdStore.open(location.config)
+                break
+            except StoreError:
+                await asyncio.sleep(0.2)
+        assert store is not None
+        await put(store, {"a": b"over TLS"})
+        assert await store.get("a") == b"over TLS"
+        await store.close()
+
+        no_client_cert = parse_store_url(url, ca_file=files["ca"], timeout=2.0)
+        assert isinstance(no_client_cert, EtcdLocation)
+        with pytest.raises(StoreError) as info:
+            await EtcdStore.open(no_client_cert.config)
+        assert "etcds://127.0.0.1" in info.value.message
+        other_ca = tmp_path / "other-ca.pem"
+        trustme.CA().cert_pem.write_to_path(str(other_ca))
+        wrong_ca = parse_store_url(
+            url, ca_file=other_ca, cert_file=files["client"], key_file=files["client-key"], timeout=2.0
+        )
+        assert isinstance(wrong_ca, EtcdLocation)
+        with pytest.raises(StoreError):
+            await EtcdStore.open(wrong_ca.config)
     finally:
         member.stop()
