@@ -375,3 +375,44 @@ async def test_etcds_with_client_certificates(tmp_path: Path) -> None:
             await EtcdStore.open(wrong_ca.config)
     finally:
         member.stop()
+
+
+async def test_watch_reports_other_writers_and_survives_compaction(etcd_server: EtcdMember) -> None:
+    """The follower's watch: each commit of another writer is reported; a watch that starts behind
+    etcd's compaction reports the current revision (the replica then re-reads everything)."""
+    config = etcd_server.config()
+    watcher = await EtcdStore.open(config)
+    writer = await EtcdStore.open(config)
+    start = await put(writer, {"a": b"0"})
+    seen: list[int] = []
+
+    async def follow() -> None:
+        async for revision in watcher.watch_head(start):
+            seen.append(revision)
+            if len(seen) == 3:
+                return
+
+    task = asyncio.create_task(follow())
+    revisions = []
+    for i in range(3):
+        revisions.append(await put(writer, {"a": str(i + 1).encode()}))
+        await asyncio.sleep(0.05)
+    await asyncio.wait_for(task, 30)
+    assert seen == revisions
+
+    # behind a compaction: the watch cannot replay, so it reports where the store is now
+    for i in range(3):
+        latest = await put(writer, {"a": f"later-{i}".encode()})
+    channel = grpc.insecure_channel(etcd_server.target)
+    try:
+        rpc.KVStub(channel).Compact(rpc.CompactionRequest(revision=latest, physical=True), timeout=10)
+    finally:
+        channel.close()
+    generator = watcher.watch_head(start)
+    first = await asyncio.wait_for(generator.__anext__(), 30)
+    assert first == latest == await watcher.revision()
+    await generator.aclose()
+    # reads after the compaction work (they read at the current revision)
+    assert await watcher.get("a") == b"later-2"
+    await watcher.close()
+    await writer.close()
