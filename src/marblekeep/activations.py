@@ -186,7 +186,8 @@ class MarbleActivations:
         if marble is None or marble.max_activations <= 0:
             result = activate(coord.prepared, inp, now, simulation=coord.simulation, rng=coord.rng)
             return answer(result)
-        async with coord.lock:
+
+        async def attempt() -> T:
             result = activate(coord.prepared, inp, now, simulation=coord.simulation, rng=coord.rng)
             # Answer before counting: a request that cannot be answered (e.g. a low-order HPKE key)
             # must not use up one of the type's activations.
@@ -196,7 +197,11 @@ class MarbleActivations:
                 counts = dict(dep.activations)
                 counts[inp.marble_type] = result.new_activation_count
                 await coord.commit(dataclasses.replace(dep, activations=counts))
-        return out
+            return out
+
+        # Under the lock; exact across replicas: a count that lost the compare-and-set against
+        # another replica is computed again on that replica's state.
+        return await coord.mutate(attempt)
 
     def _require_accepting(self) -> None:
         if self._coord.state is not CoordinatorState.ACCEPTING_MARBLES:
@@ -303,7 +308,8 @@ class MarbleActivations:
             raise RequestError("value: must be an unsigned 64-bit integer (0 to 18446744073709551615)")
         coord = self._coord
         key = counter_id(marble[0], marble[1], name)
-        async with coord.lock:
+
+        async def attempt() -> int:
             dep = coord.deployment
             dep.require(CoordinatorState.ACCEPTING_MARBLES)
             previous = dep.counters.get(key, 0)
@@ -311,7 +317,9 @@ class MarbleActivations:
                 counters = dict(dep.counters)
                 counters[key] = value
                 await coord.commit(dataclasses.replace(dep, counters=counters))
-        return previous
+            return previous
+
+        return await coord.mutate(attempt)  # under the lock, recomputed if another replica won
 
     async def monotonic_counter(self, client_cert_der: bytes | None, name: object, value: object) -> int:
         """:meth:`counter_client` then :meth:`raise_counter`."""

@@ -17,10 +17,10 @@ import datetime as dt
 import hashlib
 import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Protocol, TypeVar, cast
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -51,6 +51,7 @@ from marblekeep.errors import (
     AttestationError,
     AuthorizationError,
     ConfigError,
+    ConflictError,
     QuoteUnavailable,
     RecoveryError,
     RequestTooLarge,
@@ -62,15 +63,20 @@ from marblekeep.marble.evidence import EvidenceIssuer
 from marblekeep.marble.protocol import ChallengeBook, EvidenceType
 from marblekeep.recovery.keys import generate_recovery_keys
 from marblekeep.recovery.recoverer import Recoverer
+from marblekeep.replica import Follower, Watchable
 from marblekeep.store.base import Store
 from marblekeep.store.kek import KeyEncryptionKeyProvider, SimulationKeyFileProvider
+from marblekeep.store.location import SQLiteLocation, StoreLocation, open_backend
 from marblekeep.store.lock import DataDirLock
 from marblekeep.store.sealed import NeedsRecovery, Opened, PendingRecovery, SealedStore, open_sealed_store
-from marblekeep.store.sqlite import SQLiteStore
 
 __all__ = ["ActivationOutcome", "Coordinator", "CoordinatorConfig", "EvidenceVerifier"]
 
 log = logging.getLogger("marblekeep.coordinator")
+
+_T = TypeVar("_T")
+#: How often a write that lost the compare-and-set against another replica is computed again.
+CONFLICT_RETRIES = 16
 
 Clock = Callable[[], dt.datetime]
 Rng = Callable[[int], bytes]
@@ -101,6 +107,8 @@ class CoordinatorConfig:
     connection_limits: ConnectionLimits = field(default_factory=ConnectionLimits)
     #: Operator override: a non-simulation Coordinator loads a state made in simulation (logged).
     accept_simulation_state: bool = False
+    #: Where the sealed state lives (``--store``): SQLite in ``seal_dir`` by default, or etcd.
+    store: StoreLocation = field(default_factory=SQLiteLocation)
 
 
 def _simulation_state_refusal(seal_dir: Path) -> ConfigError:
@@ -159,8 +167,13 @@ class Coordinator:
         rng: Rng = os.urandom,
         seal_providers: Mapping[SealMode, KeyEncryptionKeyProvider] | None = None,
         seal_mode_in_use: SealMode = SealMode.PRODUCT_KEY,
+        store_revision: int = 0,
     ) -> None:
         self.config = config
+        #: The store revision the in-memory deployment was read at: commits are conditioned on it.
+        self._view_revision = store_revision
+        #: Follows the other replicas' commits when the store is shared (etcd).
+        self.follower: Follower | None = None
         self._seal_providers = dict(seal_providers or {})
         self._seal_mode_in_use = seal_mode_in_use
         self.simulation = config.simulation
@@ -250,7 +263,8 @@ class Coordinator:
                     )
                 provider = SimulationKeyFileProvider(seal_dir / SIMULATION_KEK_FILE)
             seal_providers = {SealMode.PRODUCT_KEY: provider, SealMode.UNIQUE_KEY: provider}
-        inner: Store = await SQLiteStore.open(seal_dir / STATE_DB)
+        inner: Store = await open_backend(config.store, seal_dir / STATE_DB)
+        log.info("state store opened", extra={"store": config.store.describe()})
         try:
             # The seal mode is part of the sealed manifest, so it is not known before unsealing: try the
             # product key first (MarbleRun's default), then the unique key.
@@ -302,7 +316,8 @@ class Coordinator:
                     **common,  # type: ignore[arg-type]
                 )
             store = opened.store
-            records = await store.list("")
+            snap = await store.snapshot("")
+            records = dict(snap.records)
             dep = deployment_from_records(records)
             if dep is None:
                 dep = new_deployment(config.dns_names, now, rng)
@@ -314,12 +329,22 @@ class Coordinator:
                 )
             meta = PublicMetadata.decode(store.public_metadata) if records else None
             check_simulation_mark(config, meta)
-            coord = cls(config, deployment=dep, store=store, records=records, **common)  # type: ignore[arg-type]
+            coord = cls(
+                config,
+                deployment=dep,
+                store=store,
+                records=records,
+                store_revision=snap.revision,
+                **common,  # type: ignore[arg-type]
+            )
             if records:
                 coord._sealed_in_simulation = config.simulation or (
                     meta is not None and meta.sealed_in_simulation
                 )
                 await coord._store_public_metadata(dep)
+            if hasattr(inner, "watch_head"):  # a shared store: other replicas may commit
+                coord.follower = Follower(cast(Watchable, inner), coord.sync, lambda: coord._view_revision)
+                coord.follower.start()
             return coord
         except BaseException:
             await inner.close()
@@ -327,6 +352,9 @@ class Coordinator:
 
     async def close(self) -> None:
         try:
+            if self.follower is not None:
+                await self.follower.stop()
+                self.follower = None
             if self._store is not None:
                 await self._store.close()
                 self._store = None
@@ -336,6 +364,50 @@ class Coordinator:
             if self._dir_lock is not None:
                 self._dir_lock.release()
                 self._dir_lock = None
+
+    # ------------------------------------------------------------------ replicas (shared store)
+
+    async def sync(self, seen: int | None = None) -> None:
+        """Re-read the state if another replica committed since this view was read (``seen``: the
+        store revision a watch reported; nothing to do if this view is already at or past it)."""
+        async with self.lock:
+            if seen is not None and seen <= self._view_revision:
+                return
+            await self._sync_locked()
+
+    async def _sync_locked(self) -> None:
+        if self._store is None or await self._store.revision() == self._view_revision:
+            return
+        snap = await self._store.snapshot("")
+        if snap.revision == self._view_revision:
+            return
+        dep = deployment_from_records(snap.records)
+        if dep is None:
+            return  # nothing stored yet
+        self._persisted = dep
+        self._view_revision = snap.revision
+        self._publish(dep)
+        log.info("state re-read at a newer store revision", extra={"revision": snap.revision})
+
+    async def _fresh_locked(self) -> None:
+        """On a shared store, make sure the view is current before computing a change (caller holds lock)."""
+        shared = self.follower is not None and self._store is not None
+        if shared and self._store is not None and await self._store.revision() != self._view_revision:
+            await self._sync_locked()
+
+    async def mutate(self, attempt: Callable[[], Awaitable[_T]]) -> _T:
+        """Run ``attempt`` (compute from the current view, then commit) under the lock; when another
+        replica committed first, the commit's compare-and-set fails, the view is re-read and the change
+        computed again on it (never lost, never applied twice)."""
+        for tries in range(CONFLICT_RETRIES):
+            async with self.lock:
+                try:
+                    return await attempt()
+                except ConflictError:
+                    if tries == CONFLICT_RETRIES - 1:
+                        raise
+            await asyncio.sleep(0.001 * (tries + 1))
+        raise AssertionError("unreachable")
 
     # ------------------------------------------------------------------ snapshot
 
@@ -372,8 +444,15 @@ class Coordinator:
         if persist and self._store is not None:
             changes = deployment_changes(self._persisted, new)
             if changes:
-                revision = await self._store.revision()
-                await self._store.commit(changes, expected_revision=revision)
+                try:
+                    self._view_revision = await self._store.commit(
+                        changes, expected_revision=self._view_revision
+                    )
+                except ConflictError:
+                    await self._sync_locked()  # another replica committed first: take its state
+                    raise ConflictError(
+                        "another Coordinator replica changed the state at the same time; retry"
+                    ) from None
             self._persisted = new
             await self._follow_seal_mode(new)
         self._publish(new)
@@ -389,7 +468,7 @@ class Coordinator:
         if target is None:
             return
         if target is not current:
-            await self._store.rewrap(target)
+            self._view_revision = await self._store.rewrap(target)
             log.info("state re-sealed for the manifest's seal mode", extra={"seal_mode": wanted.value})
         self._seal_mode_in_use = wanted
 
@@ -424,6 +503,7 @@ class Coordinator:
                 f"manifest is {len(raw)} bytes, more than the limit of {self.config.max_manifest_bytes}"
             )
         async with self.lock:
+            await self._fresh_locked()
             dep = self._dep
             dep.require(CoordinatorState.ACCEPTING_MANIFEST, CoordinatorState.RECOVERY)
             manifest = load_manifest(raw)
@@ -434,6 +514,7 @@ class Coordinator:
                 # through the quote endpoint) becomes the new deployment's root.
                 if self._pending_recovery is not None:
                     self._store = await self._pending_recovery.discard()
+                    self._view_revision = await self._store.revision()
                     self._pending_recovery = None
                     self._recoverer = None
                 self._persisted = None
@@ -446,10 +527,11 @@ class Coordinator:
             if self._persists(new) and self._store is not None:
                 # The state is sealed under the DEK the recovery secrets open; the recovery public
                 # keys are stored beside R so that uploads can be checked before the DEK is known.
-                await self._store.rekey(
+                self._view_revision = await self._store.rekey(
                     material.dek,
                     recovery_data=material.recovery_data,
                     public_metadata=self._public_metadata(manifest),
+                    expected_revision=self._view_revision,
                 )
             await self.commit(new)
         log.info(
@@ -466,10 +548,11 @@ class Coordinator:
             manifest.recovery_keys, manifest.config.recovery_threshold, rng=self.rng
         )
         if self._store is not None and manifest.config.seal_mode is not SealMode.DISABLED:
-            await self._store.rekey(
+            self._view_revision = await self._store.rekey(
                 material.dek,
                 recovery_data=material.recovery_data,
                 public_metadata=self._public_metadata(manifest),
+                expected_revision=self._view_revision,
             )
         return dict(material.secrets)
 
@@ -488,6 +571,9 @@ class Coordinator:
         if store.public_metadata != wanted:
             await store.set_public_metadata(wanted)
             log.info("the sealed state's public metadata (recovery public keys, simulation mark) was stored")
+            # That commit moved the store's revision: re-read, so that the view's revision (which
+            # conditions the next commit) is current and covers any other replica's commit meanwhile.
+            await self._sync_locked()
 
     def _check_simulation_mark(self, meta: PublicMetadata | None) -> None:
         check_simulation_mark(self.config, meta)
@@ -552,6 +638,7 @@ class Coordinator:
             if dep is None:
                 raise RecoveryError("the recovered state holds no deployment; set a new manifest instead")
             self._store = store
+            self._view_revision = await store.revision()
             self._persisted = dep
             meta = PublicMetadata.decode(store.public_metadata)
             self._sealed_in_simulation = self.simulation or (meta is not None and meta.sealed_in_simulation)
@@ -606,17 +693,22 @@ class Coordinator:
 
     async def read_secrets(self, user: str, names: Sequence[str]) -> dict[str, Secret]:
         """The secrets ``names`` (ReadSecret on all). The read is logged and committed first."""
-        async with self.lock:
+        async def attempt() -> dict[str, Secret]:
             new, secrets = governance.read_secrets(self._dep, user, names, self.clock())
             await self.commit(new)
+            return secrets
+
+        secrets = await self.mutate(attempt)
         log.info("secrets read", extra={"user": user, "secrets": sorted(secrets)})
         return secrets
 
     async def write_secrets(self, user: str, body: object) -> None:
         """Set user-defined secrets (all or nothing; see governance.write_secrets)."""
-        async with self.lock:
+        async def attempt() -> None:
             new = governance.write_secrets(self._dep, user, body, self.clock())
             await self.commit(new)
+
+        await self.mutate(attempt)
         names = sorted(str(n) for n in body) if isinstance(body, Mapping) else []
         log.info("user-defined secrets set", extra={"user": user, "secrets": names})
 
@@ -651,6 +743,7 @@ class Coordinator:
         acknowledge). Returns the outcome and the new recovery secrets (when the keys changed)."""
         self._check_manifest_size(raw)
         async with self.lock:
+            await self._fresh_locked()
             outcome = governance.update_manifest(self._dep, user, raw, self.clock(), self.rng)
             recovery = await self._commit_update(outcome)
         self._after_update(outcome)
@@ -662,14 +755,17 @@ class Coordinator:
         """Acknowledge the pending update with its exact bytes; the last one applies it."""
         self._check_manifest_size(raw)
         async with self.lock:
+            await self._fresh_locked()
             outcome = governance.acknowledge_update(self._dep, user, raw, self.clock(), self.rng)
             recovery = await self._commit_update(outcome)
         self._after_update(outcome)
         return outcome, recovery
 
     async def cancel_update(self, user: str) -> None:
-        async with self.lock:
+        async def attempt() -> None:
             await self.commit(governance.cancel_update(self._dep, user, self.clock()))
+
+        await self.mutate(attempt)
         log.info("pending manifest update cancelled", extra={"user": user})
 
     def pending_update(self) -> PendingUpdate | None:
@@ -695,9 +791,6 @@ class Coordinator:
     async def activate(self, body: bytes) -> ActivationOutcome:
         """marblekeep's protocol: one activation request body → the sealed Parameters."""
         return await self.marbles.activate_hpke(body)
-
-
-_T = TypeVar("_T")
 
 
 async def _in_thread_to_the_end(fn: Callable[..., _T], *args: object) -> _T:

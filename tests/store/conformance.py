@@ -1,6 +1,7 @@
 """Store conformance suite: every backend (and the sealed barrier over each) must pass all of it.
 
-To add a backend (e.g. etcd), add a :class:`Backend` factory to :data:`BACKENDS`.
+To add a backend, add a :class:`Backend` factory to :data:`BACKENDS`. The etcd backends run
+against the session's real etcd (``etcd_server`` fixture), each test under its own key prefix.
 ``tests/store/test_store_conformance.py`` loads this module and collects its tests;
 the ``backend`` fixture runs each test once per entry.
 """
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from etcd_support import EtcdMember, unique_prefix
 from marblekeep.errors import ConflictError, StoreError
 from marblekeep.store import (
     MemoryStore,
@@ -25,6 +27,7 @@ from marblekeep.store import (
     Transaction,
     open_sealed_store,
 )
+from marblekeep.store.etcd import EtcdStore
 
 
 @dataclass
@@ -68,16 +71,41 @@ def _sealed_sqlite(tmp: Path) -> Backend:
     return Backend("sealed-sqlite", True, open_)
 
 
+def _etcd(tmp: Path, etcd: EtcdMember) -> Backend:
+    config = etcd.config(unique_prefix())
+
+    async def open_() -> Store:
+        return await EtcdStore.open(config)
+
+    return Backend("etcd", True, open_)
+
+
+def _sealed_etcd(tmp: Path, etcd: EtcdMember) -> Backend:
+    config = etcd.config(unique_prefix())
+
+    async def open_() -> Store:
+        return await _sealed(await EtcdStore.open(config), tmp / "kek")
+
+    return Backend("sealed-etcd", True, open_)
+
+
 BACKENDS: dict[str, Callable[[Path], Backend]] = {
     "memory": _memory,
     "sqlite": _sqlite,
     "sealed-memory": _sealed_memory,
     "sealed-sqlite": _sealed_sqlite,
 }
+#: Backends on the session's real etcd.
+ETCD_BACKENDS: dict[str, Callable[[Path, EtcdMember], Backend]] = {
+    "etcd": _etcd,
+    "sealed-etcd": _sealed_etcd,
+}
 
 
-@pytest.fixture(params=sorted(BACKENDS))
+@pytest.fixture(params=sorted(BACKENDS) + sorted(ETCD_BACKENDS))
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    if request.param in ETCD_BACKENDS:
+        return ETCD_BACKENDS[request.param](tmp_path, request.getfixturevalue("etcd_server"))
     return BACKENDS[request.param](tmp_path)
 
 

@@ -13,6 +13,7 @@ from marblekeep.api.server import serve
 from marblekeep.errors import MarbleKeepError
 from marblekeep.logs import configure_logging
 from marblekeep.service import CoordinatorConfig
+from marblekeep.store.location import parse_store_url
 
 log = logging.getLogger("marblekeep.coordinator")
 
@@ -79,6 +80,38 @@ def _tee_present(attestation_root: Path) -> bool:
     help="Where the sealed state lives (env EDG_COORDINATOR_SEAL_DIR).",
 )
 @click.option(
+    "--store",
+    "store_url",
+    envvar="MARBLEKEEP_STORE",
+    default="",
+    metavar="URL",
+    help="Where the sealed state lives (env MARBLEKEEP_STORE): unset = SQLite in --seal-dir; "
+    "etcd://HOST:PORT[,HOST:PORT...][/PREFIX] = an etcd cluster shared by replicas; etcds://... = etcd "
+    "over TLS. See docs/ha.md.",
+)
+@click.option(
+    "--store-ca-file",
+    envvar="MARBLEKEEP_STORE_CA_FILE",
+    default=None,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="etcds://: CA bundle (PEM) that signed etcd's certificate; default: the system's roots "
+    "(env MARBLEKEEP_STORE_CA_FILE).",
+)
+@click.option(
+    "--store-cert-file",
+    envvar="MARBLEKEEP_STORE_CERT_FILE",
+    default=None,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="etcds://: client certificate (PEM) for etcd (env MARBLEKEEP_STORE_CERT_FILE).",
+)
+@click.option(
+    "--store-key-file",
+    envvar="MARBLEKEEP_STORE_KEY_FILE",
+    default=None,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="etcds://: the client certificate's private key (PEM) (env MARBLEKEEP_STORE_KEY_FILE).",
+)
+@click.option(
     "--simulation",
     is_flag=True,
     envvar="MARBLEKEEP_SIMULATION",
@@ -135,6 +168,10 @@ def coordinator(
     prometheus_addr: str,
     dns_names: str,
     seal_dir: Path,
+    store_url: str,
+    store_ca_file: Path | None,
+    store_cert_file: Path | None,
+    store_key_file: Path | None,
     simulation: bool,
     attestation_root: Path,
     allow_rollback: bool,
@@ -147,9 +184,17 @@ def coordinator(
     """Run the Coordinator: Client API (default :4433), Marble API (default :2001).
 
     Outside a TEE the Coordinator refuses to start unless --simulation is given. State is sealed
-    in --seal-dir and survives restarts. Stop it with SIGTERM or Ctrl-C.
+    in --seal-dir (or on etcd with --store etcd://...) and survives restarts. Stop it with SIGTERM
+    or Ctrl-C.
     """
     configure_logging(log_format, logging.DEBUG if debug else logging.INFO)
+    try:
+        store = parse_store_url(
+            store_url, ca_file=store_ca_file, cert_file=store_cert_file, key_file=store_key_file
+        )
+    except MarbleKeepError as exc:
+        click.echo(f"error: {exc.message}", err=True)
+        sys.exit(exc.exit_code)
     if not simulation and not _tee_present(attestation_root):
         click.echo(
             f"Error: no TEE found ({attestation_root}/attestation_type is missing). Run the Coordinator "
@@ -167,6 +212,7 @@ def coordinator(
         prometheus_addr=prometheus_addr,
         dns_names=names,
         seal_dir=seal_dir,
+        store=store,
         simulation=simulation,
         allow_rollback=allow_rollback,
         accept_simulation_state=unsafe_accept_simulation_state,

@@ -393,8 +393,8 @@ class SealedStore:
             # so this only weakens rollback protection until the next successful write.
             SEAL_LOG.error("state committed at epoch %d, but %s", self._state.epoch, exc.message)
 
-    async def _reload(self) -> None:
-        """Re-verify everything after another writer moved the backend's revision."""
+    async def _reload(self) -> Snapshot:
+        """Re-verify everything after another writer moved the backend's revision; the snapshot read."""
         if self._kek is None:
             raise StoreError("the sealed state changed underneath a store without a KEK; restart")
         snap = await self._inner.snapshot("")
@@ -423,8 +423,12 @@ class SealedStore:
                 f"the stored state went back from epoch {self._state.epoch} to {state.epoch} while "
                 "running: the storage is being rolled back; restart and investigate"
             )
+        advanced = state.epoch > self._state.epoch
         self._crypto, self._state, self._revision = crypto, state, snap.revision
         self._unwritten, self._pending_deletes, self._stale = False, frozenset(), False
+        if advanced:  # another writer (a replica on a shared store) sealed newer epochs: remember them
+            await self._write_anchor()
+        return snap
 
     async def _refresh_if_unwritten(self) -> None:
         if self._unwritten and (self._stale or await self._inner.revision() != self._revision):
@@ -492,8 +496,19 @@ class SealedStore:
                 await self._refresh_if_unwritten()
                 if self._unwritten:
                     return Snapshot(self._revision, {})
-                if self._stale:
-                    await self._reload()
+                if self._stale or (not prefix and await self._inner.revision() != self._revision):
+                    # re-verified just now: serve the records of that same read (a replica that
+                    # follows busy writers would otherwise never catch a quiet moment)
+                    full = await self._reload()
+                    if not prefix:
+                        return Snapshot(
+                            full.revision,
+                            {
+                                k.removeprefix(DATA_PREFIX): self._crypto.open(k, v)
+                                for k, v in sorted(full.records.items())
+                                if k.startswith(DATA_PREFIX)
+                            },
+                        )
                 snap = await self._inner.snapshot(inner_prefix)
                 if snap.revision != self._revision:
                     self._stale = True
@@ -521,7 +536,10 @@ class SealedStore:
     async def commit(self, writes: Mapping[str, bytes | None], *, expected_revision: int) -> int:
         checked = check_writes(writes)
         async with self._lock:
-            await self._refresh()
+            # No round trip to learn the backend's revision: the backend's own compare-and-set
+            # refuses the commit if another writer moved it (and marks this view stale).
+            if self._stale or self._unwritten:
+                await self._refresh()
             if expected_revision != self._revision:
                 raise ConflictError(
                     f"store changed since revision {expected_revision} (now {self._revision}); "
@@ -578,17 +596,24 @@ class SealedStore:
         *,
         recovery_data: bytes | _Keep | None = KEEP,
         public_metadata: bytes | _Keep | None = KEEP,
+        expected_revision: int | None = None,
     ) -> int:
         """Re-encrypt every record under ``new_dek`` and store the new wrapped DEK, in one commit.
 
         Used when a manifest is set or its recovery keys change (the DEK is what the
         recovery secrets open). ``recovery_data`` replaces R and ``public_metadata`` the
-        public recovery keys in the same commit. Returns the new revision.
+        public recovery keys in the same commit. ``expected_revision`` (if given) makes it a
+        compare-and-set like :meth:`commit`. Returns the new revision.
         """
         if not isinstance(new_dek, bytes) or len(new_dek) != DEK_SIZE:
             raise SealError(f"a data-encryption key must be {DEK_SIZE} bytes")
         async with self._lock:
             await self._refresh()
+            if expected_revision is not None and expected_revision != self._revision:
+                raise ConflictError(
+                    f"store changed since revision {expected_revision} (now {self._revision}); "
+                    "re-read and retry"
+                )
             old = self._crypto
             snap = await self._inner.snapshot(DATA_PREFIX)
             if snap.revision != self._revision:
