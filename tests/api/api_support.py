@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 import httpx
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from marblekeep.api.limits import ConnectionLimits
 from marblekeep.api.server import Listeners
 from marblekeep.marble.protocol import (
     ACTIVATE_PATH,
@@ -115,6 +116,7 @@ class RunningCoordinator:
         kek_provider: KeyEncryptionKeyProvider | None = None,
         prometheus: bool = False,
         max_manifest_bytes: int | None = None,
+        connection_limits: ConnectionLimits | None = None,
     ) -> None:
         self.client_port = free_port()
         self.marble_port = free_port()
@@ -122,6 +124,8 @@ class RunningCoordinator:
         extra: dict[str, Any] = {}
         if max_manifest_bytes is not None:
             extra["max_manifest_bytes"] = max_manifest_bytes
+        if connection_limits is not None:
+            extra["connection_limits"] = connection_limits
         self.config = CoordinatorConfig(
             client_addr=f"127.0.0.1:{self.client_port}",
             mesh_addr=f"127.0.0.1:{self.marble_port}",

@@ -331,6 +331,34 @@ class Listeners:
         self.tls_listeners.clear()
 
 
+#: File descriptors beyond the two listeners' connections: store, logs, collateral, metrics.
+FD_RESERVE = 128
+
+
+def ensure_fd_limit(limits: ConnectionLimits) -> None:
+    """Raise the soft RLIMIT_NOFILE so that both listeners can hold ``max_connections`` each (up to
+    the hard limit); say so when even the hard limit is too low."""
+    try:
+        import resource  # noqa: PLC0415 (POSIX only)
+    except ImportError:  # pragma: no cover - not on POSIX
+        return
+    need = 2 * limits.max_connections + FD_RESERVE
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return
+    target = need if hard == resource.RLIM_INFINITY else min(need, hard)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError):
+        target = soft
+    if target < need:
+        log.warning(
+            "the open-file limit is lower than the connection limits need: lower --max-connections "
+            "or raise the limit (ulimit -n)",
+            extra={"open_files": target, "needed": need, "max_connections": limits.max_connections},
+        )
+
+
 async def serve(config: CoordinatorConfig, *, ready: Callable[[], None] | None = None) -> None:
     source = collateral_source(config.pccs_url or None, config.collateral_dir)
     verifier = DcapEvidenceVerifier(source, clock=utcnow) if source is not None else None
@@ -353,6 +381,7 @@ async def serve(config: CoordinatorConfig, *, ready: Callable[[], None] | None =
         if verifier is not None:
             await verifier.aclose()
         raise
+    ensure_fd_limit(config.connection_limits)
     listeners = Listeners(coord, config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import click
 
+from marblekeep.api.limits import MAX_TIMEOUT, ConnectionLimits
 from marblekeep.api.server import serve
 from marblekeep.errors import MarbleKeepError
 from marblekeep.logs import configure_logging
@@ -36,6 +38,43 @@ def listen_addresses(client: str | None, mesh: str | None, simulation: bool) -> 
             *chosen,
         )
     return chosen
+
+
+_DEFAULT_LIMITS = ConnectionLimits()
+_SECONDS = click.FloatRange(min=0, min_open=True, max=MAX_TIMEOUT)
+
+
+def _limit_options(f: Callable[..., None]) -> Callable[..., None]:
+    """Connection limits of both TLS listeners (docs/operations.md, "Connection limits")."""
+    timeouts = [
+        ("--handshake-timeout", "MARBLEKEEP_HANDSHAKE_TIMEOUT", "handshake_timeout",
+         "Seconds a client has to complete the TLS handshake"),
+        ("--header-timeout", "MARBLEKEEP_HEADER_TIMEOUT", "header_timeout",
+         "Seconds from a request's first byte until its head (request line and headers) is complete"),
+        ("--body-timeout", "MARBLEKEEP_BODY_TIMEOUT", "body_timeout",
+         "Seconds from a request's head until its whole body has arrived (else HTTP 408)"),
+        ("--idle-timeout", "MARBLEKEEP_IDLE_TIMEOUT", "idle_timeout",
+         "Seconds a connection may stay open without a complete request (keep-alive)"),
+    ]  # fmt: skip
+    f = click.option(
+        "--max-connections",
+        envvar="MARBLEKEEP_MAX_CONNECTIONS",
+        type=click.IntRange(1, 1_000_000),
+        default=_DEFAULT_LIMITS.max_connections,
+        show_default=True,
+        help="Open connections per listener; more are refused, with a log line "
+        "(env MARBLEKEEP_MAX_CONNECTIONS).",
+    )(f)
+    for flag, env, attr, text in reversed(timeouts):
+        f = click.option(
+            flag,
+            envvar=env,
+            type=_SECONDS,
+            default=getattr(_DEFAULT_LIMITS, attr),
+            show_default=True,
+            help=f"{text} (env {env}).",
+        )(f)
+    return f
 
 
 def _tee_present(attestation_root: Path) -> bool:
@@ -162,6 +201,7 @@ def _tee_present(attestation_root: Path) -> bool:
 @click.option(
     "--debug", is_flag=True, envvar="EDG_DEBUG_LOGGING", help="Debug logging (env EDG_DEBUG_LOGGING=1)."
 )
+@_limit_options
 def coordinator(
     client_addr: str | None,
     mesh_addr: str | None,
@@ -180,6 +220,11 @@ def coordinator(
     collateral_dir: Path | None,
     log_format: str,
     debug: bool,
+    handshake_timeout: float,
+    header_timeout: float,
+    body_timeout: float,
+    idle_timeout: float,
+    max_connections: int,
 ) -> None:
     """Run the Coordinator: Client API (default :4433), Marble API (default :2001).
 
@@ -220,6 +265,13 @@ def coordinator(
         log_format=log_format,
         pccs_url=pccs_url,
         collateral_dir=collateral_dir,
+        connection_limits=ConnectionLimits(
+            handshake_timeout=handshake_timeout,
+            header_timeout=header_timeout,
+            body_timeout=body_timeout,
+            idle_timeout=idle_timeout,
+            max_connections=max_connections,
+        ),
     )
     try:
         asyncio.run(serve(config))
