@@ -445,3 +445,26 @@ def test_client_api_negotiates_http11_not_h2(shared_coordinator: RunningCoordina
     only_h2 = s_client(coordinator.client_port, "-alpn", "h2")
     assert only_h2.returncode == 0, only_h2.stderr
     assert "No ALPN negotiated" in only_h2.stdout
+
+
+def test_plain_http_on_the_tls_port_is_closed_and_the_listener_keeps_serving(layer: Any) -> None:
+    server = layer({ALPN_HTTP11: _http_app()})
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as raw:
+        raw.sendall(b"GET /whoami HTTP/1.1\r\nHost: x\r\n\r\n")
+        data = b""
+        while chunk := raw.recv(65536):
+            data += chunk
+    # Not TLS: OpenSSL gives up on the first record (no alert: it is not a TLS record) and the
+    # connection is closed; aiohttp never sees the request.
+    assert data == b""
+    # The listener keeps serving.
+    assert exchange_http_whoami(server.port) == b'{"leaf": null, "secure": true}'
+
+
+def exchange_http_whoami(port: int) -> bytes:
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        Client().context().wrap_socket(raw, suppress_ragged_eofs=False) as tls,
+    ):
+        _, body = _request(tls, b"GET /whoami HTTP/1.1\r\nHost: x\r\n\r\n")
+    return body

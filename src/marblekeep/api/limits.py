@@ -27,7 +27,7 @@ import logging
 import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
@@ -85,6 +85,7 @@ class ConnectionLimits:
         }
 
 
+@runtime_checkable
 class RequestTracker(Protocol):
     """What the TLS layer's transport offers the HTTP middleware (api/tlslayer.py)."""
 
@@ -104,10 +105,9 @@ def deadline_middleware(limits: ConnectionLimits) -> Middleware:
 
     @web.middleware
     async def deadlines(request: web.Request, handler: Handler) -> web.StreamResponse:
-        tracker = request.transport
-        tracked = tracker is not None and hasattr(tracker, "request_started")
-        if tracked:
-            tracker.request_started()  # type: ignore[union-attr]
+        tracker = request.transport if isinstance(request.transport, RequestTracker) else None
+        if tracker is not None:
+            tracker.request_started()
         watchdog: asyncio.TimerHandle | None = None
         expired: list[bool] = []
         if request.body_exists and not request.content.is_eof():
@@ -134,8 +134,8 @@ def deadline_middleware(limits: ConnectionLimits) -> Middleware:
         finally:
             if watchdog is not None:
                 watchdog.cancel()
-            if tracked:
-                tracker.request_finished()  # type: ignore[union-attr]
+            if tracker is not None:
+                tracker.request_finished()
         if expired:
             response.force_close()
         return response

@@ -351,7 +351,7 @@ class _TLSConnection(asyncio.Protocol):
                 "TLS record error",
                 extra={"listener": self._listener.name, "peer": self._peer(), "error": _ssl_reason(failed)},
             )
-            self.abort()
+            self._close_raw()  # after the alert flushed above has been written
         elif eof and self._app is not None and not self.closing:
             keep_open = self._app.eof_received()
             if not keep_open:
