@@ -81,6 +81,10 @@ class Recorder(asyncio.Protocol):
             str(t.get_extra_info("peername")[0]).encode(),
             str(t.get_extra_info("sockname")[1]).encode(),
             str(sock is not None and sock.getsockname() == t.get_extra_info("sockname")).encode(),
+            str(
+                t.get_extra_info("ssl_object").selected_alpn_protocol() == t.get_extra_info("alpn")
+                and t.get_extra_info("ssl_object").getpeercert(binary_form=True) == leaf
+            ).encode(),
             data.strip(),
         ]
         t.write(b"|".join(facts) + b"\n")
@@ -202,12 +206,14 @@ def test_application_sees_leaf_alpn_and_socket_facts(layer: Any, tmp_path: Path)
         b"127.0.0.1",
         str(server.port).encode(),
         b"True",
+        b"True",
         b"hello",
     ]
     # No certificate: None. http/1.1 offered: the http/1.1 protocol.
     alpn, facts = exchange(server.port, Client().context(["http/1.1"]))
     assert alpn == "http/1.1"
     assert facts[:3] == [b"http", b"-", b"http/1.1"]
+    assert facts[6] == b"True"  # ssl_object agrees (no certificate: None)
     # No ALPN at all: http/1.1's protocol, and alpn is None.
     alpn, facts = exchange(server.port, Client().context())
     assert alpn is None

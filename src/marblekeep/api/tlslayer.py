@@ -21,9 +21,11 @@ the write BIO to the socket. Nothing else would do what the Coordinator needs:
 After the handshake the application protocol (aiohttp's ``RequestHandler``, or a gRPC protocol)
 gets a :class:`TLSTransport`: an ``asyncio.Transport`` whose ``get_extra_info`` answers
 ``peer_cert_der`` (leaf DER or None), ``alpn`` (str or None), ``tls_version``, ``cipher``,
-and passes ``peername``, ``sockname``, ``socket`` through. Flow control is
-the socket transport's: writes are encrypted at once and handed to it, so its buffer size and
-watermarks are the application's, and its pause/resume_writing calls are forwarded.
+``ssl_object`` (a read-only :class:`SSLObjectView` with ``selected_alpn_protocol()`` and
+``getpeercert(binary_form=True)``, for libraries that ask the stdlib's way), and passes
+``peername``, ``sockname``, ``socket`` through. Flow control is the socket transport's: writes are
+encrypted at once and handed to it, so its buffer size and watermarks are the application's, and
+its pause/resume_writing calls are forwarded.
 
 Per-record Python work is kept small: incoming ciphertext is fed to OpenSSL as the socket
 delivers it (up to 256 KiB) and decrypted in 64 KiB reads delivered to the application in one
@@ -113,6 +115,31 @@ def build_context(credentials: ServerCredentials, session_id: bytes) -> SSL.Cont
     # that OpenSSL draws at random and keeps in memory.
     ctx.set_session_id(session_id)
     return ctx
+
+
+class SSLObjectView:
+    """The read-only part of ``ssl.SSLObject`` that libraries query on a server transport."""
+
+    def __init__(self, peer_der: bytes | None, alpn: str | None, version: str, cipher: str | None) -> None:
+        self._peer_der = peer_der
+        self._alpn = alpn
+        self._version = version
+        self._cipher = cipher
+
+    def selected_alpn_protocol(self) -> str | None:
+        return self._alpn
+
+    def getpeercert(self, binary_form: bool = False) -> bytes | dict[str, Any] | None:
+        # Like ssl with an unverified certificate: the DER in binary form, an empty dict otherwise.
+        if self._peer_der is None:
+            return None
+        return self._peer_der if binary_form else {}
+
+    def version(self) -> str:
+        return self._version
+
+    def cipher(self) -> tuple[str, str, int] | None:
+        return (self._cipher, self._version, 0) if self._cipher else None
 
 
 class TLSTransport(asyncio.Transport):
@@ -304,11 +331,14 @@ class _TLSConnection(asyncio.Protocol):
         peer = tls.get_peer_certificate(as_cryptography=True)
         peer_der = peer.public_bytes(Encoding.DER) if peer is not None else None
         cipher = tls.get_cipher_name()
+        version = tls.get_protocol_version_name()
         extra = {
             "peer_cert_der": peer_der,
             "alpn": alpn,
-            "tls_version": tls.get_protocol_version_name(),
+            "tls_version": version,
             "cipher": cipher,
+            # For libraries that ask the stdlib's way (ALPN, peer certificate in DER).
+            "ssl_object": SSLObjectView(peer_der, alpn, version, cipher),
             # aiohttp reports request.secure / scheme "https" when this is truthy.
             "sslcontext": self._listener,
         }
