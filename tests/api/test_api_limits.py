@@ -8,6 +8,7 @@ and asserts that it was closed rather than that the bound was hit.
 from __future__ import annotations
 
 import logging
+import resource
 import socket
 import ssl
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ from api_support import RunningCoordinator
 from click.testing import CliRunner
 
 from marblekeep.api.limits import ConnectionLimits
+from marblekeep.api.server import FD_RESERVE, ensure_fd_limit
 from marblekeep.cli.main import main as cli
 from marblekeep.errors import ConfigError
 
@@ -224,3 +226,28 @@ def test_cli_flags_and_help() -> None:
     bad_env = runner.invoke(cli, ["coordinator", "--simulation"], env={"MARBLEKEEP_MAX_CONNECTIONS": "0"})
     assert bad_env.exit_code == 2
     assert "--max-connections" in bad_env.output
+
+
+def test_open_file_limit_is_raised_to_fit_both_listeners(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    calls: list[tuple[int, int]] = []
+    monkeypatch.setattr(resource, "setrlimit", lambda which, value: calls.append(value))
+    limits = ConnectionLimits(max_connections=512)
+    need = 2 * 512 + FD_RESERVE
+
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (256, 1_000_000))
+    ensure_fd_limit(limits)
+    assert calls == [(need, 1_000_000)]
+
+    calls.clear()
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (need, 1_000_000))
+    ensure_fd_limit(limits)
+    assert calls == []  # already enough
+
+    calls.clear()
+    caplog.set_level(logging.WARNING, logger="marblekeep.coordinator")
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (256, 600))
+    ensure_fd_limit(limits)
+    assert calls == [(600, 600)]  # as far as the hard limit allows, and a warning
+    assert any("lower --max-connections" in r.getMessage() for r in caplog.records)
