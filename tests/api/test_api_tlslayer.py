@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from marblekeep.api import tlslayer
+from marblekeep.api.limits import ConnectionLimits
 from marblekeep.api.tls import ServerCredentials, make_server_credentials
 from marblekeep.api.tlslayer import ALPN_H2, ALPN_HTTP11, TLSListener
 from marblekeep.crypto.pki import create_root_ca
@@ -133,7 +134,13 @@ def self_signed_identity(tmp: Path, name: str) -> tuple[Path, Path, bytes]:
 class LayerServer:
     """A TLSListener on a background loop with the given protocol factories."""
 
-    def __init__(self, protocols: dict[str, Any], credentials: ServerCredentials | None = None) -> None:
+    def __init__(
+        self,
+        protocols: dict[str, Any],
+        credentials: ServerCredentials | None = None,
+        limits: ConnectionLimits | None = None,
+    ) -> None:
+        self.limits = limits
         self.bg = BackgroundLoop()
         root = create_root_ca(["localhost"], NOW)
         self.credentials = credentials or make_server_credentials(root, ["localhost"], NOW)
@@ -151,7 +158,7 @@ class LayerServer:
                 resolved[alpn] = runner.server
             else:
                 resolved[alpn] = factory
-        listener = TLSListener(lambda: self.credentials, resolved, name="test")
+        listener = TLSListener(lambda: self.credentials, resolved, name="test", limits=self.limits)
         await listener.start("127.0.0.1", 0)
         return listener
 
@@ -170,8 +177,8 @@ class LayerServer:
 def layer() -> Iterator[Any]:
     servers: list[LayerServer] = []
 
-    def start(protocols: dict[str, Any]) -> LayerServer:
-        server = LayerServer(protocols)
+    def start(protocols: dict[str, Any], limits: ConnectionLimits | None = None) -> LayerServer:
+        server = LayerServer(protocols, limits=limits)
         servers.append(server)
         return server
 
@@ -474,3 +481,23 @@ def exchange_http_whoami(port: int) -> bytes:
     ):
         _, body = _request(tls, b"GET /whoami HTTP/1.1\r\nHost: x\r\n\r\n")
     return body
+
+
+def test_a_client_that_stops_reading_is_dropped(layer: Any) -> None:
+    """Slow read: the response cannot be written because the client does not read; after the idle
+    timeout without write progress the connection is dropped and its slot freed."""
+    server = layer({ALPN_HTTP11: _http_app()}, ConnectionLimits(idle_timeout=1))
+    with (
+        socket.create_connection(("127.0.0.1", server.port), timeout=30) as raw,
+        Client().context().wrap_socket(raw, suppress_ragged_eofs=False) as tls,
+    ):
+        tls.sendall(f"GET /big?n={256 * 1024 * 1024} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+
+        async def until_dropped() -> int:
+            for _ in range(600):
+                if server.listener.connection_count == 0:
+                    return 0
+                await asyncio.sleep(0.1)
+            return server.listener.connection_count
+
+        assert server.bg.run(until_dropped()) == 0, "the connection of a client that does not read stayed"

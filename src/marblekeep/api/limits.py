@@ -10,7 +10,8 @@ buffers for long, nor open so many that nobody else gets in. Each listener there
   (else HTTP 408, and the connection is closed);
 - ``idle_timeout``: a connection without a request in progress (a fresh one, one between two
   keep-alive requests, and one whose request head is still incomplete) is closed this long after
-  it opened or after its last response;
+  it opened or after its last response; and a connection whose peer stops reading (nothing can
+  be written for this long) is dropped;
 - ``max_connections``: at most this many connections (handshaking or established) per listener;
   a connection beyond it is reset at once, with one log line per interval naming the limit.
 

@@ -239,6 +239,7 @@ class _TLSConnection(asyncio.Protocol):
         self._head_deadline_armed = False
         self._awaiting_head = True
         self._counted = False
+        self._write_timer: asyncio.TimerHandle | None = None
 
     # ------------------------------------------------------------------ socket side
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -278,6 +279,7 @@ class _TLSConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timer()
+        self._cancel_write_timer()
         self.closing = True
         if self._counted:
             self._counted = False
@@ -289,10 +291,17 @@ class _TLSConnection(asyncio.Protocol):
         self.raw = None
 
     def pause_writing(self) -> None:
+        # The peer does not read what we send. If that lasts for the idle timeout, drop it: a
+        # client must not hold a connection (and a handler) by not reading its responses.
+        if self._write_timer is None and not self.closing:
+            self._write_timer = self._loop.call_later(
+                self._listener.limits.idle_timeout, self._write_stalled, "the peer stopped reading"
+            )
         if self._app is not None:
             self._app.pause_writing()
 
     def resume_writing(self) -> None:
+        self._cancel_write_timer()
         if self._app is not None:
             self._app.resume_writing()
 
@@ -467,6 +476,25 @@ class _TLSConnection(asyncio.Protocol):
         self.closing = True
         if self.raw is not None:
             self.raw.close()
+            # close() waits until the socket's buffer is written; a peer that never reads would
+            # keep the connection (and its slot) forever.
+            if self._write_timer is None and self.raw is not None and self.raw.get_write_buffer_size():
+                self._write_timer = self._loop.call_later(
+                    self._listener.limits.idle_timeout, self._write_stalled, "the peer stopped reading"
+                )
+
+    def _write_stalled(self, why: str) -> None:
+        self._write_timer = None
+        log.debug(
+            f"{why}: dropping the connection",
+            extra={"listener": self._listener.name, "peer": self._peer()},
+        )
+        self.abort()
+
+    def _cancel_write_timer(self) -> None:
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
 
     # ------------------------------------------------------------------ timers
     def _deadline_passed(self, what: str) -> None:
