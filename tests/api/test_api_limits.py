@@ -251,3 +251,22 @@ def test_open_file_limit_is_raised_to_fit_both_listeners(
     ensure_fd_limit(limits)
     assert calls == [(600, 600)]  # as far as the hard limit allows, and a warning
     assert any("lower --max-connections" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("limited", [limits(idle_timeout=1)], indirect=True)
+def test_idle_grpc_connection_on_the_marble_api_is_closed(limited: RunningCoordinator) -> None:
+    """The idle timeout also bounds an HTTP/2 (gRPC) connection that makes no call."""
+    ctx = limited.ssl_context()
+    ctx.set_alpn_protocols(["h2"])
+    raw = socket.create_connection(("127.0.0.1", limited.marble_port), timeout=WAIT)
+    with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+        assert tls.selected_alpn_protocol() == "h2"
+        tls.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")  # SETTINGS
+        data = read_until_closed(tls)
+    frame_types = []
+    offset = 0
+    while offset + 9 <= len(data):
+        length = int.from_bytes(data[offset : offset + 3], "big")
+        frame_types.append(data[offset + 3])
+        offset += 9 + length
+    assert 7 in frame_types, frame_types  # GOAWAY before the close

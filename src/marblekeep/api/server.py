@@ -23,7 +23,7 @@ from marblekeep.api import jsend
 from marblekeep.api.client_api import COORDINATOR_KEY, add_client_routes
 from marblekeep.api.counter_api import add_counter_routes
 from marblekeep.api.governance_api import add_governance_routes
-from marblekeep.api.grpc import GrpcProtocol, GrpcStatus, UnaryMethod
+from marblekeep.api.grpc import IDLE_TIMEOUT, GrpcProtocol, GrpcStatus, UnaryMethod
 from marblekeep.api.limits import ConnectionLimits, deadline_middleware
 from marblekeep.api.tls import ServerCredentials, make_server_credentials
 from marblekeep.api.tlslayer import ALPN_H2, ALPN_HTTP11, ProtocolFactory, TLSListener
@@ -215,16 +215,19 @@ def marble_grpc_methods(coord: Coordinator, metrics: Metrics) -> dict[str, Unary
     return {MARBLERUN_ACTIVATE_PATH: UnaryMethod(activate, MAX_ACTIVATION_BODY)}
 
 
-def grpc_protocol_factory(coord: Coordinator, metrics: Metrics) -> Callable[[], GrpcProtocol]:
+def grpc_protocol_factory(
+    coord: Coordinator, metrics: Metrics, *, idle_timeout: float = IDLE_TIMEOUT
+) -> Callable[[], GrpcProtocol]:
     """A factory of HTTP/2 protocols serving :func:`marble_grpc_methods`, one per connection. The
-    transport handed to each must answer ``get_extra_info("peer_cert_der")``."""
+    transport handed to each must answer ``get_extra_info("peer_cert_der")``. ``idle_timeout``:
+    a connection without a call in progress is closed (GOAWAY) after this many seconds."""
     methods = marble_grpc_methods(coord, metrics)
 
     def observe(path: str, status: GrpcStatus, seconds: float) -> None:
         route = path if path in methods else "unmatched"
         metrics.grpc_requests.labels(route, status.name).inc()
 
-    return lambda: GrpcProtocol(methods, observe=observe)
+    return lambda: GrpcProtocol(methods, observe=observe, idle_timeout=idle_timeout)
 
 
 def build_metrics_app(metrics: Metrics) -> web.Application:
@@ -258,7 +261,11 @@ class Listeners:
         self.tls_listeners: list[TLSListener] = []
         self.client_listener: TLSListener | None = None
         self.marble_listener: TLSListener | None = None
-        self._marble_h2 = marble_h2 if marble_h2 is not None else grpc_protocol_factory(coord, self.metrics)
+        self._marble_h2 = (
+            marble_h2
+            if marble_h2 is not None
+            else grpc_protocol_factory(coord, self.metrics, idle_timeout=self.limits.idle_timeout)
+        )
         self._root_der = coord.deployment.ca.root.cert_der
         self.credentials = make_server_credentials(coord.deployment.ca.root, config.dns_names, coord.clock())
         # New handshakes see a recovered root without a restart. Users are matched per request
