@@ -128,6 +128,7 @@ def _cli(dep_workdir: Path, env: dict[str, str], *args: str) -> subprocess.Compl
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    required_binary(OUR_GO_PREMAIN)  # fails (or skips when opted out) before a Coordinator starts
     workdir = tmp_path_factory.mktemp("interop")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("EDG_", "MARBLEKEEP_"))}
     env.update(XDG_CONFIG_HOME=str(workdir / "config"), PYTHONUNBUFFERED="1")
@@ -152,11 +153,11 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
 
 
 @pytest.fixture(params=[OUR_GO_PREMAIN, GENUINE_PREMAIN])
-def go_marble(request: pytest.FixtureRequest, deployment: Deployment) -> GoMarble:
+def go_marble(request: pytest.FixtureRequest) -> GoMarble:
     name: str = request.param
     binary = required_binary(name) if name == OUR_GO_PREMAIN else genuine_binary(name)
-    files = [*REL_FILES, str(deployment.abs_file)]
-    return GoMarble(binary, deployment.mesh_addr, ENV_NAMES, files)
+    dep: Deployment = request.getfixturevalue("deployment")
+    return GoMarble(binary, dep.mesh_addr, ENV_NAMES, [*REL_FILES, str(dep.abs_file)])
 
 
 def activated(result: subprocess.CompletedProcess[str], dep: Deployment) -> dict[str, Any]:
@@ -196,7 +197,7 @@ def marble_dir(dep: Deployment, label: str) -> Path:
 
 
 def test_seal_and_per_marble_keys_are_stable_per_uuid_and_equal_to_our_premains(
-    deployment: Deployment, go_marble: GoMarble
+    go_marble: GoMarble, deployment: Deployment
 ) -> None:
     dep = deployment
     base = marble_dir(dep, "keys")
@@ -226,7 +227,7 @@ def test_seal_and_per_marble_keys_are_stable_per_uuid_and_equal_to_our_premains(
     assert len({first["env"]["MARBLE_CERT"], again["env"]["MARBLE_CERT"], ours["MARBLE_CERT"]}) == 3
 
 
-def test_shared_keys_are_equal_across_both_premains(deployment: Deployment, go_marble: GoMarble) -> None:
+def test_shared_keys_are_equal_across_both_premains(go_marble: GoMarble, deployment: Deployment) -> None:
     dep = deployment
     base = marble_dir(dep, "shared")
     go_a = activated(go_marble.run(base / "go-a", dep.env, WORKER, base / "uuid-a"), dep)["env"]
@@ -241,7 +242,7 @@ def test_shared_keys_are_equal_across_both_premains(deployment: Deployment, go_m
     assert go_a["OWN_KEY"] != ours["OWN_KEY"]
 
 
-def test_files_are_written_and_env_and_argv_are_applied(deployment: Deployment, go_marble: GoMarble) -> None:
+def test_files_are_written_and_env_and_argv_are_applied(go_marble: GoMarble, deployment: Deployment) -> None:
     dep = deployment
     base = marble_dir(dep, "files")
     cwd = base / "cwd"
@@ -283,7 +284,7 @@ def _openssl_verify(workdir: Path, ca: bytes, leaf: bytes, untrusted: bytes | No
 
 
 def test_marble_certificate_chains_to_the_root_with_cn_uuid(
-    deployment: Deployment, go_marble: GoMarble
+    go_marble: GoMarble, deployment: Deployment
 ) -> None:
     dep = deployment
     base = marble_dir(dep, "cert")
@@ -318,7 +319,7 @@ def test_marble_certificate_chains_to_the_root_with_cn_uuid(
 
 
 def test_max_activations_is_exact_under_concurrency(
-    deployment: Deployment, go_marble: GoMarble, request: pytest.FixtureRequest
+    go_marble: GoMarble, deployment: Deployment, request: pytest.FixtureRequest
 ) -> None:
     dep = deployment
     marble_type = LIMITED[request.node.callspec.params["go_marble"]]
@@ -357,7 +358,7 @@ def test_max_activations_is_exact_under_concurrency(
     assert "reached max activations count" in ours.stderr
 
 
-def test_a_refusal_exits_non_zero_with_our_reason(deployment: Deployment, go_marble: GoMarble) -> None:
+def test_a_refusal_exits_non_zero_with_our_reason(go_marble: GoMarble, deployment: Deployment) -> None:
     dep = deployment
     base = marble_dir(dep, "refused")
     cwd = base / "cwd"
