@@ -291,14 +291,6 @@ def test_secret_get_without_the_permission_is_refused(scenario: Scenario) -> Non
         assert expected in step.stderr, step.stderr
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "needs HTTP 401 with a JSend body for an unlisted client certificate (issue 9 item 3, being built "
-        "on branch tls): on main the TLS handshake refuses the certificate and the MarbleRun CLI reports "
-        "only 'EOF'"
-    ),
-)
 def test_an_unlisted_client_certificate_gets_401(scenario: Scenario) -> None:
     step = scenario.steps["secret get stranger"]
     assert step.returncode != 0
