@@ -18,6 +18,7 @@ from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
 import pytest
 import trustme
 from cryptography import x509
@@ -32,12 +33,6 @@ from interop_support import (
 )
 
 pytestmark = pytest.mark.slow
-
-# grpcio is a test dependency from the gRPC Marble API work (issue 9 item 1) on; until that is merged
-# these tests are skipped, saying so.
-grpc = pytest.importorskip(
-    "grpc", reason="grpcio is not installed: it comes with the gRPC Marble API (issue 9)"
-)
 
 
 def _varint(value: int) -> bytes:
