@@ -33,10 +33,10 @@ GENUINE_CLI = "marblerun"
 _SOURCES = {OUR_GO_PREMAIN: INTEROP_DIR / "premain", GENUINE_PREMAIN: INTEROP_DIR / "premain_mock"}
 
 NOT_ON_PROXY = (
-    "MarbleRun v1.5.2 is not served by the Go module proxy (HTTP 403 'This module version is not "
-    "available'), so tests/interop/build.sh built no {name}; build it from git repositories of "
-    "edgelesssys/marblerun and edgelesssys/ego: MARBLERUN_GIT=... EGO_GIT=... tests/interop/build.sh "
-    "(tests/interop/README.md)"
+    "tests/interop/build.sh built no {name}: the Go module proxy does not serve MarbleRun v1.5.2 (HTTP "
+    "403 'This module version is not available'; build.sh prints the reason); build it from git "
+    "repositories of edgelesssys/marblerun and edgelesssys/ego: MARBLERUN_GIT=... EGO_GIT=... "
+    "tests/interop/build.sh (tests/interop/README.md)"
 )
 
 
