@@ -12,7 +12,9 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import shutil
 import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -48,19 +50,67 @@ def _opted_out() -> bool:
     return os.environ.get(SKIP_ENV, "") not in ("", "0")
 
 
+def _find_go() -> str | None:
+    found = shutil.which("go")
+    if found:
+        return found
+    for candidate in ("/usr/local/go/bin/go", "/usr/lib/go/bin/go"):
+        if os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def _stale_reason(path: Path, source: Path | None) -> str | None:
+    if not (path.is_file() and os.access(path, os.X_OK)):
+        return "is missing"
+    if source is not None:
+        newest = max(p.stat().st_mtime for p in source.iterdir() if p.is_file())
+        if newest > path.stat().st_mtime:
+            return f"is older than its source in {source}"
+    return None
+
+
+def _build_our_premain(path: Path, source: Path, hint: str) -> None:
+    """Build our Go premain as build.sh does (one build at a time, so the README's plain ``pytest``
+    works on a machine with Go without running build.sh first)."""
+    go = _find_go()
+    if go is None:
+        pytest.fail(f"{path} is missing and Go is not installed: {hint}", pytrace=False)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / ".build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _stale_reason(path, source) is None:
+            return  # another test process built it meanwhile
+        env = dict(os.environ, CGO_ENABLED="0", GOTOOLCHAIN="local", GOFLAGS="-trimpath -buildvcs=false")
+        built = subprocess.run(
+            [go, "build", "-mod=readonly", "-o", str(path), "."],
+            cwd=source,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+            check=False,
+        )
+    if built.returncode != 0:
+        pytest.fail(f"building {path} failed ({hint}):\n{built.stderr[-4000:]}", pytrace=False)
+
+
 def required_binary(name: str) -> Path:
-    """A binary build.sh always builds: fail (not skip) when it is missing or stale."""
+    """A binary build.sh always builds: built here when missing or stale (Go needed); the test fails
+    (not skips) when it cannot be built."""
     if _opted_out():
         pytest.skip(f"{SKIP_ENV} is set: the Go interop tests are skipped")
     path = bin_dir() / name
     hint = f"run tests/interop/build.sh (needs Go >= 1.22), or set {SKIP_ENV}=1 to skip the Go interop tests"
-    if not (path.is_file() and os.access(path, os.X_OK)):
-        pytest.fail(f"{path} is missing: {hint}", pytrace=False)
     source = _SOURCES.get(name)
-    if source is not None:
-        newest = max(p.stat().st_mtime for p in source.iterdir() if p.is_file())
-        if newest > path.stat().st_mtime:
-            pytest.fail(f"{path} is older than its source in {source}: {hint}", pytrace=False)
+    reason = _stale_reason(path, source)
+    if reason is not None:
+        if source is None:
+            pytest.fail(f"{path} {reason}: {hint}", pytrace=False)
+        _build_our_premain(path, source, hint)
+        reason = _stale_reason(path, source)
+        if reason is not None:
+            pytest.fail(f"{path} {reason} after building it: {hint}", pytrace=False)
     return path
 
 
