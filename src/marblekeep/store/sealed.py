@@ -3,14 +3,26 @@
 Storage is untrusted. What the backend (SQLite file, etcd, …) holds::
 
     meta:format         b"marblekeep-sealed-store/1"                    plaintext
-    meta:wrapped_dek    1 || store_id(16) || key_id(16) || nonce(12) || AES-GCM(KEK, DEK)
+    meta:wrapped_dek    1 || store_id(16) || key_id(16) || nonce(12) || AES-GCM(DKEK, DEK)
                         AAD = b"marblekeep/wrapped-dek/v1\\0" || store_id || key_id
+    meta:kek/<id>       1 || nonce(12) || AES-GCM(KEK, DKEK), AAD = b"marblekeep/deployment-kek/v1\\0" || id
+                        one per replica sealing key;
+                        ``id`` = hex(HMAC-SHA256(KEK, b"marblekeep/kek-id/v1")[:16])
     meta:recovery_data  MarbleRun's recovery data R (JSON), plaintext: needed before the DEK is known
     meta:public         public metadata (JSON; opaque to the store, written by the Coordinator: the
                         recovery public keys and whether the state was created in simulation),
                         plaintext: needed before the DEK is known (absent in older states)
     sys:state           sealed index record (below)
     data:<key>          one sealed record per user key
+
+The **deployment KEK** (DKEK, 32 random bytes) wraps the DEK; each replica's own KEK (its sealing
+key, :mod:`marblekeep.store.kek`) wraps the DKEK under ``meta:kek/<id>``. A DEK change (manifest
+set, new recovery keys) re-wraps only under the DKEK, so it needs nothing from other replicas; a
+replica whose KEK has no entry obtains the DKEK from a running replica (the attested hand-over,
+:mod:`marblekeep.handover`) and adds its own entry. A state written before the DKEK existed
+(``meta:wrapped_dek`` directly under the KEK, no ``meta:kek/`` entry) is migrated at its first
+open. The entries are not covered by the sealed index: each is authenticated by AES-GCM under its
+replica's KEK, and deleting one only costs that replica a hand-over.
 
 A sealed record is ``1 || key_id(16) || nonce(12) || AES-256-GCM(DEK, value)`` with
 ``AAD = b"marblekeep/record/v1\\0" || 1 || key_id || <backend key>`` and a fresh random
@@ -79,11 +91,14 @@ from marblekeep.store.kek import KEK_SIZE, KeyEncryptionKeyProvider
 
 __all__ = [
     "DEK_SIZE",
+    "META_KEK_PREFIX",
+    "HandoverFloor",
     "NeedsRecovery",
     "OpenResult",
     "Opened",
     "PendingRecovery",
     "SealedStore",
+    "kek_id",
     "open_sealed_store",
 ]
 
@@ -96,6 +111,7 @@ META_WRAPPED_DEK = "meta:wrapped_dek"
 META_RECOVERY_DATA = "meta:recovery_data"
 META_PUBLIC = "meta:public"
 SYS_STATE = "sys:state"
+META_KEK_PREFIX = "meta:kek/"
 DATA_PREFIX = "data:"
 _META_KEYS = frozenset({META_FORMAT, META_WRAPPED_DEK, META_RECOVERY_DATA, META_PUBLIC, SYS_STATE})
 
@@ -106,6 +122,8 @@ _TAG = 16
 _HEADER = 1 + _ID
 _RECORD_AAD = b"marblekeep/record/v1\x00"
 _WRAP_AAD = b"marblekeep/wrapped-dek/v1\x00"
+_DKEK_AAD = b"marblekeep/deployment-kek/v1\x00"
+_KEK_ID_INFO = b"marblekeep/kek-id/v1"
 _INDEX_INFO = b"marblekeep/record-index/v1"
 _STATE = struct.Struct(">4s16sQQ32s32s")
 _STATE_MAGIC = b"MKS1"
@@ -204,6 +222,37 @@ def _wrap(kek: bytes, store_id: bytes, keyring: _Keyring, rng: Rng) -> bytes:
     return bytes([_VERSION]) + store_id + keyring.key_id + nonce + sealed
 
 
+def kek_id(kek: bytes) -> str:
+    """The public id of a replica's KEK: ``hex(HMAC-SHA256(KEK, b"marblekeep/kek-id/v1")[:16])``."""
+    return hmac.new(kek, _KEK_ID_INFO, sha256).digest()[:_ID].hex()
+
+
+def _wrap_dkek(kek: bytes, dkek: bytes, rng: Rng) -> tuple[str, bytes]:
+    """``(record key, record)`` of this KEK's entry holding the deployment KEK."""
+    ident = kek_id(kek)
+    nonce = rng(_NONCE)
+    return META_KEK_PREFIX + ident, bytes([_VERSION]) + nonce + AESGCM(kek).encrypt(
+        nonce, dkek, _DKEK_AAD + ident.encode("ascii")
+    )
+
+
+def _unwrap_dkek(kek: bytes, records: Mapping[str, bytes]) -> bytes | None:
+    """The deployment KEK from this KEK's entry, or ``None`` (no entry, or it does not open)."""
+    ident = kek_id(kek)
+    blob = records.get(META_KEK_PREFIX + ident)
+    if blob is None or len(blob) != 1 + _NONCE + KEK_SIZE + _TAG or blob[0] != _VERSION:
+        return None
+    try:
+        aad = _DKEK_AAD + ident.encode("ascii")
+        return AESGCM(kek).decrypt(blob[1 : 1 + _NONCE], blob[1 + _NONCE :], aad)
+    except InvalidTag:
+        return None
+
+
+def _kek_entries(records: Mapping[str, bytes]) -> list[str]:
+    return sorted(k for k in records if k.startswith(META_KEK_PREFIX))
+
+
 def _unwrap(kek: bytes, blob: bytes) -> tuple[bytes, _Keyring] | None:
     """``(store_id, keyring)`` or ``None`` if this KEK does not open the wrapped DEK."""
     if len(blob) != 1 + 2 * _ID + _NONCE + DEK_SIZE + _TAG or blob[0] != _VERSION:
@@ -248,7 +297,7 @@ def _key_id_of(blob: bytes) -> bytes | None:
 
 def _check_layout(records: Mapping[str, bytes]) -> None:
     for key in records:
-        if key not in _META_KEYS and not key.startswith(DATA_PREFIX):
+        if key not in _META_KEYS and not key.startswith((DATA_PREFIX, META_KEK_PREFIX)):
             raise IntegrityError(
                 f"the stored state holds an unexpected record {key!r}: it was tampered with or "
                 "written by another program; restore a backup"
@@ -326,8 +375,10 @@ class SealedStore:
         unwritten: bool,
         pending_deletes: frozenset[str] = frozenset(),
         reset_anchor: bool = False,
+        deployment_kek: bytes | None = None,
     ) -> None:
         self._inner = inner
+        self._dkek = deployment_kek
         self._crypto = crypto
         self._state = state
         self._revision = revision
@@ -367,6 +418,15 @@ class SealedStore:
     def inner(self) -> Store:
         return self._inner
 
+    @property
+    def written(self) -> bool:
+        """Whether this state is in the backend (``False``: fresh, nothing committed yet)."""
+        return not self._unwritten
+
+    def deployment_kek_for_handover(self) -> bytes | None:
+        """The deployment KEK, for the attested hand-over to another replica only (``None``: none)."""
+        return None if self._unwritten else self._dkek
+
     # -- internal ----------------------------------------------------------------------------
 
     def _anchor(self) -> RollbackAnchor | None:
@@ -400,7 +460,10 @@ class SealedStore:
         snap = await self._inner.snapshot("")
         _check_layout(snap.records)
         wrapped = snap.records.get(META_WRAPPED_DEK)
-        unwrapped = None if wrapped is None else _unwrap(self._kek, wrapped)
+        dkek = self._dkek
+        if self._unwritten and self._kek is not None:  # another replica wrote the first state
+            dkek = _unwrap_dkek(self._kek, snap.records)
+        unwrapped = None if wrapped is None or dkek is None else _unwrap(dkek, wrapped)
         if unwrapped is None:
             raise SealError(
                 "the stored state changed and its data-encryption key no longer unwraps with this "
@@ -424,6 +487,7 @@ class SealedStore:
                 "running: the storage is being rolled back; restart and investigate"
             )
         advanced = state.epoch > self._state.epoch
+        self._dkek = dkek
         self._crypto, self._state, self._revision = crypto, state, snap.revision
         self._unwritten, self._pending_deletes, self._stale = False, frozenset(), False
         if advanced:  # another writer (a replica on a shared store) sealed newer epochs: remember them
@@ -452,7 +516,10 @@ class SealedStore:
                 writes.setdefault(key, None)
             writes[META_FORMAT] = FORMAT
             if self._kek is not None:
-                writes[META_WRAPPED_DEK] = _wrap(self._kek, state.store_id, crypto.keyring, self._rng)
+                assert self._dkek is not None
+                writes[META_WRAPPED_DEK] = _wrap(self._dkek, state.store_id, crypto.keyring, self._rng)
+                entry_key, entry = _wrap_dkek(self._kek, self._dkek, self._rng)
+                writes[entry_key] = entry
         if state.recovery_data != self._state.recovery_data or self._unwritten:
             writes[META_RECOVERY_DATA] = state.recovery_data
         if state.public_metadata != self._state.public_metadata or self._unwritten:
@@ -637,8 +704,8 @@ class SealedStore:
             rd = self._state.recovery_data if isinstance(recovery_data, _Keep) else recovery_data
             pm = self._state.public_metadata if isinstance(public_metadata, _Keep) else public_metadata
             state = _State(self._state.store_id, self._state.epoch + 1, elements, digest, rd, pm)
-            if self._kek is not None:
-                writes[META_WRAPPED_DEK] = _wrap(self._kek, state.store_id, crypto.keyring, self._rng)
+            if self._dkek is not None:
+                writes[META_WRAPPED_DEK] = _wrap(self._dkek, state.store_id, crypto.keyring, self._rng)
             return await self._commit_inner(writes, state, crypto)
 
     async def set_public_metadata(self, public_metadata: bytes | None) -> int:
@@ -662,7 +729,8 @@ class SealedStore:
             return await self._commit_inner({}, state, self._crypto)
 
     async def rewrap(self, provider: KeyEncryptionKeyProvider) -> int:
-        """Wrap the DEK under another provider's KEK (e.g. the seal mode changed), in one commit.
+        """Wrap the deployment KEK under another provider's KEK (e.g. the seal mode changed) in place of
+        this replica's current entry, in one commit.
 
         The rollback anchor moves to the new provider's anchor path (a new generation).
         """
@@ -670,6 +738,11 @@ class SealedStore:
         _check_kek(kek, provider)
         async with self._lock:
             await self._refresh()
+            assert self._dkek is not None
+            entry_key, entry = _wrap_dkek(kek, self._dkek, self._rng)
+            writes: dict[str, bytes | None] = {entry_key: entry}
+            if self._kek is not None and META_KEK_PREFIX + kek_id(self._kek) != entry_key:
+                writes[META_KEK_PREFIX + kek_id(self._kek)] = None
             self._kek, self._provider, self._reset_anchor = kek, provider, True
             state = _State(
                 self._state.store_id,
@@ -679,10 +752,35 @@ class SealedStore:
                 self._state.recovery_data,
                 self._state.public_metadata,
             )
-            writes: dict[str, bytes | None] = {
-                META_WRAPPED_DEK: _wrap(kek, state.store_id, self._crypto.keyring, self._rng)
-            }
             return await self._commit_inner(writes, state, self._crypto)
+
+    async def _store_entry(self, *, migrate: bool) -> int:
+        """Commit this replica's ``meta:kek/<id>`` entry (after a hand-over); with ``migrate``, first
+        make a deployment KEK for a state whose DEK was wrapped directly under this KEK."""
+        assert self._kek is not None
+        async with self._lock:
+            writes: dict[str, bytes | None] = {}
+            if migrate:
+                dkek = self._rng(KEK_SIZE)
+                if len(dkek) != KEK_SIZE:
+                    raise SealError("the random generator returned a short key")
+                writes[META_WRAPPED_DEK] = _wrap(dkek, self._state.store_id, self._crypto.keyring, self._rng)
+            else:
+                assert self._dkek is not None
+                dkek = self._dkek
+            entry_key, entry = _wrap_dkek(self._kek, dkek, self._rng)
+            writes[entry_key] = entry
+            state = _State(
+                self._state.store_id,
+                self._state.epoch + 1,
+                dict(self._state.elements),
+                self._state.digest,
+                self._state.recovery_data,
+                self._state.public_metadata,
+            )
+            revision = await self._commit_inner(writes, state, self._crypto)
+            self._dkek = dkek
+            return revision
 
 
 # --------------------------------------------------------------------------------------------
@@ -707,6 +805,9 @@ class NeedsRecovery:
 
     recovery: PendingRecovery
     reason: SealError
+    #: Other replicas' KEKs have entries for the deployment KEK, none for this one: a running replica
+    #: can hand the deployment KEK over (:mod:`marblekeep.handover`).
+    handover_possible: bool = False
 
     @property
     def outcome(self) -> str:
@@ -737,6 +838,9 @@ def _fresh_store(
         raise SealError("the random generator returned a short key")
     crypto = _Crypto(_Keyring(dek, rng(_ID)), rng)
     state = _State(rng(_ID), 0, {}, 0, None)
+    dkek = rng(KEK_SIZE)
+    if len(dkek) != KEK_SIZE:
+        raise SealError("the random generator returned a short key")
     return SealedStore(
         inner,
         crypto,
@@ -749,6 +853,7 @@ def _fresh_store(
         unwritten=True,
         pending_deletes=pending_deletes,
         reset_anchor=reset_anchor,
+        deployment_kek=dkek,
     )
 
 
@@ -809,12 +914,25 @@ def _check_anchor(
     return True
 
 
+@dataclass(frozen=True)
+class HandoverFloor:
+    """What a running replica attested when it handed the deployment KEK over: the state it serves.
+
+    The joining replica opens the state only if it is that state (``store_id``) at that epoch or
+    later, and seeds its rollback anchor from it (so no ``--allow-rollback`` is needed to join)."""
+
+    store_id: bytes
+    epoch: int
+
+
 async def open_sealed_store(
     inner: Store,
     provider: KeyEncryptionKeyProvider | None,
     *,
     allow_rollback: bool = False,
     rng: Rng = os.urandom,
+    deployment_kek: bytes | None = None,
+    handover: HandoverFloor | None = None,
 ) -> OpenResult:
     """Open the sealed state in ``inner`` with the KEK from ``provider``.
 
@@ -822,7 +940,35 @@ async def open_sealed_store(
     :class:`~marblekeep.store.memory.MemoryStore`; nothing is wrapped or anchored.
     See the module docstring for the outcomes. ``allow_rollback`` is the operator's
     override for restoring a backup older than the anchor (logged at WARNING).
+    ``deployment_kek`` and ``handover`` come from an attested hand-over: the state is opened with
+    that deployment KEK, checked against the floor, and this replica's entry is stored.
     """
+    for attempt in range(4):
+        try:
+            return await _open_once(
+                inner,
+                provider,
+                allow_rollback=allow_rollback,
+                rng=rng,
+                deployment_kek=deployment_kek,
+                handover=handover,
+            )
+        except ConflictError:  # another replica committed while this one stored its entry: re-read
+            if attempt == 3:
+                raise
+            await asyncio.sleep(0.05 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+async def _open_once(
+    inner: Store,
+    provider: KeyEncryptionKeyProvider | None,
+    *,
+    allow_rollback: bool,
+    rng: Rng,
+    deployment_kek: bytes | None,
+    handover: HandoverFloor | None,
+) -> OpenResult:
     snap = await inner.snapshot("")
     kek: bytes | None = None
     anchor: RollbackAnchor | None = None
@@ -835,6 +981,8 @@ async def open_sealed_store(
             reading = await asyncio.to_thread(anchor.read)
 
     if not snap.records:
+        if handover is not None:
+            raise SealError("the stored state disappeared during the key hand-over; restart the Coordinator")
         reset = False
         if anchor is not None and reading.status is not AnchorStatus.MISSING:
             if not allow_rollback:
@@ -867,14 +1015,38 @@ async def open_sealed_store(
                 else "the stored state exists but no key-encryption key is configured (SealMode Disabled)"
             ),
         )
-    unwrapped = _unwrap(kek, wrapped)
+    entries = _kek_entries(snap.records)
+    own_entry = META_KEK_PREFIX + kek_id(kek) in snap.records
+    dkek = deployment_kek if deployment_kek is not None else _unwrap_dkek(kek, snap.records)
+    migrate = False
+    if dkek is None and not entries and _unwrap(kek, wrapped) is not None:
+        dkek, migrate = kek, True  # written before the deployment KEK existed
+    if dkek is None:
+        what = provider.description if provider else "the KEK"
+        if entries and not own_entry:
+            reason = (
+                f"{what} does not unwrap the stored data-encryption key: it has no entry for the "
+                "deployment key-encryption key (this replica never held it: another CPU, enclave build or "
+                "key file); a running replica can hand it over after "
+                "attestation, otherwise upload the recovery secrets or set a new manifest"
+            )
+        else:
+            reason = (
+                f"{what} does not unwrap the stored data-encryption key (another CPU, another enclave "
+                "build, a lost key file, or a damaged record); upload the recovery secrets or set a new "
+                "manifest"
+            )
+        return NeedsRecovery(pending, SealError(reason), handover_possible=bool(entries) and not own_entry)
+    unwrapped = _unwrap(dkek, wrapped)
     if unwrapped is None:
+        if deployment_kek is not None:
+            raise SealError("the deployment key-encryption key handed over does not open the stored state")
         return NeedsRecovery(
             pending,
             SealError(
-                f"{provider.description if provider else 'the KEK'} does not unwrap the stored "
-                "data-encryption key (another CPU, another enclave build, a lost key file, or a damaged "
-                "record); upload the recovery secrets or set a new manifest"
+                f"{provider.description if provider else 'the KEK'}'s deployment key does not unwrap the "
+                "stored data-encryption key (a damaged record); upload the recovery secrets or set a new "
+                "manifest"
             ),
         )
     wrapped_store_id, keyring = unwrapped
@@ -893,7 +1065,20 @@ async def open_sealed_store(
         raise IntegrityError(
             f"record {META_WRAPPED_DEK!r} belongs to another state than the data; restore a backup"
         )
-    reset = _check_anchor(anchor, reading, state, allow_rollback)
+    if handover is not None:
+        if not hmac.compare_digest(state.store_id, handover.store_id):
+            raise IntegrityError(
+                "the stored state is not the one the replica that handed the key over serves (another "
+                "store id): the store was replaced; check --store"
+            )
+        if state.epoch < handover.epoch:
+            raise RollbackError(
+                f"the stored state is at epoch {state.epoch}, older than the epoch {handover.epoch} the "
+                "replica that handed the key over attested: the store is being rolled back"
+            )
+        reset = True  # the anchor is seeded from the attested epoch (or later), not trusted from disk
+    else:
+        reset = _check_anchor(anchor, reading, state, allow_rollback)
     store = SealedStore(
         inner,
         crypto,
@@ -905,8 +1090,14 @@ async def open_sealed_store(
         rng=rng,
         unwritten=False,
         reset_anchor=reset,
+        deployment_kek=None if migrate else dkek,
     )
-    if reset or state.epoch > reading.epoch or reading.status is not AnchorStatus.VALID:
+    if migrate:
+        await store._store_entry(migrate=True)
+        SEAL_LOG.info("state key hierarchy migrated: a deployment key-encryption key now wraps the DEK")
+    elif not own_entry:
+        await store._store_entry(migrate=False)
+    elif reset or state.epoch > reading.epoch or reading.status is not AnchorStatus.VALID:
         await store._write_anchor()
     return Opened(store, fresh=False)
 
@@ -1042,7 +1233,16 @@ class PendingRecovery:
         new_state = _State(state.store_id, state.epoch + 1, dict(state.elements), state.digest, rd, pm)
         writes: dict[str, bytes | None] = {}
         if self._kek is not None:
-            writes[META_WRAPPED_DEK] = _wrap(self._kek, state.store_id, crypto.keyring, self._rng)
+            # a new deployment KEK: the other replicas' entries hold one that no longer opens the DEK
+            dkek = self._rng(KEK_SIZE)
+            if len(dkek) != KEK_SIZE:
+                raise SealError("the random generator returned a short key")
+            for key in _kek_entries(snap.records):
+                writes[key] = None
+            writes[META_WRAPPED_DEK] = _wrap(dkek, state.store_id, crypto.keyring, self._rng)
+            entry_key, entry = _wrap_dkek(self._kek, dkek, self._rng)
+            writes[entry_key] = entry
+            store._dkek = dkek
         async with store._lock:
             await store._commit_inner(writes, new_state, crypto)
         return store
