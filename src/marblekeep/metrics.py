@@ -40,6 +40,7 @@ class _CollateralCollector(Collector):
         yield age
         yield expires
 
+
 __all__ = ["Metrics"]
 
 

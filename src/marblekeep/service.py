@@ -52,11 +52,15 @@ from marblekeep.errors import (
     AuthorizationError,
     ConfigError,
     ConflictError,
+    IntegrityError,
     QuoteUnavailable,
     RecoveryError,
     RequestTooLarge,
+    RollbackError,
+    SealError,
     StateError,
 )
+from marblekeep.handover import HandoverClient, Identity, MemberSource, new_replica_id
 from marblekeep.manifest import load_manifest, manifest_fingerprint
 from marblekeep.manifest.model import Manifest, SealMode, Secret
 from marblekeep.marble.evidence import EvidenceIssuer
@@ -68,7 +72,14 @@ from marblekeep.store.base import Store
 from marblekeep.store.kek import KeyEncryptionKeyProvider, SimulationKeyFileProvider
 from marblekeep.store.location import SQLiteLocation, StoreLocation, open_backend
 from marblekeep.store.lock import DataDirLock
-from marblekeep.store.sealed import NeedsRecovery, Opened, PendingRecovery, SealedStore, open_sealed_store
+from marblekeep.store.sealed import (
+    HandoverNeeded,
+    NeedsRecovery,
+    Opened,
+    PendingRecovery,
+    SealedStore,
+    open_sealed_store,
+)
 
 __all__ = ["ActivationOutcome", "Coordinator", "CoordinatorConfig", "EvidenceVerifier"]
 
@@ -109,6 +120,11 @@ class CoordinatorConfig:
     accept_simulation_state: bool = False
     #: Where the sealed state lives (``--store``): SQLite in ``seal_dir`` by default, or etcd.
     store: StoreLocation = field(default_factory=SQLiteLocation)
+    #: The attested key hand-over on a shared store (marblekeep/handover.py, docs/ha.md §1): the
+    #: address other replicas reach this one's Marble API at ("": derived from ``mesh_addr``) and
+    #: how long a replica without its own key entry waits for a running one (0: enter Recovery).
+    handover_addr: str = ""
+    handover_wait: float = 60.0
 
 
 def _simulation_state_refusal(seal_dir: Path) -> ConfigError:
@@ -191,6 +207,11 @@ class Coordinator:
         self._recoverer: Recoverer | None = None
         self.recovery_reason = recovery_reason
         self.lock = asyncio.Lock()
+        #: The backend under the sealed state (the etcd store registers replicas for the hand-over).
+        self.backend: Store | None = None
+        #: This process's name among the replicas (marblekeep/handover.py).
+        self.replica_id = ""
+        self._handover_identity: Identity | None = None
         self._dir_lock: DataDirLock | None = None
         self.observers: list[Callable[[Deployment], None]] = []
         self._publish(deployment)
@@ -283,6 +304,14 @@ class Coordinator:
                     break
             if opened is None:
                 raise ConfigError("no key-encryption key provider for SealMode ProductKey or UniqueKey")
+            replica_id = new_replica_id()
+            handed_over = False
+            if isinstance(opened, NeedsRecovery) and opened.handover_possible and hasattr(inner, "members"):
+                joined = await _join_by_handover(
+                    inner, config, seal_providers, replica_id, verifier, quote_issuer, clock, rng
+                )
+                if joined is not None:
+                    opened, mode_in_use, handed_over = joined, SealMode.PRODUCT_KEY, True
             now = clock()
             common = {
                 "verifier": verifier,
@@ -306,7 +335,7 @@ class Coordinator:
                     root_secret=temp.root_secret,
                     seal_master_secret=temp.seal_master_secret,
                 )
-                return cls(
+                coord = cls(
                     config,
                     deployment=temp,
                     store=None,
@@ -315,6 +344,8 @@ class Coordinator:
                     recovery_reason=opened.reason.message,
                     **common,  # type: ignore[arg-type]
                 )
+                coord.backend, coord.replica_id = inner, replica_id
+                return coord
             store = opened.store
             snap = await store.snapshot("")
             records = dict(snap.records)
@@ -337,6 +368,9 @@ class Coordinator:
                 store_revision=snap.revision,
                 **common,  # type: ignore[arg-type]
             )
+            coord.backend, coord.replica_id = inner, replica_id
+            if handed_over and dep.manifest is not None:
+                await coord._follow_seal_mode(dep)  # the entry under the manifest's seal mode's key
             if records:
                 coord._sealed_in_simulation = config.simulation or (
                     meta is not None and meta.sealed_in_simulation
@@ -367,6 +401,52 @@ class Coordinator:
 
     # ------------------------------------------------------------------ replicas (shared store)
 
+    @property
+    def handover_identity(self) -> Identity:
+        """How this replica attests itself and checks the other side in a key hand-over."""
+        if self._handover_identity is None:
+            self._handover_identity = Identity(self.simulation, self.quote_issuer, self.verifier, self.clock)
+        return self._handover_identity
+
+    async def _adopt_by_handover(self) -> bool:
+        """A fresh replica whose shared store got its first state from another replica: obtain that
+        replica's deployment KEK by the attested hand-over (bounded wait). Caller holds the lock."""
+        if self._store is None or self.backend is None or not hasattr(self.backend, "members"):
+            return False
+        client = HandoverClient(
+            cast(MemberSource, self.backend),
+            self.handover_identity,
+            self.replica_id,
+            wait=min(self.config.handover_wait, 15.0),
+        )
+        got = await client.obtain()
+        if got is None:
+            return False
+        await self._store.adopt_handover(*got)
+        log.info("joined the shared state by key hand-over", extra={"epoch": self._store.epoch})
+        return True
+
+    def can_hand_over(self) -> bool:
+        """Whether this replica holds a stored state whose deployment KEK it can hand over."""
+        return (
+            self._store is not None
+            and self._store.written
+            and self._dep.state is not CoordinatorState.RECOVERY
+            and self._store.deployment_kek_for_handover() is not None
+        )
+
+    def handover_material(self) -> tuple[bytes, bytes, int, str]:
+        """``(deployment KEK, store id, epoch, seal mode)`` for an attested hand-over (handover.py)."""
+        store = self._store
+        dkek = None if store is None or not self.can_hand_over() else store.deployment_kek_for_handover()
+        if store is None or dkek is None:
+            raise StateError(
+                "this replica holds no stored state yet (or is in recovery): ask another replica"
+            )
+        manifest = self._dep.manifest
+        seal_mode = SealMode.PRODUCT_KEY if manifest is None else manifest.config.seal_mode
+        return dkek, store.store_id, store.epoch, seal_mode.value
+
     async def sync(self, seen: int | None = None) -> None:
         """Re-read the state if another replica committed since this view was read (``seen``: the
         store revision a watch reported; nothing to do if this view is already at or past it)."""
@@ -376,7 +456,15 @@ class Coordinator:
             await self._sync_locked()
 
     async def _sync_locked(self) -> None:
-        if self._store is None or await self._store.revision() == self._view_revision:
+        if self._store is None:
+            return
+        try:
+            revision = await self._store.revision()
+        except HandoverNeeded:  # another replica stored the first state: get its key, then read it
+            if not await self._adopt_by_handover():
+                return
+            revision = await self._store.revision()
+        if revision == self._view_revision:
             return
         snap = await self._store.snapshot("")
         if snap.revision == self._view_revision:
@@ -693,6 +781,7 @@ class Coordinator:
 
     async def read_secrets(self, user: str, names: Sequence[str]) -> dict[str, Secret]:
         """The secrets ``names`` (ReadSecret on all). The read is logged and committed first."""
+
         async def attempt() -> dict[str, Secret]:
             new, secrets = governance.read_secrets(self._dep, user, names, self.clock())
             await self.commit(new)
@@ -704,6 +793,7 @@ class Coordinator:
 
     async def write_secrets(self, user: str, body: object) -> None:
         """Set user-defined secrets (all or nothing; see governance.write_secrets)."""
+
         async def attempt() -> None:
             new = governance.write_secrets(self._dep, user, body, self.clock())
             await self.commit(new)
@@ -791,6 +881,47 @@ class Coordinator:
     async def activate(self, body: bytes) -> ActivationOutcome:
         """marblekeep's protocol: one activation request body → the sealed Parameters."""
         return await self.marbles.activate_hpke(body)
+
+
+async def _join_by_handover(
+    inner: Store,
+    config: CoordinatorConfig,
+    seal_providers: Mapping[SealMode, KeyEncryptionKeyProvider],
+    replica_id: str,
+    verifier: EvidenceVerifier | None,
+    quote_issuer: EvidenceIssuer | None,
+    clock: Clock,
+    rng: Rng,
+) -> Opened | None:
+    """Obtain the deployment KEK from a running replica and open the state with it (None: nobody
+    handed it over within ``config.handover_wait``; the caller enters Recovery)."""
+    provider = seal_providers.get(SealMode.PRODUCT_KEY) or seal_providers.get(SealMode.UNIQUE_KEY)
+    if provider is None or config.handover_wait <= 0:
+        return None
+    log.info(
+        "this replica's key has no entry for the shared state: asking a running replica for the key",
+        extra={"wait_s": config.handover_wait},
+    )
+    identity = Identity(config.simulation, quote_issuer, verifier or NoQuoteVerifier(), clock)
+    client = HandoverClient(cast(MemberSource, inner), identity, replica_id, wait=config.handover_wait)
+    got = await client.obtain()
+    if got is None:
+        return None
+    dkek, floor = got
+    try:
+        opened = await open_sealed_store(inner, provider, rng=rng, deployment_kek=dkek, handover=floor)
+    except (IntegrityError, RollbackError):
+        raise
+    except SealError as exc:
+        log.error("the key handed over does not open the state", extra={"reason": exc.message})
+        return None
+    if not isinstance(opened, Opened):
+        return None
+    log.info(
+        "joined by key hand-over: own key entry stored, rollback anchor seeded",
+        extra={"epoch": opened.store.epoch},
+    )
+    return opened
 
 
 async def _in_thread_to_the_end(fn: Callable[..., _T], *args: object) -> _T:

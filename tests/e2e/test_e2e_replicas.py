@@ -1,11 +1,11 @@
 """Two Coordinator replicas on one real etcd, as real subprocesses on loopback (issue 10).
 
 Both replicas run ``marblekeep coordinator --simulation --store etcd://127.0.0.1:PORT/PREFIX`` with
-their own data directory. Until the attested key hand-over exists, the second replica's data
-directory starts as a copy of the first one's key file (the simulation KEK; on SGX this is the
-same CPU's product key), so its own KEK opens the shared state.
+their own, fresh data directory: each has its own simulation KEK, nothing is copied. The second
+replica gets the deployment KEK from the first by the attested key hand-over (marblekeep/handover.py):
+while running (both started before the manifest) or at start (started after it).
 
-Checked: the second replica follows the first one's manifest (status 3); one UUID gets the same
+Checked: the second replica follows the first one's manifest (status 3) by hand-over; one UUID gets the same
 keys from either replica; ``MaxActivations: 3`` lets exactly 3 of 8 concurrent activations spread
 over both replicas through; a secret written through one replica is read through the other; the
 update log is one chain; after ``kill -9`` of one replica the other keeps serving and the killed
@@ -112,13 +112,14 @@ def test_two_replicas_on_one_etcd(etcd_server: EtcdMember, tmp_path: Path) -> No
     first = CoordinatorProcess(a, "1", *store)
     second: CoordinatorProcess | None = None
     try:
-        # the second replica's own data directory holds the same KEK (see the module docstring)
-        b.seal_dir.mkdir()
-        shutil.copy(a.kek_file, b.kek_file)
+        # the second replica has its own data directory and its own KEK (see the module docstring)
         second = CoordinatorProcess(b, "1", *store)
         assert status_code(b) == 2
         cli(a, "manifest", "set", str(manifest_file), a.client_addr, "--insecure", *pin(a))
-        wait_status(b, 3)
+        wait_status(b, 3, timeout=60)  # generous: the hand-over itself takes a moment
+        assert a.kek_file.read_bytes() != b.kek_file.read_bytes()
+        assert "joined the shared state by key hand-over" in second.output
+        assert "deployment key handed over to a joining replica" in first.output
         # both replicas serve one deployment: the same root certificate
         shutil.copy(a.pin, b.pin)
         assert cli(b, "status", b.client_addr, *pin(b)).stdout == f"3: {STATUS_3}\n"
@@ -163,6 +164,13 @@ def test_two_replicas_on_one_etcd(etcd_server: EtcdMember, tmp_path: Path) -> No
         first = CoordinatorProcess(a, "3", *store)
         assert cli(a, "status", a.client_addr, *pin(a)).stdout == f"3: {STATUS_3}\n"
         assert read_token(a, admin) == b"while-a-is-dead"
+
+        # the replica that joined by hand-over also restarts alone: its own entry opens the state
+        first.stop()
+        second = CoordinatorProcess(b, "2", *store)
+        assert cli(b, "status", b.client_addr, *pin(b)).stdout == f"3: {STATUS_3}\n"
+        assert read_token(b, admin) == b"while-a-is-dead"
+        assert "asking a running replica for the key" not in second.output
     finally:
         first.stop()
         if second is not None:

@@ -13,6 +13,7 @@ import logging
 import signal
 import time
 from collections.abc import Awaitable, Callable
+from typing import cast
 
 from aiohttp import web
 from prometheus_client import generate_latest
@@ -29,6 +30,14 @@ from marblekeep.api.tls import ServerCredentials, make_server_credentials
 from marblekeep.api.tlslayer import ALPN_H2, ALPN_HTTP11, ProtocolFactory, TLSListener
 from marblekeep.core.deployment import Deployment
 from marblekeep.errors import ActivationRefused, ConfigError, MarbleKeepError
+from marblekeep.handover import (
+    HANDOVER_PATH,
+    MAX_HANDOVER_BODY,
+    Membership,
+    Registry,
+    advertised_address,
+    answer_join,
+)
 from marblekeep.manifest.model import SealMode
 from marblekeep.marble.evidence import GramineIssuer
 from marblekeep.marble.marblerun_wire import decode_activation_req
@@ -187,11 +196,20 @@ def build_marble_app(
         middlewares=[deadline_middleware(limits or ConnectionLimits()), _errors_and_metrics],
         client_max_size=MAX_ACTIVATION_BODY,
     )
+
+    async def handover(request: web.Request) -> web.Response:
+        body = await request.content.read(MAX_HANDOVER_BODY + 1)
+        peer = request.remote or "unknown"
+        data = await answer_join(body, coord, coord.handover_identity, peer)
+        return jsend.success(data)
+
     app[COORDINATOR_KEY] = coord
     app[METRICS_KEY] = metrics
     app[API_NAME_KEY] = "marble"
     app.router.add_post(CHALLENGE_PATH, challenge)
     app.router.add_post(ACTIVATE_PATH, activate)
+    # another replica joining the shared state asks for the deployment KEK (marblekeep/handover.py)
+    app.router.add_post(HANDOVER_PATH, handover)
     return app
 
 
@@ -390,12 +408,22 @@ async def serve(config: CoordinatorConfig, *, ready: Callable[[], None] | None =
         raise
     ensure_fd_limit(config.connection_limits)
     listeners = Listeners(coord, config)
+    membership: Membership | None = None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
         await listeners.start()
+        if coord.backend is not None and hasattr(coord.backend, "register_member"):
+            # a shared store: be found by replicas that join without a key of their own
+            membership = Membership(
+                cast(Registry, coord.backend),
+                coord.replica_id,
+                advertised_address(config.mesh_addr, config.handover_addr),
+                coord.can_hand_over,
+            )
+            membership.start()
         code, message = coord.status()
         log.info(
             "coordinator started",
@@ -413,6 +441,8 @@ async def serve(config: CoordinatorConfig, *, ready: Callable[[], None] | None =
         await stop.wait()
         log.info("shutting down: finishing running requests")
     finally:
+        if membership is not None:
+            await membership.stop()
         await listeners.stop()
         await coord.close()
         if verifier is not None:

@@ -151,6 +151,25 @@ def _tee_present(attestation_root: Path) -> bool:
     help="etcds://: the client certificate's private key (PEM) (env MARBLEKEEP_STORE_KEY_FILE).",
 )
 @click.option(
+    "--handover-addr",
+    envvar="MARBLEKEEP_HANDOVER_ADDR",
+    default="",
+    metavar="HOST:PORT",
+    help="With --store etcd://: the address other replicas reach this one's Marble API at, registered "
+    "in etcd for the attested key hand-over (env MARBLEKEEP_HANDOVER_ADDR) [default: --mesh-addr, an "
+    "unspecified host replaced by this host's name]. See docs/ha.md.",
+)
+@click.option(
+    "--handover-wait",
+    envvar="MARBLEKEEP_HANDOVER_WAIT",
+    default=60.0,
+    show_default=True,
+    type=click.FloatRange(0, 3600),
+    metavar="SECONDS",
+    help="With --store etcd://: how long a replica whose key has no entry waits for a running replica "
+    "to hand the key over before it enters recovery (0: do not wait) (env MARBLEKEEP_HANDOVER_WAIT).",
+)
+@click.option(
     "--simulation",
     is_flag=True,
     envvar="MARBLEKEEP_SIMULATION",
@@ -212,6 +231,8 @@ def coordinator(
     store_ca_file: Path | None,
     store_cert_file: Path | None,
     store_key_file: Path | None,
+    handover_addr: str,
+    handover_wait: float,
     simulation: bool,
     attestation_root: Path,
     allow_rollback: bool,
@@ -258,6 +279,8 @@ def coordinator(
         dns_names=names,
         seal_dir=seal_dir,
         store=store,
+        handover_addr=handover_addr,
+        handover_wait=handover_wait,
         simulation=simulation,
         allow_rollback=allow_rollback,
         accept_simulation_state=unsafe_accept_simulation_state,

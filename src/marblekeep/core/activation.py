@@ -274,7 +274,6 @@ def _render(
     return out
 
 
-
 def activate(
     prepared: PreparedDeployment,
     inp: ActivationInput,

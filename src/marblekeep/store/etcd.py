@@ -14,6 +14,8 @@ Key layout under the configured prefix ``P`` (default ``/marblekeep/``)::
                            b"\\x01" || chunk id (16) || chunks (u32) || length (u64) || SHA-256(value)
     P c/<chunk id hex>/<n:08d>   piece n of a chunked value (values above the inline limit)
     P tx/<tx id hex>/<n:08d>     piece n of a large commit's redo stream
+    P members/<replica id>       a running replica's hand-over address (JSON), under its etcd lease:
+                                 it disappears when the replica stops renewing (docs/ha.md §1)
 
 The store's **revision** is the etcd ``mod_revision`` of ``P head`` (0 while it does not
 exist). etcd revisions are cluster-wide and only grow, so the store revision does too.
@@ -338,6 +340,7 @@ class _Conn:
             self._channels.append(channel)
         self._kv = [rpc.KVStub(c) for c in self._channels]
         self._watch = [rpc.WatchStub(c) for c in self._channels]
+        self._lease = [rpc.LeaseStub(c) for c in self._channels]
         self._current = 0
         self.closed = False
 
@@ -411,6 +414,38 @@ class _Conn:
             if self.closed:
                 raise StoreError(f"the etcd store {self.config.describe()} is closed")
 
+    async def lease_call(self, method: str, request: Any) -> Any:
+        """Call ``Lease.<method>`` on each endpoint in turn within the deadline."""
+        if self.closed:
+            raise StoreError(f"the etcd store {self.config.describe()} is closed")
+        last: grpc.aio.AioRpcError | None = None
+        for _ in range(len(self._channels)):
+            try:
+                return await getattr(self._lease[self._current], method)(request, timeout=self.config.timeout)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in _UNREACHABLE:
+                    raise self._failed(exc) from None
+                last = exc
+                self.rotate()
+        raise self.unreachable(last)
+
+    async def lease_keep_alive(self, lease_id: int) -> int:
+        """Renew a lease once; its remaining TTL in seconds (0: it expired)."""
+        if self.closed:
+            raise StoreError(f"the etcd store {self.config.describe()} is closed")
+        call = self._lease[self._current].LeaseKeepAlive(timeout=self.config.timeout)
+        try:
+            await call.write(rpc.LeaseKeepAliveRequest(ID=lease_id))
+            response = await call.read()
+        except grpc.aio.AioRpcError as exc:
+            self.rotate()
+            raise self.unreachable(exc) from None
+        finally:
+            call.cancel()
+        if response is grpc.aio.EOF:
+            raise self.unreachable()
+        return int(response.TTL)
+
     def watch_stub(self) -> Any:
         """The Watch stub of the current endpoint (rotated on failure by :meth:`rotate`)."""
         return self._watch[self._current]
@@ -482,6 +517,7 @@ class EtcdStore:
         self._rec = self._p + b"r/"
         self._chunks = self._p + b"c/"
         self._tx = self._p + b"tx/"
+        self._members = self._p + b"members/"
         self._budget = config.max_request_bytes - _TXN_OVERHEAD
         self._cluster_id: int | None = None
         self._max_revision = 0
@@ -1054,6 +1090,35 @@ class EtcdStore:
     async def close(self) -> None:
         if not self._conn.closed:
             await self._conn.close()
+
+    # -- replica membership (for the attested key hand-over; not part of the store's content) ------
+
+    async def register_member(self, member_id: str, value: bytes, ttl: int) -> int:
+        """Put ``P members/<member_id>`` = ``value`` under a new lease of ``ttl`` seconds; the lease id."""
+        grant = await self._conn.lease_call("LeaseGrant", rpc.LeaseGrantRequest(TTL=ttl))
+        if grant.error:
+            raise StoreError(f"etcd at {self.describe()} refused a lease: {grant.error}")
+        lease = int(grant.ID)
+        request = rpc.PutRequest(key=self._members + member_id.encode("utf-8"), value=value, lease=lease)
+        await self._call("Put", request)
+        return lease
+
+    async def keep_member_alive(self, lease: int) -> int:
+        """Renew a membership lease; the remaining TTL (0: expired, register again)."""
+        return await self._conn.lease_keep_alive(lease)
+
+    async def revoke_member(self, lease: int) -> None:
+        """End a membership lease now (its key disappears)."""
+        await self._conn.lease_call("LeaseRevoke", rpc.LeaseRevokeRequest(ID=lease))
+
+    async def members(self, limit: int = 64) -> dict[str, bytes]:
+        """The registered replicas: id -> value (at most ``limit``)."""
+        request = rpc.RangeRequest(key=self._members, range_end=_prefix_end(self._members), limit=limit)
+        response = await self._call("Range", request)
+        return {
+            bytes(kv.key)[len(self._members) :].decode("utf-8", "replace"): bytes(kv.value)
+            for kv in response.kvs
+        }
 
     async def watch_head(self, after: int) -> AsyncIterator[int]:
         """Yield the store revision each time it moves past ``after``, until the store is closed.

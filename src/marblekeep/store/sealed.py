@@ -93,6 +93,7 @@ __all__ = [
     "DEK_SIZE",
     "META_KEK_PREFIX",
     "HandoverFloor",
+    "HandoverNeeded",
     "NeedsRecovery",
     "OpenResult",
     "Opened",
@@ -151,6 +152,11 @@ def _recovery_data_hash(recovery_data: bytes | None, public_metadata: bytes | No
     if public_metadata is None:  # the format before meta:public existed
         return sha256(base).digest()
     return sha256(b"\x02" + struct.pack(">Q", len(base)) + base + public_metadata).digest()
+
+
+class HandoverNeeded(SealError):
+    """Another replica stored the shared state first, under a deployment KEK this replica's KEK has
+    no entry for: the replica needs the attested hand-over (:meth:`SealedStore.adopt_handover`)."""
 
 
 class _DekMismatch(Exception):
@@ -463,6 +469,11 @@ class SealedStore:
         dkek = self._dkek
         if self._unwritten and self._kek is not None:  # another replica wrote the first state
             dkek = _unwrap_dkek(self._kek, snap.records)
+            if dkek is None and _kek_entries(snap.records):
+                raise HandoverNeeded(
+                    "another replica stored the shared state first: this replica needs the deployment "
+                    "key from it (attested hand-over, docs/ha.md); retry in a moment"
+                )
         unwrapped = None if wrapped is None or dkek is None else _unwrap(dkek, wrapped)
         if unwrapped is None:
             raise SealError(
@@ -754,33 +765,67 @@ class SealedStore:
             )
             return await self._commit_inner(writes, state, self._crypto)
 
+    async def adopt_handover(self, dkek: bytes, floor: HandoverFloor) -> int:
+        """Take the shared state another replica stored first, with the deployment KEK it handed over
+        after attestation (see :class:`HandoverNeeded`); stores this replica's entry and seeds the
+        rollback anchor. Returns the new revision."""
+        async with self._lock:
+            if not self._unwritten:
+                return self._revision
+            snap = await self._inner.snapshot("")
+            _check_layout(snap.records)
+            wrapped = snap.records.get(META_WRAPPED_DEK)
+            unwrapped = None if wrapped is None else _unwrap(dkek, wrapped)
+            if unwrapped is None:
+                raise SealError("the deployment key handed over does not open the shared state")
+            crypto = _Crypto(unwrapped[1], self._rng)
+            try:
+                state = _verify(snap.records, crypto)
+            except _DekMismatch:
+                raise SealError("the deployment key handed over does not open the shared state") from None
+            _check_floor(state, floor)
+            self._dkek, self._crypto, self._state, self._revision = dkek, crypto, state, snap.revision
+            self._unwritten, self._pending_deletes, self._stale = False, frozenset(), False
+            self._reset_anchor = True
+            for attempt in range(4):
+                try:
+                    return await self._store_entry_locked(migrate=False)
+                except ConflictError:  # another replica committed meanwhile: re-read, store the entry again
+                    if attempt == 3:
+                        raise
+                    await self._reload()
+            raise AssertionError("unreachable")
+
     async def _store_entry(self, *, migrate: bool) -> int:
         """Commit this replica's ``meta:kek/<id>`` entry (after a hand-over); with ``migrate``, first
         make a deployment KEK for a state whose DEK was wrapped directly under this KEK."""
-        assert self._kek is not None
         async with self._lock:
-            writes: dict[str, bytes | None] = {}
-            if migrate:
-                dkek = self._rng(KEK_SIZE)
-                if len(dkek) != KEK_SIZE:
-                    raise SealError("the random generator returned a short key")
-                writes[META_WRAPPED_DEK] = _wrap(dkek, self._state.store_id, self._crypto.keyring, self._rng)
-            else:
-                assert self._dkek is not None
-                dkek = self._dkek
-            entry_key, entry = _wrap_dkek(self._kek, dkek, self._rng)
-            writes[entry_key] = entry
-            state = _State(
-                self._state.store_id,
-                self._state.epoch + 1,
-                dict(self._state.elements),
-                self._state.digest,
-                self._state.recovery_data,
-                self._state.public_metadata,
-            )
-            revision = await self._commit_inner(writes, state, self._crypto)
-            self._dkek = dkek
-            return revision
+            return await self._store_entry_locked(migrate=migrate)
+
+    async def _store_entry_locked(self, *, migrate: bool) -> int:
+        assert self._kek is not None
+        writes: dict[str, bytes | None] = {}
+        if migrate:
+            dkek = self._rng(KEK_SIZE)
+            if len(dkek) != KEK_SIZE:
+                raise SealError("the random generator returned a short key")
+            writes[META_WRAPPED_DEK] = _wrap(dkek, self._state.store_id, self._crypto.keyring, self._rng)
+        else:
+            assert self._dkek is not None
+            dkek = self._dkek
+        entry_key, entry = _wrap_dkek(self._kek, dkek, self._rng)
+        writes[entry_key] = entry
+        state = _State(
+            self._state.store_id,
+            self._state.epoch + 1,
+            dict(self._state.elements),
+            self._state.digest,
+            self._state.recovery_data,
+            self._state.public_metadata,
+        )
+        revision = await self._commit_inner(writes, state, self._crypto)
+        self._dkek = dkek
+        return revision
 
 
 # --------------------------------------------------------------------------------------------
@@ -925,6 +970,19 @@ class HandoverFloor:
     epoch: int
 
 
+def _check_floor(state: _State, floor: HandoverFloor) -> None:
+    if not hmac.compare_digest(state.store_id, floor.store_id):
+        raise IntegrityError(
+            "the stored state is not the one the replica that handed the key over serves (another "
+            "store id): the store was replaced; check --store"
+        )
+    if state.epoch < floor.epoch:
+        raise RollbackError(
+            f"the stored state is at epoch {state.epoch}, older than the epoch {floor.epoch} the "
+            "replica that handed the key over attested: the store is being rolled back"
+        )
+
+
 async def open_sealed_store(
     inner: Store,
     provider: KeyEncryptionKeyProvider | None,
@@ -1066,16 +1124,7 @@ async def _open_once(
             f"record {META_WRAPPED_DEK!r} belongs to another state than the data; restore a backup"
         )
     if handover is not None:
-        if not hmac.compare_digest(state.store_id, handover.store_id):
-            raise IntegrityError(
-                "the stored state is not the one the replica that handed the key over serves (another "
-                "store id): the store was replaced; check --store"
-            )
-        if state.epoch < handover.epoch:
-            raise RollbackError(
-                f"the stored state is at epoch {state.epoch}, older than the epoch {handover.epoch} the "
-                "replica that handed the key over attested: the store is being rolled back"
-            )
+        _check_floor(state, handover)
         reset = True  # the anchor is seeded from the attested epoch (or later), not trusted from disk
     else:
         reset = _check_anchor(anchor, reading, state, allow_rollback)
