@@ -19,6 +19,7 @@ from aetcd import rpc
 
 from etcd_support import EtcdCluster, EtcdMember, free_port, raw_range, unique_prefix
 from marblekeep.errors import ConflictError, RollbackError, StoreError
+from marblekeep.handover import Membership
 from marblekeep.store import Opened, SimulationKeyFileProvider, open_sealed_store
 from marblekeep.store.etcd import EtcdConfig, EtcdEndpoint, EtcdStore, _Ambiguous
 from marblekeep.store.location import EtcdLocation, parse_store_url
@@ -416,3 +417,42 @@ async def test_watch_reports_other_writers_and_survives_compaction(etcd_server: 
     assert await watcher.get("a") == b"later-2"
     await watcher.close()
     await writer.close()
+
+
+async def test_members_register_under_a_lease_and_disappear_with_it(etcd_server: EtcdMember) -> None:
+    config = etcd_server.config()
+    store = await EtcdStore.open(config)
+    other = await EtcdStore.open(config)
+    try:
+        revision = await store.revision()
+        lease = await store.register_member("r1", b'{"address": "127.0.0.1:1"}', ttl=30)
+        assert await other.members() == {"r1": b'{"address": "127.0.0.1:1"}'}
+        assert await store.keep_member_alive(lease) > 0
+        assert await store.revision() == revision  # membership is not part of the store's content
+        assert b"members/r1" in raw_keys(etcd_server, config.prefix)
+        await store.revoke_member(lease)
+        assert await other.members() == {}
+        assert await store.keep_member_alive(lease) == 0  # an ended lease reports TTL 0
+
+        # a replica that stops renewing (killed) disappears when its lease runs out
+        await store.register_member("dead", b"{}", ttl=2)
+        deadline = asyncio.get_running_loop().time() + 30
+        while "dead" in await other.members():
+            assert asyncio.get_running_loop().time() < deadline, "the lease never expired"
+            await asyncio.sleep(0.2)
+
+        # the Membership loop registers once the replica is ready, renews, and revokes at stop
+        ready = False
+        membership = Membership(store, "r2", "127.0.0.1:2", lambda: ready, ttl=3)
+        membership.start()
+        await asyncio.sleep(1.5)
+        assert await other.members() == {}  # not ready: not registered
+        ready = True
+        await asyncio.wait_for(membership.registered.wait(), 30)
+        await asyncio.sleep(4)  # longer than the TTL: still there because it is renewed
+        assert set(await other.members()) == {"r2"}
+        await membership.stop()
+        assert await other.members() == {}
+    finally:
+        await store.close()
+        await other.close()
