@@ -462,7 +462,7 @@ class Coordinator:
             revision = await self._store.revision()
         except HandoverNeeded:  # another replica stored the first state: get its key, then read it
             if not await self._adopt_by_handover():
-                return
+                raise  # 503 for a request; the follower logs it and tries again
             revision = await self._store.revision()
         if revision == self._view_revision:
             return
