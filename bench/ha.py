@@ -87,7 +87,7 @@ def replica(workdir: Path, name: str, store: str | None, kek: Path | None = None
     client_port, marble_port = free_port(), free_port()
     seal_dir = workdir / name
     seal_dir.mkdir(parents=True, exist_ok=True)
-    if kek is not None:  # a second replica with the same simulation KEK (no hand-over yet)
+    if kek is not None:  # the same simulation KEK: no hand-over in the measurement
         (seal_dir / "simulation-kek.key").write_bytes(kek.read_bytes())
         (seal_dir / "simulation-kek.key").chmod(0o600)
     log_path = workdir / f"{name}.log"
