@@ -40,7 +40,6 @@ class _CollateralCollector(Collector):
         yield age
         yield expires
 
-
 __all__ = ["Metrics"]
 
 

@@ -71,64 +71,39 @@ def marble() -> None:
 
 @marble.command(context_settings={"allow_interspersed_args": False})
 @click.option(
-    "--coordinator-addr",
-    metavar="HOST:PORT",
-    envvar=ENV_COORDINATOR_ADDR,
-    show_envvar=True,
+    "--coordinator-addr", metavar="HOST:PORT", envvar=ENV_COORDINATOR_ADDR, show_envvar=True,
     help=f"Marble API of the Coordinator, host:port [default: {DEFAULT_COORDINATOR_ADDR}].",
 )
 @click.option(
-    "--type",
-    "marble_type",
-    metavar="NAME",
-    envvar=ENV_MARBLE_TYPE,
-    show_envvar=True,
+    "--type", "marble_type", metavar="NAME", envvar=ENV_MARBLE_TYPE, show_envvar=True,
     help="This Marble's name in the manifest's Marbles section (required).",
 )
 @click.option(
-    "--dns-names",
-    metavar="NAMES",
-    envvar=ENV_DNS_NAMES,
-    show_envvar=True,
+    "--dns-names", metavar="NAMES", envvar=ENV_DNS_NAMES, show_envvar=True,
     help=f"Comma-separated DNS names (or IPs) for this Marble's certificate [default: {DEFAULT_DNS_NAMES}].",
 )
 @click.option(
-    "--uuid-file",
-    metavar="PATH",
-    envvar=ENV_UUID_FILE,
-    show_envvar=True,
+    "--uuid-file", metavar="PATH", envvar=ENV_UUID_FILE, show_envvar=True,
     help=f"File holding this Marble's UUID; created (mode 0600) on first start, reused afterwards. "
     f"The UUID selects the seal key: keep the file [default: ./{DEFAULT_UUID_FILE}].",
 )
 @click.option(
-    "--activation-timeout",
-    metavar="SECONDS",
-    envvar=ENV_ACTIVATION_TIMEOUT,
-    show_envvar=True,
+    "--activation-timeout", metavar="SECONDS", envvar=ENV_ACTIVATION_TIMEOUT, show_envvar=True,
     help="Total seconds to keep retrying while the Coordinator is unreachable or not yet accepting "
     f"Marbles [default: {DEFAULT_ACTIVATION_TIMEOUT:g}].",
 )
 @click.option(
-    "--attestation-root",
-    metavar="DIR",
-    envvar=ENV_ATTESTATION_ROOT,
-    show_envvar=True,
+    "--attestation-root", metavar="DIR", envvar=ENV_ATTESTATION_ROOT, show_envvar=True,
     help="Gramine's attestation filesystem; without it the Marble sends simulation evidence "
     "[default: /dev/attestation].",
 )
 @click.option(
-    "--tsm-report-root",
-    metavar="DIR",
-    envvar=ENV_TSM_REPORT_ROOT,
-    show_envvar=True,
+    "--tsm-report-root", metavar="DIR", envvar=ENV_TSM_REPORT_ROOT, show_envvar=True,
     help="configfs-tsm report directory of a TDX guest, used when there is no Gramine attestation "
     "filesystem [default: /sys/kernel/config/tsm/report].",
 )
 @click.option(
-    "--coordinator-ca-file",
-    metavar="PEM",
-    envvar=ENV_COORDINATOR_CA_FILE,
-    show_envvar=True,
+    "--coordinator-ca-file", metavar="PEM", envvar=ENV_COORDINATOR_CA_FILE, show_envvar=True,
     help="PEM file to verify the Coordinator's TLS certificate with. Without it the Coordinator is not "
     "authenticated: the secrets stay sealed to this Marble, but an impostor could hand out wrong Parameters.",
 )

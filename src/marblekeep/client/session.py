@@ -63,6 +63,7 @@ def pin_path(addr: str, env: Mapping[str, str], home: Path) -> Path:
     return config_dir(env, home) / PINS_DIR_NAME / pin_name(addr)
 
 
+
 @dataclass(frozen=True)
 class TrustSettings:
     """How to decide whether to trust a Coordinator (the CLI's global options)."""

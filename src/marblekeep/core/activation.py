@@ -274,6 +274,7 @@ def _render(
     return out
 
 
+
 def activate(
     prepared: PreparedDeployment,
     inp: ActivationInput,

@@ -178,7 +178,9 @@ class _ManifestParser:
             accepted_tcb_statuses=d.strings(
                 f.get("AcceptedTCBStatuses", []), join(path, "AcceptedTCBStatuses")
             ),
-            accepted_advisories=d.strings(f.get("AcceptedAdvisories", []), join(path, "AcceptedAdvisories")),
+            accepted_advisories=d.strings(
+                f.get("AcceptedAdvisories", []), join(path, "AcceptedAdvisories")
+            ),
             tdx=tdx,
         )
 
@@ -397,12 +399,8 @@ class _ManifestParser:
             postal_code=names("PostalCode"),
             serial_number=d.string(s.get("SerialNumber", []), join(subject_path, "SerialNumber")),
             dns_names=d.strings(f.get("DNSNames", []), join(path, "DNSNames")),
-            ip_addresses=d.list_of(
-                f.get("IPAddresses", []),
-                join(path, "IPAddresses"),
-                self.ip_address,
-                "an array of IP address strings",
-            ),
+            ip_addresses=d.list_of(f.get("IPAddresses", []), join(path, "IPAddresses"), self.ip_address,
+                                   "an array of IP address strings"),
             email_addresses=d.strings(f.get("EmailAddresses", []), join(path, "EmailAddresses")),
             uris=d.list_of(f.get("URIs", []), join(path, "URIs"), self.uri, "an array of URI strings"),
             key_usage=key_usage,
@@ -449,9 +447,7 @@ class _ManifestParser:
         except ValueError:
             scheme_ok = False
         if not scheme_ok or any(c.isspace() for c in text):
-            d.error(
-                path, f'"{_short(text)}" is not an absolute URI: write e.g. "spiffe://example.org/service"'
-            )
+            d.error(path, f'"{_short(text)}" is not an absolute URI: write e.g. "spiffe://example.org/service"')
             return None
         return text
 
@@ -474,14 +470,8 @@ class _ManifestParser:
                         offset = dt.timedelta(hours=int(zone[1:3]), minutes=int(zone[4:6]))
                         tz = dt.timezone(sign * offset)
                     parsed = dt.datetime(
-                        int(year),
-                        int(month),
-                        int(day),
-                        int(hour),
-                        int(minute),
-                        int(second),
-                        int((frac or "0")[:6].ljust(6, "0")),
-                        tzinfo=tz,
+                        int(year), int(month), int(day), int(hour), int(minute), int(second),
+                        int((frac or "0")[:6].ljust(6, "0")), tzinfo=tz,
                     )
                 except ValueError:
                     parsed = None
@@ -551,94 +541,32 @@ class _ManifestParser:
 
 
 _TOP_FIELDS = (
-    "Packages",
-    "Infrastructures",
-    "Marbles",
-    "Secrets",
-    "Users",
-    "Roles",
-    "RecoveryKeys",
-    "TLS",
-    "Config",
+    "Packages", "Infrastructures", "Marbles", "Secrets", "Users", "Roles", "RecoveryKeys", "TLS", "Config",
 )
 _PACKAGE_FIELDS = (
-    "Debug",
-    "UniqueID",
-    "SignerID",
-    "ProductID",
-    "SecurityVersion",
-    "AcceptedTCBStatuses",
-    "AcceptedAdvisories",
-    "TDX",
+    "Debug", "UniqueID", "SignerID", "ProductID", "SecurityVersion", "AcceptedTCBStatuses",
+    "AcceptedAdvisories", "TDX",
 )
 _MARBLE_FIELDS = ("Package", "MaxActivations", "Parameters", "TLS", "DisableSecretBinding")
 _SECRET_FIELDS = ("Type", "Size", "Shared", "UserDefined", "Cert", "ValidFor", "Private", "Public")
 _CERT_FIELDS = (
-    "Subject",
-    "DNSNames",
-    "IPAddresses",
-    "EmailAddresses",
-    "URIs",
-    "KeyUsage",
-    "ExtKeyUsage",
-    "IsCA",
-    "MaxPathLen",
-    "MaxPathLenZero",
-    "NotAfter",
+    "Subject", "DNSNames", "IPAddresses", "EmailAddresses", "URIs", "KeyUsage", "ExtKeyUsage", "IsCA",
+    "MaxPathLen", "MaxPathLenZero", "NotAfter",
 )
 _NAME_FIELDS = (
-    "Country",
-    "Organization",
-    "OrganizationalUnit",
-    "Locality",
-    "Province",
-    "StreetAddress",
-    "PostalCode",
-    "SerialNumber",
-    "CommonName",
+    "Country", "Organization", "OrganizationalUnit", "Locality", "Province", "StreetAddress", "PostalCode",
+    "SerialNumber", "CommonName",
 )
 _GO_CERT_OTHER = (
-    "Raw",
-    "RawTBSCertificate",
-    "RawSubjectPublicKeyInfo",
-    "RawSubject",
-    "RawIssuer",
-    "Signature",
-    "SignatureAlgorithm",
-    "PublicKeyAlgorithm",
-    "PublicKey",
-    "Version",
-    "SerialNumber",
-    "Issuer",
-    "NotBefore",
-    "Extensions",
-    "ExtraExtensions",
-    "UnhandledCriticalExtensions",
-    "UnknownExtKeyUsage",
-    "BasicConstraintsValid",
-    "SubjectKeyId",
-    "AuthorityKeyId",
-    "OCSPServer",
-    "IssuingCertificateURL",
-    "PermittedDNSDomainsCritical",
-    "PermittedDNSDomains",
-    "ExcludedDNSDomains",
-    "PermittedIPRanges",
-    "ExcludedIPRanges",
-    "PermittedEmailAddresses",
-    "ExcludedEmailAddresses",
-    "PermittedURIDomains",
-    "ExcludedURIDomains",
-    "CRLDistributionPoints",
-    "PolicyIdentifiers",
-    "Policies",
-    "InhibitAnyPolicy",
-    "InhibitAnyPolicyZero",
-    "InhibitPolicyMapping",
-    "InhibitPolicyMappingZero",
-    "RequireExplicitPolicy",
-    "RequireExplicitPolicyZero",
-    "PolicyMappings",
+    "Raw", "RawTBSCertificate", "RawSubjectPublicKeyInfo", "RawSubject", "RawIssuer", "Signature",
+    "SignatureAlgorithm", "PublicKeyAlgorithm", "PublicKey", "Version", "SerialNumber", "Issuer", "NotBefore",
+    "Extensions", "ExtraExtensions", "UnhandledCriticalExtensions", "UnknownExtKeyUsage",
+    "BasicConstraintsValid", "SubjectKeyId", "AuthorityKeyId", "OCSPServer", "IssuingCertificateURL",
+    "PermittedDNSDomainsCritical", "PermittedDNSDomains", "ExcludedDNSDomains", "PermittedIPRanges",
+    "ExcludedIPRanges", "PermittedEmailAddresses", "ExcludedEmailAddresses", "PermittedURIDomains",
+    "ExcludedURIDomains", "CRLDistributionPoints", "PolicyIdentifiers", "Policies", "InhibitAnyPolicy",
+    "InhibitAnyPolicyZero", "InhibitPolicyMapping", "InhibitPolicyMappingZero", "RequireExplicitPolicy",
+    "RequireExplicitPolicyZero", "PolicyMappings",
 )
 #: Go x509.Certificate fields a MarbleRun template may carry but marblekeep does not apply.
 _GO_CERT_IGNORED = {
@@ -662,3 +590,4 @@ _CONFIG_FIELDS = ("SealMode", "FeatureGates", "UpdateThreshold", "RecoveryThresh
 def parse_manifest_tree(raw: bytes, tree: JValue) -> ParsedManifest:
     """Build a best-effort :class:`Manifest` from a parsed JSON tree, collecting shape problems."""
     return _ManifestParser(raw).parse(tree)
+

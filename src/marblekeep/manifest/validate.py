@@ -140,7 +140,8 @@ class _Checker:
             report(
                 path,
                 f"specifies both UniqueID and {'/'.join(others)}: pin either UniqueID alone "
-                "or SignerID, ProductID and SecurityVersion together" + (suffix if package.debug else ""),
+                "or SignerID, ProductID and SecurityVersion together"
+                + (suffix if package.debug else ""),
             )
         if not package.unique_id:  # rule 5 (MarbleRun reports the first; we report each)
             for field, missing in (
@@ -328,8 +329,7 @@ class _Checker:
                 f"Secrets.{name}.Type",
                 (f'unknown type "{written}"' if written else "missing")
                 + (did_you_mean(written, types) if written else "")
-                + ": use one of "
-                + ", ".join(f'"{t}"' for t in types),
+                + ": use one of " + ", ".join(f'"{t}"' for t in types),
             )
         for name, secret in self.m.secrets.items():
             self.secret(name, secret, f"Secrets.{name}")
@@ -477,7 +477,11 @@ class _Checker:
 
 def suppressed(path: str, failed: Iterable[str]) -> bool:
     """True when *path* lies at or under a path whose value already failed to parse."""
-    return any(path == f or path.startswith((f + ".", f + "[")) for f in failed if f)
+    return any(
+        path == f or path.startswith((f + ".", f + "["))
+        for f in failed
+        if f
+    )
 
 
 def check_manifest(parsed: ParsedManifest) -> tuple[list[Problem], list[Problem]]:
@@ -489,3 +493,4 @@ def check_manifest(parsed: ParsedManifest) -> tuple[list[Problem], list[Problem]
     problems.extend(p for p in checker.problems if not suppressed(p.path, failed))
     warnings = list(parsed.warnings) + checker.warnings
     return problems, warnings
+

@@ -418,10 +418,7 @@ def activate(
     deadline = clock() + config.activation_timeout
     log.info(
         "activating as Marble type %r, UUID %s, with the Coordinator at %s (evidence: %s)",
-        config.marble_type,
-        marble_uuid,
-        base_url,
-        issuer.evidence_type,
+        config.marble_type, marble_uuid, base_url, issuer.evidence_type,
     )
     attempt = 0
     verify = _tls_verify(config)
@@ -463,7 +460,7 @@ def _write_file(target: Path, data: bytes, name: str) -> None:
                 os.fchmod(fd, 0o600)
             view = memoryview(data)
             while view:
-                view = view[os.write(fd, view) :]
+                view = view[os.write(fd, view):]
         finally:
             os.close(fd)
     except OSError as exc:
@@ -510,8 +507,7 @@ def resolve_command(params: MarbleParameters, command: Sequence[str]) -> tuple[s
             if len(command) > 1:
                 log.info(
                     "the manifest's Argv replaces the %d command-line argument(s) after %r",
-                    len(command) - 1,
-                    command[0],
+                    len(command) - 1, command[0],
                 )
             return command[0], [command[0], *params.argv[1:]]
         return params.argv[0], list(params.argv)

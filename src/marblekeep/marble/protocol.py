@@ -274,7 +274,7 @@ def parse_activation_request(body: bytes) -> ActivationRequest:
 
     evidence = doc["evidence"]
     if not isinstance(evidence, dict):
-        raise RequestError('field \'evidence\' must be an object {"type": ..., "data": ...}')
+        raise RequestError("field 'evidence' must be an object {\"type\": ..., \"data\": ...}")
     if "type" not in evidence or "data" not in evidence:
         raise RequestError("field 'evidence' must have both 'type' and 'data'")
     raw_type = evidence["type"]
