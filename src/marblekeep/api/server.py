@@ -25,6 +25,7 @@ from marblekeep.api.counter_api import add_counter_routes
 from marblekeep.api.governance_api import add_governance_routes
 from marblekeep.api.grpc import IDLE_TIMEOUT, GrpcProtocol, GrpcStatus, UnaryMethod
 from marblekeep.api.limits import ConnectionLimits, deadline_middleware
+from marblekeep.api.openapi import add_openapi_route
 from marblekeep.api.tls import ServerCredentials, make_server_credentials
 from marblekeep.api.tlslayer import ALPN_H2, ALPN_HTTP11, ProtocolFactory, TLSListener
 from marblekeep.core.deployment import Deployment
@@ -132,6 +133,7 @@ def build_client_app(
     add_client_routes(app)
     add_governance_routes(app)
     add_counter_routes(app)
+    add_openapi_route(app)
     return app
 
 
