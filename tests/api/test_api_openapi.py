@@ -203,3 +203,30 @@ def test_shipped_as_package_data() -> None:
     assert '"api/openapi.json"' in pyproject
     shipped = Path(__file__).resolve().parents[2] / "src" / "marblekeep" / "api" / "openapi.json"
     assert json.loads(shipped.read_text())["openapi"] == "3.1.0"
+
+
+def test_a_405_lists_the_documented_methods_in_allow(running: RunningCoordinator) -> None:
+    """Found by schemathesis (check ``unsupported_method``): 405 answers had no ``Allow`` header
+    (RFC 9110 §15.5.6). A wrong method on a documented path lists exactly the documented methods
+    (and HEAD for GET); an unknown path, where every method is 405 for MarbleRun's clients, an
+    empty list."""
+    doc = document()
+    with running.client() as client:
+        for path, item in doc["paths"].items():
+            if item.get("servers"):
+                continue  # other listeners; the Marble API is checked below
+            documented = {m.upper() for m in METHODS if m in item}
+            if "GET" in documented:
+                documented.add("HEAD")
+            wrong = "PUT"
+            r = client.request(wrong, path)
+            assert r.status_code == 405, path
+            assert {m.strip() for m in r.headers["allow"].split(",")} == documented, path
+            assert r.json() == {"status": "error", "data": None}
+        r = client.get("/api/v2/does-not-exist")
+        assert r.status_code == 405
+        assert r.headers["allow"] == ""
+    with running.marble() as marble:
+        r = marble.http.get("/marble/v1/activate")
+        assert r.status_code == 405
+        assert r.headers["allow"] == "POST"
