@@ -109,7 +109,7 @@ def fuzz_manifest(users: dict[str, str], recovery_pem: str) -> dict[str, Any]:
             },
         },
         "RecoveryKeys": {"owner": recovery_pem},
-        "Config": {"FeatureGates": ["SignQuoteEndpoint"]},
+        "Config": {"FeatureGates": ["SignQuoteEndpoint", "MonotonicCounter"]},
     }
 
 
