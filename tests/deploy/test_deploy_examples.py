@@ -111,7 +111,7 @@ def test_state_and_temporary_files(manifest: dict[str, Any]) -> None:
     mounts = {m["path"]: m for m in manifest["fs"]["mounts"]}
     seal = mounts[manifest["loader"]["env"]["EDG_COORDINATOR_SEAL_DIR"]]
     assert seal.get("type", "chroot") == "chroot"  # the store encrypts itself (guide: why not "encrypted")
-    assert mounts["/tmp"]["type"] == "tmpfs"  # the TLS listener key passes through a temp file
+    assert mounts["/tmp"]["type"] == "tmpfs"  # temporary files stay in enclave memory
     trusted = manifest["sgx"]["trusted_files"]
     allowed = manifest["sgx"]["allowed_files"]
     assert allowed == [f"file:{VALUES['seal_dir']}/"]
