@@ -34,7 +34,6 @@ from typing import Any
 import httpx
 import pytest
 import schemathesis
-from api_support import CoordinatorProcess, free_port
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from hypothesis import HealthCheck, settings
@@ -47,6 +46,7 @@ from schemathesis.specs.openapi.checks import (
     unsupported_method,
 )
 
+from harness import CoordinatorProcess, free_port
 from marblekeep.api.openapi import document
 from testsupport import self_signed_user_cert
 

@@ -16,11 +16,12 @@ from typing import Any
 import jsonschema_rs
 import pytest
 import schemathesis
-from api_support import REPO_ROOT, RunningCoordinator
 from schemathesis.specs.openapi import definitions
 
+from harness import RunningCoordinator
 from marblekeep.api.openapi import OPENAPI_PATH, document
 from marblekeep.api.server import API_NAME_KEY
+from testsupport import REPO_ROOT
 
 METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
 
