@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from api_support import RunningCoordinator, free_port
 
+from harness import RunningCoordinator, free_port
 from marble.marblerun_support import MarbleRunMarble, PbActivationResp
 from marblekeep.api.server import MARBLERUN_ACTIVATE_PATH, grpc_protocol_factory
 

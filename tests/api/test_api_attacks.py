@@ -19,11 +19,11 @@ from typing import Any
 import httpx
 import pytest
 import trustme
-from api_support import MarbleClient, Prepared, RunningCoordinator, manifest_bytes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from harness import MarbleClient, Prepared, RunningCoordinator, activation_manifest_bytes
 from marblekeep.errors import SealError
 from marblekeep.marble.protocol import (
     ACTIVATE_PATH,
@@ -233,7 +233,7 @@ def test_oversized_activation_body_is_413(deployed: RunningCoordinator) -> None:
 def test_oversized_manifest_is_413(tmp_path: Path) -> None:
     running = RunningCoordinator(tmp_path / "seal", max_manifest_bytes=4096)
     try:
-        raw = manifest_bytes()
+        raw = activation_manifest_bytes()
         big = raw[:-1] + b"," + json.dumps({"Padding": "x" * 5000}).encode()[1:]
         with running.client() as client:
             v2 = client.post("/api/v2/manifest", json={"manifest": base64.b64encode(big).decode()})
@@ -503,7 +503,7 @@ def admin(tmp_path: Path) -> Iterator[tuple[RunningCoordinator, Path, Path]]:
     cert, key = tmp_path / "admin.pem", tmp_path / "admin.key"
     leaf.cert_chain_pems[0].write_to_path(str(cert))
     leaf.private_key_pem.write_to_path(str(key))
-    manifest = json.loads(manifest_bytes())
+    manifest = json.loads(activation_manifest_bytes())
     manifest["Secrets"]["user_key"] = {"Type": "symmetric-key", "Size": 128, "UserDefined": True}
     manifest["Users"] = {"admin": {"Certificate": cert.read_text(), "Roles": ["secrets", "pkgs", "update"]}}
     manifest["Roles"] = {

@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from api_support import STATUS_2, STATUS_3, RunningCoordinator, iter_pems, last_pem, manifest_bytes
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
+
+from harness import STATUS_2, STATUS_3, RunningCoordinator, activation_manifest_bytes, iter_pems, last_pem
 
 pytestmark = pytest.mark.skipif(
     shutil.which("curl") is None or shutil.which("openssl") is None, reason="needs curl and openssl"
@@ -137,7 +138,7 @@ def test_manifest_v2_set_get_and_verify_signature_with_openssl(
 ) -> None:
     url = coordinator.client_url
     manifest = tmp_path / "manifest.json"
-    manifest.write_bytes(manifest_bytes())
+    manifest.write_bytes(activation_manifest_bytes())
     body_file = tmp_path / "set.json"
     body_file.write_text(json.dumps({"manifest": base64.b64encode(manifest.read_bytes()).decode()}))
 
@@ -198,7 +199,7 @@ def test_manifest_v2_set_get_and_verify_signature_with_openssl(
 def test_manifest_v1_set_raw_body(coordinator: RunningCoordinator, root_pem: Path, tmp_path: Path) -> None:
     url = coordinator.client_url
     manifest = tmp_path / "manifest.json"
-    manifest.write_bytes(manifest_bytes())
+    manifest.write_bytes(activation_manifest_bytes())
     status, headers, body = curl(
         "--cacert", str(root_pem), "--data-binary", f"@{manifest}", f"{url}/manifest"
     )
@@ -237,7 +238,7 @@ def test_manifest_set_twice_is_refused_with_the_state_message(
 ) -> None:
     url = coordinator.client_url
     manifest = tmp_path / "manifest.json"
-    manifest.write_bytes(manifest_bytes())
+    manifest.write_bytes(activation_manifest_bytes())
     coordinator.set_manifest()
     # v1: every set-manifest failure is 400 fail
     status, _, body = curl("--cacert", str(root_pem), "--data-binary", f"@{manifest}", f"{url}/manifest")

@@ -15,9 +15,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from api_support import RunningCoordinator
 from click.testing import CliRunner
 
+from harness import RunningCoordinator
 from marblekeep.api.limits import ConnectionLimits
 from marblekeep.api.server import FD_RESERVE, ensure_fd_limit
 from marblekeep.cli.main import main as cli

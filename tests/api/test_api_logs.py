@@ -12,7 +12,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from api_support import CoordinatorProcess, MarbleClient, manifest_bytes
+
+from harness import CoordinatorProcess, MarbleClient, activation_manifest_bytes
 
 pytestmark = pytest.mark.slow
 
@@ -53,7 +54,7 @@ def test_json_logs_are_json_and_never_contain_secrets(tmp_path: Path) -> None:
         with client:
             # a rejected manifest first (its problems are logged/answered, nothing secret in it)
             assert client.post("/api/v2/manifest", json={"manifest": "@@"}).status_code == 400
-            raw = manifest_bytes()
+            raw = activation_manifest_bytes()
             r = client.post("/api/v2/manifest", json={"manifest": base64.b64encode(raw).decode()})
             assert r.status_code == 200, r.text
             assert client.get("/status").status_code == 200  # a deprecated v1 call is logged

@@ -17,7 +17,6 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
-from api_support import MANIFEST, RunningCoordinator
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -31,6 +30,7 @@ from grpc_support import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
+from harness import ACTIVATION_MANIFEST, RunningCoordinator
 from marblekeep.crypto.pki import MARBLE_TYPE_OID
 
 ROOT_CA = "MARBLE_PREDEFINED_ROOT_CA"
@@ -207,7 +207,7 @@ def test_malformed_messages_unknown_methods_and_oversized_messages(deployed: Grp
 
 
 def test_max_activations_is_exact_across_both_protocols_under_concurrency(deployed: GrpcEndpoints) -> None:
-    limit = MANIFEST["Marbles"]["twice"]["MaxActivations"]
+    limit = ACTIVATION_MANIFEST["Marbles"]["twice"]["MaxActivations"]
     marbles = [MarbleRunMarble() for _ in range(8)]
 
     def via_grpc(m: MarbleRunMarble) -> bool:

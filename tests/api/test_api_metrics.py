@@ -10,8 +10,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from api_support import RunningCoordinator
 from prometheus_client.parser import text_string_to_metric_families
+
+from harness import RunningCoordinator
 
 
 @pytest.fixture

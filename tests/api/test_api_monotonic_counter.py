@@ -14,9 +14,9 @@ from pathlib import Path
 import httpx
 import pytest
 from aiohttp import web
-from api_support import MANIFEST, RunningCoordinator, free_port
 from grpc_support import InjectingProtocol
 
+from harness import ACTIVATION_MANIFEST, RunningCoordinator, free_port
 from marblekeep.api.server import build_client_app
 
 PATH = "/api/v2/monotonic-counter"
@@ -58,7 +58,7 @@ class CounterEndpoint:
 
 
 def _manifest(gates: list[str]) -> bytes:
-    return json.dumps({**MANIFEST, "Config": {"FeatureGates": gates}}).encode()
+    return json.dumps({**ACTIVATION_MANIFEST, "Config": {"FeatureGates": gates}}).encode()
 
 
 @pytest.fixture

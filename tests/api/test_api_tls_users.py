@@ -26,12 +26,12 @@ from typing import Any
 import pytest
 import trustme
 from aiohttp import web
-from api_support import MANIFEST, RunningCoordinator
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from harness import ACTIVATION_MANIFEST, RunningCoordinator
 from marblekeep.api.tls import ServerCredentials, make_server_credentials, match_user
 from marblekeep.api.tlslayer import ALPN_HTTP11, TLSListener
 from marblekeep.crypto.pki import CertifiedKey, create_root_ca
@@ -370,7 +370,7 @@ def test_curl_with_user_certificate(setup: Setup, serve: Any) -> None:
 def test_coordinator_client_api_trusts_the_manifest_users(tmp_path: Path, setup: Setup) -> None:
     running = RunningCoordinator(tmp_path / "seal")
     try:
-        users_manifest = json.loads(json.dumps(MANIFEST))
+        users_manifest = json.loads(json.dumps(ACTIVATION_MANIFEST))
         users_manifest["Users"] = {
             "alice": {"Certificate": setup.alice.cert.public_bytes(serialization.Encoding.PEM).decode()}
         }

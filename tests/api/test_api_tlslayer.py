@@ -26,12 +26,12 @@ from typing import Any, TypeVar
 
 import pytest
 from aiohttp import web
-from api_support import RunningCoordinator
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from harness import RunningCoordinator
 from marblekeep.api import tlslayer
 from marblekeep.api.limits import ConnectionLimits
 from marblekeep.api.tls import ServerCredentials, make_server_credentials

@@ -21,8 +21,8 @@ import httpx
 from click.testing import CliRunner, Result
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from e2e_support import CoordinatorSubprocess, free_port, run_marble_subprocess, run_marblekeep
 
+from harness import CoordinatorSubprocess, free_port, run_marble_subprocess, run_marblekeep
 from marblekeep.cli.main import main
 from testsupport import self_signed_user_cert
 

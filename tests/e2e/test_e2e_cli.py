@@ -22,17 +22,17 @@ from click.testing import CliRunner, Result
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
-from e2e_support import (
+
+from harness import (
     STATUS_2,
     STATUS_3,
-    InProcessCoordinator,
+    RunningCoordinator,
     StubPki,
     StubServer,
     free_port,
     jsend,
     jsend_error,
 )
-
 from marblekeep.cli import client_cmds
 from marblekeep.cli.main import main
 from marblekeep.client import attest
@@ -62,8 +62,8 @@ def run(*args: str, env: dict[str, str] | None = None) -> Result:
 
 
 @pytest.fixture
-def coordinator(tmp_path: Path) -> Iterator[InProcessCoordinator]:
-    running = InProcessCoordinator(tmp_path / "seal")
+def coordinator(tmp_path: Path) -> Iterator[RunningCoordinator]:
+    running = RunningCoordinator(tmp_path / "seal", host="127.0.0.1")
     try:
         yield running
     finally:
@@ -83,7 +83,7 @@ def _pin_args(pin: Path) -> list[str]:
 
 
 def test_status_of_a_simulation_coordinator_needs_insecure_then_pins_its_root(
-    coordinator: InProcessCoordinator, pin: Path
+    coordinator: RunningCoordinator, pin: Path
 ) -> None:
     refused = run("status", coordinator.addr, *_pin_args(pin))
     assert refused.exit_code == 1
@@ -110,7 +110,7 @@ def _port(addr: str) -> str:
 
 
 def test_default_pin_location_is_per_address_under_xdg_config_home(
-    coordinator: InProcessCoordinator, tmp_path: Path
+    coordinator: RunningCoordinator, tmp_path: Path
 ) -> None:
     config_home = tmp_path / "xdg"
     result = run("status", "--insecure", coordinator.addr, env={"XDG_CONFIG_HOME": str(config_home)})
@@ -120,9 +120,9 @@ def test_default_pin_location_is_per_address_under_xdg_config_home(
     assert not (config_home / "marblekeep" / "coordinator-cert.pem").exists()
 
 
-def test_a_second_coordinator_gets_its_own_pin(coordinator: InProcessCoordinator, tmp_path: Path) -> None:
+def test_a_second_coordinator_gets_its_own_pin(coordinator: RunningCoordinator, tmp_path: Path) -> None:
     env = {"XDG_CONFIG_HOME": str(tmp_path / "xdg"), "MARBLEKEEP_COORDINATOR_CERT": ""}
-    other = InProcessCoordinator(tmp_path / "other-seal")
+    other = RunningCoordinator(tmp_path / "other-seal", host="127.0.0.1")
     try:
         assert run("status", "-i", coordinator.addr, env=env).exit_code == 0
         second = run("status", "-i", other.addr, env=env)  # not refused: another address, another pin
@@ -140,14 +140,14 @@ def test_a_second_coordinator_gets_its_own_pin(coordinator: InProcessCoordinator
 
 
 def test_the_pin_file_environment_variable_pins_one_coordinator_for_every_address(
-    coordinator: InProcessCoordinator, tmp_path: Path
+    coordinator: RunningCoordinator, tmp_path: Path
 ) -> None:
     pin = tmp_path / "one-pin.pem"
     env = {"XDG_CONFIG_HOME": str(tmp_path / "xdg"), "MARBLEKEEP_COORDINATOR_CERT": str(pin)}
     assert run("status", "-i", coordinator.addr, env=env).exit_code == 0
     assert pin.read_bytes() == coordinator.root_pem
     assert not (tmp_path / "xdg" / "marblekeep" / "pins").exists()
-    other = InProcessCoordinator(tmp_path / "other-seal")
+    other = RunningCoordinator(tmp_path / "other-seal", host="127.0.0.1")
     try:
         refused = run("status", other.addr, env=env)
         assert refused.exit_code == 1
@@ -158,7 +158,7 @@ def test_the_pin_file_environment_variable_pins_one_coordinator_for_every_addres
 
 
 def test_the_single_pin_file_of_earlier_versions_is_migrated(
-    coordinator: InProcessCoordinator, tmp_path: Path
+    coordinator: RunningCoordinator, tmp_path: Path
 ) -> None:
     config = tmp_path / "xdg" / "marblekeep"
     config.mkdir(parents=True)
@@ -172,7 +172,7 @@ def test_the_single_pin_file_of_earlier_versions_is_migrated(
     assert (config / "pins" / f"127.0.0.1_{_port(coordinator.addr)}.pem").read_bytes() == coordinator.root_pem
     assert legacy.read_bytes() == coordinator.root_pem  # left in place
     # another Coordinator is not blocked by it: it is attested (here: --insecure) and pinned on its own
-    other = InProcessCoordinator(tmp_path / "other-seal")
+    other = RunningCoordinator(tmp_path / "other-seal", host="127.0.0.1")
     try:
         assert run("status", other.addr, env=env).exit_code == 1  # simulation: still needs --insecure
         fresh = run("status", "-i", other.addr, env=env)
@@ -184,10 +184,10 @@ def test_the_single_pin_file_of_earlier_versions_is_migrated(
 
 
 def test_a_different_coordinator_is_refused_against_the_pinned_root(
-    coordinator: InProcessCoordinator, pin: Path, tmp_path: Path
+    coordinator: RunningCoordinator, pin: Path, tmp_path: Path
 ) -> None:
     assert run("status", "-i", coordinator.addr, *_pin_args(pin)).exit_code == 0
-    other = InProcessCoordinator(tmp_path / "other-seal")
+    other = RunningCoordinator(tmp_path / "other-seal", host="127.0.0.1")
     try:
         refused = run("certificate", "root", other.addr, *_pin_args(pin))
         assert refused.exit_code == 1
@@ -211,7 +211,7 @@ def test_a_different_coordinator_is_refused_against_the_pinned_root(
 
 
 def test_certificate_root_intermediate_chain(
-    coordinator: InProcessCoordinator, pin: Path, tmp_path: Path
+    coordinator: RunningCoordinator, pin: Path, tmp_path: Path
 ) -> None:
     root = run("certificate", "root", "-i", coordinator.addr, *_pin_args(pin))
     assert root.exit_code == 0, root.output
@@ -236,7 +236,7 @@ def test_certificate_root_intermediate_chain(
 
 
 def test_manifest_set_get_verify_and_signature(
-    coordinator: InProcessCoordinator, pin: Path, tmp_path: Path
+    coordinator: RunningCoordinator, pin: Path, tmp_path: Path
 ) -> None:
     yaml_file = tmp_path / "manifest.yaml"
     yaml_file.write_text(MANIFEST_YAML)
@@ -285,14 +285,14 @@ def test_manifest_set_get_verify_and_signature(
     assert "already runs a manifest" in again.stderr
 
 
-def test_manifest_get_and_verify_before_any_manifest(coordinator: InProcessCoordinator, pin: Path) -> None:
+def test_manifest_get_and_verify_before_any_manifest(coordinator: RunningCoordinator, pin: Path) -> None:
     got = run("manifest", "get", "-i", coordinator.addr, *_pin_args(pin))
     assert got.exit_code == 1
     assert "no manifest yet" in got.stderr
 
 
 def test_an_invalid_manifest_lists_the_coordinators_problems(
-    coordinator: InProcessCoordinator, pin: Path, tmp_path: Path
+    coordinator: RunningCoordinator, pin: Path, tmp_path: Path
 ) -> None:
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"Packages": {}, "Marbles": {"m": {"Package": "missing"}}}))

@@ -13,8 +13,8 @@ import pytest
 from aiohttp import web
 from click.testing import CliRunner, Result
 from cryptography.hazmat.primitives import serialization
-from e2e_support import InProcessCoordinator, StubPki, StubServer, jsend, jsend_error
 
+from harness import RunningCoordinator, StubPki, StubServer, jsend, jsend_error
 from marblekeep.cli.main import main
 from testsupport import self_signed_user_cert
 
@@ -26,8 +26,8 @@ def run(*args: str) -> Result:
 
 
 @pytest.fixture
-def coordinator(tmp_path: Path) -> Iterator[InProcessCoordinator]:
-    running = InProcessCoordinator(tmp_path / "seal")
+def coordinator(tmp_path: Path) -> Iterator[RunningCoordinator]:
+    running = RunningCoordinator(tmp_path / "seal", host="127.0.0.1")
     try:
         yield running
     finally:
@@ -77,7 +77,7 @@ def test_http_401_says_the_certificate_is_not_a_user(tmp_path: Path) -> None:
 
 
 def test_an_unlisted_certificate_refused_in_the_tls_handshake_is_not_a_user(
-    coordinator: InProcessCoordinator, tmp_path: Path
+    coordinator: RunningCoordinator, tmp_path: Path
 ) -> None:
     # Until the Client API answers 401, an unlisted certificate fails in the handshake: same advice.
     doc = json.loads((Path(__file__).resolve().parents[2] / "examples" / "manifest.json").read_text())
@@ -94,7 +94,7 @@ def test_an_unlisted_certificate_refused_in_the_tls_handshake_is_not_a_user(
     assert "cannot reach" not in error
 
 
-def test_the_marble_api_port_is_named_as_such(coordinator: InProcessCoordinator, tmp_path: Path) -> None:
+def test_the_marble_api_port_is_named_as_such(coordinator: RunningCoordinator, tmp_path: Path) -> None:
     marble_addr = coordinator.config.mesh_addr
     result = run("status", marble_addr, "-i", "--coordinator-cert", str(tmp_path / "pin.pem"))
     assert result.exit_code == 2
@@ -106,7 +106,7 @@ def test_the_marble_api_port_is_named_as_such(coordinator: InProcessCoordinator,
 
 
 def test_a_key_that_does_not_match_its_certificate_says_so(
-    coordinator: InProcessCoordinator, tmp_path: Path
+    coordinator: RunningCoordinator, tmp_path: Path
 ) -> None:
     cert, _key = _user_files(tmp_path, "alice")
     _other_cert, other_key = _user_files(tmp_path, "bob")
@@ -118,7 +118,7 @@ def test_a_key_that_does_not_match_its_certificate_says_so(
 
 
 def test_manifest_set_prints_the_warnings_validate_prints(
-    coordinator: InProcessCoordinator, tmp_path: Path
+    coordinator: RunningCoordinator, tmp_path: Path
 ) -> None:
     doc = json.loads((Path(__file__).resolve().parents[2] / "examples" / "manifest.json").read_text())
     doc["Marbles"]["frontend"]["MaxActivation"] = 1

@@ -19,11 +19,11 @@ from aiohttp import web
 from click.testing import CliRunner
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from e2e_support import STATUS_3, StubPki, StubServer, jsend
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import marblekeep.client as client_pkg
+from harness import STATUS_3, StubPki, StubServer, jsend
 from marblekeep.cli.client_cmds import client_cert_pair, user_cert_options
 from marblekeep.client import (
     CoordinatorClient,

@@ -15,8 +15,8 @@ import httpx
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from e2e_support import StubPki
 
+from harness import StubPki
 from marblekeep.client import (
     CoordinatorClient,
     EndpointMissing,

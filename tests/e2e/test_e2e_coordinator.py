@@ -23,7 +23,8 @@ from typing import Any
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from e2e_support import STATUS_3, CoordinatorSubprocess, free_port, run_marble_subprocess, run_marblekeep
+
+from harness import STATUS_3, CoordinatorSubprocess, free_port, run_marble_subprocess, run_marblekeep
 
 MARBLE_TYPE = "worker"
 SINGLETON_TYPE = "singleton"

@@ -31,8 +31,8 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from e2e_support import CoordinatorSubprocess, free_port, run_marble_subprocess
 
+from harness import CoordinatorSubprocess, free_port, run_marble_subprocess
 from testsupport import self_signed_user_cert
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify is Linux-only")

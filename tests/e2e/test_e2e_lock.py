@@ -14,8 +14,8 @@ import subprocess
 from pathlib import Path
 
 from e2e_state_support import KEK_FILE, CoordinatorProcess, Site, status_v2
-from e2e_support import CoordinatorSubprocess, free_port
 
+from harness import CoordinatorSubprocess, free_port
 from marblekeep.store.lock import LOCK_FILE_NAME
 
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
-from e2e_support import CoordinatorSubprocess, free_port, run_marble_subprocess
 
+from harness import CoordinatorSubprocess, free_port, run_marble_subprocess
 from marble.marblerun_support import MarbleRunMarble, PbActivationResp
 
 pytestmark = pytest.mark.slow

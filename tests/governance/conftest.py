@@ -6,7 +6,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from governance_support import RunningCoordinator, manifest_bytes
+
+from harness import RunningCoordinator, governance_manifest_bytes
 
 
 @pytest.fixture
@@ -14,7 +15,7 @@ def running(tmp_path: Path) -> Iterator[RunningCoordinator]:
     """A simulation Coordinator with the governance test manifest set (UpdateThreshold 0)."""
     rc = RunningCoordinator(tmp_path / "seal")
     try:
-        rc.set_manifest(manifest_bytes())
+        rc.set_manifest(governance_manifest_bytes())
         yield rc
     finally:
         rc.stop()

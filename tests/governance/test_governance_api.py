@@ -14,8 +14,8 @@ import httpx
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
-from governance_support import RunningCoordinator, b64, changed, make_user, manifest_bytes, user
 
+from harness import RunningCoordinator, b64, changed, governance_manifest_bytes, make_user, user
 from marblekeep.core.auditlog import parse_head, verify_log
 
 KEY16 = bytes(range(16))
@@ -25,7 +25,7 @@ SVN_5 = json.dumps({"Packages": {"pkg": {"SecurityVersion": 5}}}).encode()
 def full_update(**kwargs: Any) -> bytes:
     doc = changed(**kwargs)
     doc["Marbles"]["backend"]["Parameters"]["Env"]["VERSION"] = "2"
-    return manifest_bytes(doc)
+    return governance_manifest_bytes(doc)
 
 
 FULL = full_update()
@@ -173,7 +173,7 @@ def test_secret_shapes_v2_and_v1(running: RunningCoordinator) -> None:
 def test_two_party_update_over_https(tmp_path: Any) -> None:
     rc = RunningCoordinator(tmp_path / "seal")
     try:
-        rc.set_manifest(manifest_bytes(threshold=2))
+        rc.set_manifest(governance_manifest_bytes(threshold=2))
         with rc.client(user("alice")) as c:
             r = c.post("/api/v2/update", json={"manifest": b64(FULL)})
         assert r.json()["data"] == {"missingAcknowledgments": 1, "missingUsers": ["bob", "carol"]}
@@ -235,13 +235,16 @@ def test_cancel_and_v1_message_shapes(running: RunningCoordinator) -> None:
 def test_users_added_and_removed_by_an_update_take_effect_at_once(tmp_path: Any) -> None:
     rc = RunningCoordinator(tmp_path / "seal")
     try:
-        rc.set_manifest(manifest_bytes(threshold=1))
+        rc.set_manifest(governance_manifest_bytes(threshold=1))
         erin = make_user("erin")
         doc = changed(threshold=1)
         del doc["Users"]["dave"]
         doc["Users"]["erin"] = {"Certificate": erin.cert_pem.decode(), "Roles": ["updater"]}
         with rc.client(user("alice")) as c:
-            assert c.post("/api/v2/update", json={"manifest": b64(manifest_bytes(doc))}).status_code == 200
+            assert (
+                c.post("/api/v2/update", json={"manifest": b64(governance_manifest_bytes(doc))}).status_code
+                == 200
+            )
         with rc.client(erin) as c:
             assert c.post("/api/v2/update-cancel").status_code == 404  # authenticated; nothing pending
         with rc.client(user("dave")) as c:  # removed: the handshake works, the request is 401
@@ -383,13 +386,14 @@ def test_a_full_update_that_changes_recovery_keys_returns_new_recovery_secrets(t
     )
     rc = RunningCoordinator(tmp_path / "seal")
     try:
-        rc.set_manifest(manifest_bytes(threshold=1))
+        rc.set_manifest(governance_manifest_bytes(threshold=1))
         with rc.client(user("alice")) as c:
             svn = c.post("/api/v2/update", json={"manifest": b64(SVN_5)}).json()["data"]
             assert "recoverySecrets" not in svn  # omitted when nothing was reissued
             doc = changed(threshold=1)
             doc["RecoveryKeys"] = {"admin": pem.decode()}
-            data = c.post("/api/v2/update", json={"manifest": b64(manifest_bytes(doc))}).json()["data"]
+            body = {"manifest": b64(governance_manifest_bytes(doc))}
+            data = c.post("/api/v2/update", json=body).json()["data"]
         secret = base64.b64decode(data["recoverySecrets"]["admin"])
         dek = recovery_key.decrypt(
             secret, padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
@@ -397,6 +401,6 @@ def test_a_full_update_that_changes_recovery_keys_returns_new_recovery_secrets(t
         assert len(dek) == 32
         rc.restart()  # the state was re-sealed under the new key and still opens
         assert rc.coord.state == 3
-        assert rc.coord.manifest() is not None and rc.coord.manifest()[0] == manifest_bytes(doc)  # type: ignore[index]
+        assert rc.coord.manifest() is not None and rc.coord.manifest()[0] == governance_manifest_bytes(doc)  # type: ignore[index]
     finally:
         rc.stop()

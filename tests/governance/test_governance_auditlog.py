@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import serialization
-from governance_support import NOW
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from harness import NOW
 from marblekeep.core.auditlog import (
     LogHead,
     append_entry,

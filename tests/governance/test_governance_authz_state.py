@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from governance_support import RunningCoordinator, b64, changed, make_user, manifest_bytes, user
+
+from harness import RunningCoordinator, b64, changed, governance_manifest_bytes, make_user, user
 
 KEY16 = bytes(range(16))
 SVN_5 = b'{"Packages": {"pkg": {"SecurityVersion": 5}}}'
@@ -56,7 +57,7 @@ def narrow(tmp_path: Path) -> Iterator[tuple[RunningCoordinator, Any]]:
     }
     rc = RunningCoordinator(tmp_path / "seal")
     try:
-        rc.set_manifest(manifest_bytes(doc))
+        rc.set_manifest(governance_manifest_bytes(doc))
         with rc.client(user("alice")) as c:  # both secrets have a value to leak
             body = {"secrets": {"user_key": {"Key": b64(KEY16)}, "user_plain": {"Key": b64(b"plain-b")}}}
             assert c.post("/api/v2/secrets", json=body).status_code == 200
@@ -133,7 +134,7 @@ WRITES: list[tuple[str, str, str, dict[str, Any], str, bool]] = [
 def full_update() -> bytes:
     doc = changed()
     doc["Marbles"]["backend"]["Parameters"]["Env"]["VERSION"] = "2"
-    return manifest_bytes(doc)
+    return governance_manifest_bytes(doc)
 
 
 def materialise(request: dict[str, Any]) -> dict[str, Any]:

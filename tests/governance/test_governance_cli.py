@@ -16,8 +16,8 @@ import pytest
 from click.testing import CliRunner, Result
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from governance_support import RunningCoordinator, b64, changed, make_user, manifest_bytes, user
 
+from harness import RunningCoordinator, b64, changed, governance_manifest_bytes, make_user, user
 from marblekeep.cli.main import main
 from marblekeep.store.kek import SimulationKeyFileProvider
 from marblekeep.store.sealed import Opened, open_sealed_store
@@ -107,7 +107,7 @@ def test_two_party_update_with_the_cli(cli: Cli) -> None:
     addr = cli.rc.addr
     doc = changed()
     doc["Marbles"]["backend"]["Parameters"]["Env"]["VERSION"] = "2"
-    proposal = cli.file("update.json", manifest_bytes(doc))
+    proposal = cli.file("update.json", governance_manifest_bytes(doc))
     applied = cli("manifest", "update", "apply", proposal, addr, *cli.who("alice"), *cli.trust()).stdout
     assert (
         "Update proposed." in applied and "2 acknowledgement(s) missing; waiting for: bob, carol" in applied
@@ -116,11 +116,11 @@ def test_two_party_update_with_the_cli(cli: Cli) -> None:
     assert "2 users still need to acknowledge the update manifest" in missing and "bob, carol" in missing
     pending = cli.tmp / "pending.json"
     cli("manifest", "update", "get", addr, "-o", str(pending), *cli.trust())
-    assert pending.read_bytes() == manifest_bytes(doc)
+    assert pending.read_bytes() == governance_manifest_bytes(doc)
     step = cli("manifest", "update", "acknowledge", str(pending), addr, *cli.who("bob"), *cli.trust()).stdout
     assert "1 user(s) still need(s) to acknowledge" in step and "not yet accepted: carol" in step
     # a file that differs by one byte is refused
-    near = cli.file("near.json", manifest_bytes(doc) + b"\n")
+    near = cli.file("near.json", governance_manifest_bytes(doc) + b"\n")
     bad = cli("manifest", "update", "acknowledge", near, addr, *cli.who("carol"), *cli.trust(), ok=False)
     assert bad.exit_code == 1 and "differs from the pending update manifest" in bad.stderr
     done = cli(
@@ -129,7 +129,7 @@ def test_two_party_update_with_the_cli(cli: Cli) -> None:
     assert "All users have acknowledged the update manifest. Update successfully applied" in done
     got = cli.tmp / "current.json"
     cli("manifest", "get", addr, "-o", str(got), *cli.trust())
-    assert got.read_bytes() == manifest_bytes(doc)
+    assert got.read_bytes() == governance_manifest_bytes(doc)
 
 
 def test_cancel_with_the_cli(cli: Cli) -> None:
@@ -140,7 +140,7 @@ def test_cancel_with_the_cli(cli: Cli) -> None:
         "manifest",
         "update",
         "apply",
-        cli.file("u.json", manifest_bytes(doc)),
+        cli.file("u.json", governance_manifest_bytes(doc)),
         addr,
         *cli.who("bob"),
         *cli.trust(),
@@ -292,13 +292,13 @@ def test_json_output_of_the_governance_commands(cli: Cli) -> None:
 
     doc = changed()
     doc["Marbles"]["backend"]["Parameters"]["Env"]["VERSION"] = "2"
-    cli("manifest", "update", "apply", cli.file("u.json", manifest_bytes(doc)), addr, *cli.who("alice"),
-        *cli.trust())  # fmt: skip
+    cli("manifest", "update", "apply", cli.file("u.json", governance_manifest_bytes(doc)), addr,
+        *cli.who("alice"), *cli.trust())  # fmt: skip
     pending = json.loads(cli("manifest", "update", "get", addr, "--json", *cli.trust()).stdout)
     assert set(pending) == {"message", "missingUsers", "fingerprint", "manifest"}
     assert pending["missingUsers"] == ["bob", "carol"]
-    assert base64.b64decode(pending["manifest"]) == manifest_bytes(doc)
-    assert pending["fingerprint"] == hashlib.sha256(manifest_bytes(doc)).hexdigest()
+    assert base64.b64decode(pending["manifest"]) == governance_manifest_bytes(doc)
+    assert pending["fingerprint"] == hashlib.sha256(governance_manifest_bytes(doc)).hexdigest()
 
     status = json.loads(cli("status", addr, "--json", *cli.trust()).stdout)
     assert status == {"code": 3, "message": status["message"], "simulation": True}

@@ -12,8 +12,8 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from governance_support import NOW, changed, deployed, manifest_bytes, manifest_doc, user
 
+from harness import NOW, changed, deployed, governance_manifest_bytes, governance_manifest_doc, user
 from marblekeep.core.auditlog import decode_head, verify_log
 from marblekeep.core.deployment import Deployment, new_deployment
 from marblekeep.core.governance import (
@@ -203,7 +203,7 @@ def test_is_package_update_follows_marbleruns_rule() -> None:
     assert is_package_update(b'{"packages":{},"Marbles":{},"secrets":null}')
     assert not is_package_update(b'{"Packages":{},"Marbles":{"a":{}}}')
     assert not is_package_update(b'{"users":{"u":{}}}')
-    assert not is_package_update(manifest_bytes())
+    assert not is_package_update(governance_manifest_bytes())
     with pytest.raises(ManifestError, match="JSON object"):
         is_package_update(b"[]")
 
@@ -287,17 +287,17 @@ def full(threshold: int = 0, *, edit: object = None, **kwargs: object) -> bytes:
     doc["Marbles"]["backend"]["Parameters"]["Env"]["VERSION"] = "2"
     if callable(edit):
         edit(doc)
-    return manifest_bytes(doc)
+    return governance_manifest_bytes(doc)
 
 
 def initiated(threshold: int) -> tuple[Deployment, bytes]:
-    dep = deployed(manifest_bytes(threshold=threshold))
+    dep = deployed(governance_manifest_bytes(threshold=threshold))
     raw = full(threshold)
     return update_manifest(dep, "alice", raw, NOW).deployment, raw
 
 
 def test_threshold_1_applies_at_once() -> None:
-    dep = deployed(manifest_bytes(threshold=1))
+    dep = deployed(governance_manifest_bytes(threshold=1))
     outcome = update_manifest(dep, "alice", full(1), LATER)
     assert outcome.applied and outcome.kind is UpdateKind.FULL
     assert outcome.missing_acknowledgments == 0 and outcome.message == ALL_ACKNOWLEDGED
@@ -504,7 +504,7 @@ def test_rotation_with_a_changed_definition_has_no_previous_backup() -> None:
 
 
 def test_recovery_keys_changed() -> None:
-    base = load_manifest(manifest_bytes())
+    base = load_manifest(governance_manifest_bytes())
     rsa_pem = (
         "-----BEGIN PUBLIC KEY-----\n"
         + "\n".join(_rsa_pub()[i : i + 64] for i in range(0, len(_rsa_pub()), 64))
@@ -544,7 +544,7 @@ def test_update_needs_state_3() -> None:
 
 def test_manifest_doc_sanity() -> None:
     """The test manifest really gives dave no role and three updaters."""
-    doc = manifest_doc()
+    doc = governance_manifest_doc()
     assert doc["Users"]["dave"]["Roles"] == []
     assert sum("updater" in u["Roles"] for u in doc["Users"].values()) == 3
 
@@ -572,7 +572,7 @@ def test_update_dry_run_uses_the_real_shape_of_kept_secrets() -> None:
 def test_upload_dry_run_refuses_a_value_without_the_part_a_template_reads() -> None:
     doc = changed()
     _uses_user_key_cert(doc)
-    dep = deployed(manifest_bytes(doc))  # set: the user-defined placeholder has a certificate
+    dep = deployed(governance_manifest_bytes(doc))  # set: the user-defined placeholder has a certificate
     with pytest.raises(SecretUploadError) as exc:
         with_user_key(dep)  # a symmetric key has no certificate
     assert "Marbles.frontend.Parameters.Files./k.pem" in exc.value.diagnostics()

@@ -16,8 +16,8 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from governance_support import RunningCoordinator, activate, b64, changed, manifest_bytes, user
 
+from harness import RunningCoordinator, activate, b64, changed, governance_manifest_bytes, user
 from marblekeep.errors import RollbackError
 
 
@@ -45,7 +45,7 @@ def test_a_database_rolled_back_under_a_running_coordinator_is_never_served(tmp_
     rc = RunningCoordinator(tmp_path / "seal")
     db, old = rc.seal_dir / "state.db", tmp_path / "old.db"
     try:
-        rc.set_manifest(manifest_bytes(doc))
+        rc.set_manifest(governance_manifest_bytes(doc))
         with rc.client(user("alice")) as c:
             assert (
                 c.post("/api/v2/secrets", json={"secrets": {"user_plain": {"Key": b64(b"v1")}}}).status_code
@@ -58,7 +58,12 @@ def test_a_database_rolled_back_under_a_running_coordinator_is_never_served(tmp_
         update["Marbles"]["backend"]["MaxActivations"] = 2
         del update["Users"]["dave"]
         with rc.client(user("alice")) as c:
-            assert c.post("/api/v2/update", json={"manifest": b64(manifest_bytes(update))}).status_code == 200
+            assert (
+                c.post(
+                    "/api/v2/update", json={"manifest": b64(governance_manifest_bytes(update))}
+                ).status_code
+                == 200
+            )
             assert (
                 c.post("/api/v2/secrets", json={"secrets": {"user_plain": {"Key": b64(b"v2")}}}).status_code
                 == 200

@@ -11,8 +11,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from governance_support import FakeSgxVerifier, activate, changed, manifest_bytes
 
+from harness import FakeSgxVerifier, activate, changed, governance_manifest_bytes
 from marblekeep.core.auditlog import LogVerification, verify_log
 from marblekeep.errors import ActivationRefused, ManifestError, RequestError, StateError
 from marblekeep.service import Coordinator, CoordinatorConfig
@@ -28,7 +28,7 @@ def full_update(threshold: int = 0, **kwargs: object) -> bytes:
     doc = changed(threshold=threshold, **kwargs)  # type: ignore[arg-type]
     doc["Marbles"]["backend"]["Parameters"]["Env"]["VERSION"] = "2"
     del doc["Secrets"]["removable"]
-    return manifest_bytes(doc)
+    return governance_manifest_bytes(doc)
 
 
 class Opener:
@@ -74,7 +74,7 @@ def verified(coord: Coordinator) -> LogVerification:
 
 async def test_a_pending_update_survives_a_restart(sim: Opener) -> None:
     coord = await sim.open()
-    await coord.set_manifest(manifest_bytes())
+    await coord.set_manifest(governance_manifest_bytes())
     raw = full_update()
     outcome, _ = await coord.update_manifest("alice", raw)
     assert outcome.missing_acknowledgments == 2
@@ -104,7 +104,7 @@ async def test_a_pending_update_survives_a_restart(sim: Opener) -> None:
 
 async def test_old_version_marbles_are_refused_after_an_svn_update_across_restarts(sgx: Opener) -> None:
     coord = await sgx.open()
-    await coord.set_manifest(manifest_bytes())
+    await coord.set_manifest(governance_manifest_bytes())
     raw_before, signature_before, _ = coord.manifest() or (b"", b"", "")
     await activate(coord, "backend", svn=2)
     await coord.update_manifest("alice", SVN_5)
@@ -124,7 +124,7 @@ async def test_old_version_marbles_are_refused_after_an_svn_update_across_restar
 
 async def test_symmetric_secret_in_a_file_survives_package_and_full_updates(sim: Opener) -> None:
     coord = await sim.open()
-    await coord.set_manifest(manifest_bytes(threshold=1))
+    await coord.set_manifest(governance_manifest_bytes(threshold=1))
     marble = uuid_mod.uuid4()
     first = await activate(coord, "backend", marble_uuid=marble)
     shared = first.files["/data/shared.key"]
@@ -148,7 +148,7 @@ async def test_symmetric_secret_in_a_file_survives_package_and_full_updates(sim:
 
 async def test_removing_a_secret_in_a_full_update_removes_it(sim: Opener) -> None:
     coord = await sim.open()
-    await coord.set_manifest(manifest_bytes(threshold=1))
+    await coord.set_manifest(governance_manifest_bytes(threshold=1))
     assert "removable" in coord.deployment.secrets
     await coord.update_manifest("alice", full_update(1))
     coord = await sim.open()
@@ -160,7 +160,7 @@ async def test_removing_a_secret_in_a_full_update_removes_it(sim: Opener) -> Non
 
 async def test_a_marble_needing_an_unset_user_secret_is_refused_until_it_is_set(sim: Opener) -> None:
     coord = await sim.open()
-    await coord.set_manifest(manifest_bytes())
+    await coord.set_manifest(governance_manifest_bytes())
     with pytest.raises(ActivationRefused) as exc:
         await activate(coord, "frontend")
     assert "user_key" in exc.value.message and "user_plain" in exc.value.message
@@ -186,7 +186,7 @@ async def test_reading_secrets_is_logged_and_needs_state_3(sim: Opener) -> None:
     coord = await sim.open()
     with pytest.raises(StateError):
         await coord.read_secrets("alice", ["user_key"])
-    await coord.set_manifest(manifest_bytes())
+    await coord.set_manifest(governance_manifest_bytes())
     got = await coord.read_secrets("bob", ["shared_key"])
     assert len(got["shared_key"].private) == 16
     coord = await sim.open()
@@ -221,7 +221,7 @@ async def _stored_log(config: CoordinatorConfig) -> dict[str, bytes]:
 @pytest.mark.parametrize("kind", ["delete", "reorder", "edit", "delete-newest"])
 async def test_tampering_with_stored_log_entries_is_detected_after_restart(sim: Opener, kind: str) -> None:
     coord = await sim.open()
-    await coord.set_manifest(manifest_bytes())
+    await coord.set_manifest(governance_manifest_bytes())
     await coord.write_secrets("alice", {"user_key": {"Key": base64.b64encode(KEY16).decode()}})
     await coord.read_secrets("bob", ["user_key"])
     await coord.update_manifest("alice", SVN_5)

@@ -27,8 +27,9 @@ from typing import Any
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from e2e_support import CoordinatorSubprocess, free_port, run_marble_subprocess, run_marblekeep
 from interop_support import GENUINE_PREMAIN, OUR_GO_PREMAIN, GoMarble, finish, genuine_binary, required_binary
+
+from harness import CoordinatorSubprocess, free_port, run_marble_subprocess, run_marblekeep
 
 pytestmark = pytest.mark.slow
 

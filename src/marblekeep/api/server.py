@@ -26,6 +26,7 @@ from marblekeep.api.counter_api import add_counter_routes
 from marblekeep.api.governance_api import add_governance_routes
 from marblekeep.api.grpc import IDLE_TIMEOUT, GrpcProtocol, GrpcStatus, UnaryMethod
 from marblekeep.api.limits import ConnectionLimits, deadline_middleware
+from marblekeep.api.openapi import add_openapi_route
 from marblekeep.api.tls import ServerCredentials, make_server_credentials
 from marblekeep.api.tlslayer import ALPN_H2, ALPN_HTTP11, ProtocolFactory, TLSListener
 from marblekeep.core.deployment import Deployment
@@ -94,7 +95,7 @@ def _route_label(request: web.Request) -> str:
 @web.middleware
 async def _errors_and_metrics(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every failure becomes a JSend envelope; unknown routes and methods are 405 (MarbleRun's
-    clients fall back from v2 to v1 on it); nothing ever leaks a traceback."""
+    clients fall back from v2 to v1 on it) with an ``Allow`` header; nothing ever leaks a traceback."""
     start = time.perf_counter()
     metrics = request.app[METRICS_KEY]
     api = request.app[API_NAME_KEY]
@@ -105,8 +106,13 @@ async def _errors_and_metrics(request: web.Request, handler: Handler) -> web.Str
         response = jsend.from_exception(exc)
     except web.HTTPRequestEntityTooLarge as exc:
         response = jsend.fail(f"request body too large: {exc.text}", 413)
-    except (web.HTTPNotFound, web.HTTPMethodNotAllowed):
+    except web.HTTPMethodNotAllowed as exc:
         response = jsend.error("", 405)
+        # RFC 9110 §15.5.6: a 405 lists the methods the resource supports.
+        response.headers["Allow"] = ", ".join(sorted(exc.allowed_methods))
+    except web.HTTPNotFound:
+        response = jsend.error("", 405)
+        response.headers["Allow"] = ""  # an unknown path supports no method (an empty list)
     except web.HTTPException as exc:
         response = (
             jsend.fail(exc.reason, exc.status) if exc.status < 500 else jsend.error(exc.reason, exc.status)
@@ -141,6 +147,7 @@ def build_client_app(
     add_client_routes(app)
     add_governance_routes(app)
     add_counter_routes(app)
+    add_openapi_route(app)
     return app
 
 
