@@ -53,6 +53,8 @@ from testsupport import self_signed_user_cert
 pytestmark = pytest.mark.slow
 
 LONG = os.environ.get("MARBLEKEEP_FUZZ", "") == "long"
+#: Paths served on the Marble API listener (Marble activation; the replicas' key hand-over).
+MARBLE_API_PREFIXES = ("/marble/", "/coordinator/")
 FUZZ_EXAMPLES = int(os.environ.get("MARBLEKEEP_FUZZ_EXAMPLES", "500" if LONG else "15"))
 REQUEST_TIMEOUT = 30.0
 #: Text that must never reach a client: a Python traceback, a source location, our 500 text.
@@ -124,7 +126,7 @@ class Target:
     client_cert: tuple[str, str] | None
 
     def base_url(self, path: str) -> str:
-        if path.startswith("/marble/"):
+        if path.startswith(MARBLE_API_PREFIXES):
             return f"https://localhost:{self.process.marble_port}"
         if path == "/metrics":
             return f"http://127.0.0.1:{self.metrics_port}"
@@ -233,6 +235,6 @@ def test_api_fuzz(case: Any, target: Target) -> None:
     base_url = target.base_url(case.path)
     if base_url.startswith("https://"):
         kwargs["verify"] = str(target.root_pem)
-        if target.client_cert is not None and not case.path.startswith("/marble/"):
+        if target.client_cert is not None and not case.path.startswith(MARBLE_API_PREFIXES):
             kwargs["cert"] = target.client_cert
     case.call_and_validate(base_url=base_url, checks=CHECKS, **kwargs)

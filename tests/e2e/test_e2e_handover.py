@@ -21,9 +21,9 @@ from pathlib import Path
 import httpx
 import pytest
 from e2e_state_support import STATUS_3, CoordinatorProcess, Site, cli, run_marble
-from e2e_support import marblekeep_argv
 
 from etcd_support import EtcdMember, unique_prefix
+from harness import marblekeep_argv
 from testsupport import stop_gracefully
 
 pytestmark = pytest.mark.slow

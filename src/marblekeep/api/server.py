@@ -33,7 +33,6 @@ from marblekeep.core.deployment import Deployment
 from marblekeep.errors import ActivationRefused, ConfigError, MarbleKeepError
 from marblekeep.handover import (
     HANDOVER_PATH,
-    MAX_HANDOVER_BODY,
     Membership,
     Registry,
     advertised_address,
@@ -205,7 +204,7 @@ def build_marble_app(
     )
 
     async def handover(request: web.Request) -> web.Response:
-        body = await request.content.read(MAX_HANDOVER_BODY + 1)
+        body = await request.read()  # the whole body, up to the app's limit (413 beyond)
         peer = request.remote or "unknown"
         data = await answer_join(body, coord, coord.handover_identity, peer)
         return jsend.success(data)
