@@ -5,7 +5,8 @@ shared machine is not counted).
     .venv/bin/python bench/grpc_parts.py [--n 300] [--rounds 5]
 
 1. The TLS handshake, server side only (the context of api/tlslayer.py with a P-256 listener key,
-   TLS 1.3, client certificate requested), for a client that presents no certificate (our premain),
+   TLS 1.3, client certificate requested; the client is OpenSSL with its default key-exchange groups,
+   the output names the one negotiated), for a client that presents no certificate (our premain),
    a P-256 certificate (MarbleRun v1.5.2's premain) and a P-384 one; then reading the peer
    certificate's DER as the layer does.
 2. The CSR: parsing and checking its signature (P-256 and P-384), and the whole
@@ -71,6 +72,14 @@ def csr_of(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 def handshake_cost(server_ctx: SSL.Context, client_ctx: SSL.Context) -> float:
     """Server CPU seconds of one full handshake (plus reading the peer certificate's DER)."""
+    return _handshake(server_ctx, client_ctx)[0]
+
+
+def negotiated_group(server_ctx: SSL.Context, client_ctx: SSL.Context) -> str:
+    return _handshake(server_ctx, client_ctx)[1]
+
+
+def _handshake(server_ctx: SSL.Context, client_ctx: SSL.Context) -> tuple[float, str]:
     server, client = SSL.Connection(server_ctx, None), SSL.Connection(client_ctx, None)
     server.set_accept_state()
     client.set_connect_state()
@@ -100,7 +109,7 @@ def handshake_cost(server_ctx: SSL.Context, client_ctx: SSL.Context) -> float:
         spent += time.thread_time() - t0
         if out:
             client.bio_write(out)
-    return spent
+    return spent, str(server.get_group_name())
 
 
 def _drain(conn: SSL.Connection) -> bytes:
@@ -202,7 +211,8 @@ def main() -> None:
     server_ctx = build_context(ServerCredentials((listener_cert,), listener_key), b"bench")
     p256 = self_signed(ec.SECP256R1(), "MarbleRun Marble")
     p384 = self_signed(ec.SECP384R1(), "MarbleRun Marble")
-    print("1. TLS 1.3 handshake, server side (P-256 listener key, X25519):")
+    group = negotiated_group(server_ctx, client_context(None, None))
+    print(f"1. TLS 1.3 handshake, server side (P-256 listener key; key exchange {group}, OpenSSL's default):")
     for label, ctx in [
         ("   client presents no certificate (our premain)", client_context(None, None)),
         ("   client presents a P-256 certificate (MarbleRun v1.5.2 premain)", client_context(*p256)),
