@@ -11,14 +11,14 @@ does not share a GIL with them). One activation does what the premain does: a NE
 (full TLS handshake, no session resumption), POST /marble/v1/challenge, a fresh X25519 key, the
 simulation evidence bound to the request, POST /marble/v1/activate, and opening the sealed
 Parameters with marblekeep.marble.protocol. One MarbleRun activation does what MarbleRun's premain
-does: a NEW gRPC channel (TLS with ALPN h2, presenting the Marble's self-signed P-384 client
-certificate; full handshake), one rpc.Marble/Activate call with an empty quote (simulation), its CSR,
-type and a fresh UUID, and decoding the answer. The Marble identities (key, self-signed certificate,
-CSR) are made before the measurement, a pool per load generator used round robin: a premain makes one
-per start, and the bench measures the Coordinator, not the Marble's key generation. The Marble
-receives the seal key, a shared and a per-Marble symmetric key, a shared cert-ecdsa secret and its
-TLS credentials (the bench/core.py Marble). Printed per level and protocol: activations/s, p50/p99
-latency, the server's CPU per activation, and the MarbleRun protocol's rate as a share of ours.
+does: a NEW gRPC channel (TLS with ALPN h2, presenting the Marble's self-signed P-256 client certificate
+and CSR as MarbleRun v1.5.2's premain makes them; full handshake), one rpc.Marble/Activate call with an
+empty quote (simulation), its CSR, type and a fresh UUID, and decoding the answer. The Marble identities
+(key, self-signed certificate, CSR) are made before the measurement, a pool per load generator used
+round robin: a premain makes one per start, and the bench measures the Coordinator, not the Marble's key
+generation. The Marble receives the seal key, a shared and a per-Marble symmetric key, a shared cert-ecdsa
+secret and its TLS credentials (the bench/core.py Marble). Printed per level and protocol: activations/s,
+p50/p99 latency, the server's CPU per activation, and the MarbleRun protocol's rate as a share of ours.
 
 In the same run: the crypto floor (pki.leaf_floor: P-384 keygen + one signature, one core) and a
 bare TLS-handshake floor: GET /api/v2/status on the Client API (same credentials) with a new
@@ -27,7 +27,8 @@ connection each, at the highest level's concurrency.
 Targets on the 2-core reference machine: >= 200 activations/s at N = 64; p50 <= 15 ms at N = 1
 (marblekeep's protocol); MarbleRun's protocol >= 80% of marblekeep's activations/s at each N.
 The load generator shares those 2 cores with the Coordinator; the output says so. Nothing asserts
-on time. ``--profile-server FILE`` runs the Coordinator under cProfile and writes its stats there.
+on time. ``--profile-server FILE`` runs the Coordinator under cProfile (timed by the CPU time of its
+event-loop thread, see bench/serve_coordinator.py) and writes its stats there.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import base64
 import contextlib
 import dataclasses
 import datetime as dt
+import ipaddress
 import itertools
 import json
 import multiprocessing as mp
@@ -63,14 +65,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from core import MANIFEST  # the same Marble as bench/core.py
-from marblekeep.api.server import serve
 from marblekeep.crypto.pki import leaf_floor
-from marblekeep.logs import configure_logging
 from marblekeep.marble.marblerun_wire import ActivationReq, decode_activation_resp, encode_activation_req
 from marblekeep.marble.protocol import (
     ACTIVATE_PATH,
@@ -82,7 +82,6 @@ from marblekeep.marble.protocol import (
     open_parameters,
     parse_challenge_response,
 )
-from marblekeep.service import CoordinatorConfig
 
 MARBLE_TYPE = "app"
 JSON_HEADERS = {"Content-Type": "application/json"}
@@ -118,22 +117,23 @@ class Server:
 
 
 @contextlib.contextmanager
-def coordinator(workdir: Path, profile: Path | None) -> Iterator[Server]:
+def coordinator(workdir: Path, profile: Path | None, src: Path | None = None) -> Iterator[Server]:
+    """A Coordinator subprocess (bench/serve_coordinator.py); ``src``: run the marblekeep package
+    of that source tree instead of the installed one."""
     client_port, marble_port = free_port(), free_port()
     log_path = workdir / "coordinator.log"
-    prefix = [sys.executable]
-    if profile is not None:
-        prefix += ["-m", "cProfile", "-o", str(profile)]
-    # This file, in its --serve-coordinator mode: marblekeep.api.server.serve, exactly what
-    # `marblekeep coordinator --simulation` runs, in its own process.
     cmd = [
-        *prefix,
-        str(Path(__file__).resolve()),
-        "--serve-coordinator",
+        sys.executable,
+        str(Path(__file__).resolve().parent / "serve_coordinator.py"),
         f"127.0.0.1:{client_port},127.0.0.1:{marble_port},{workdir / 'state'}",
     ]
+    if profile is not None:
+        cmd += ["--profile", str(profile)]
+    env = dict(os.environ)
+    if src is not None:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(src), env.get("PYTHONPATH", "")]))
     with log_path.open("wb") as log_file:
-        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
     server = Server(
         proc,
         f"https://127.0.0.1:{client_port}",
@@ -226,32 +226,61 @@ async def status_handshake(ctx: ssl.SSLContext, base_url: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class MarbleIdentity:
-    """What MarbleRun's premain makes at start: a P-384 key, a self-signed certificate, a CSR."""
+    """What MarbleRun v1.5.2's premain makes at start (marble/premain, util.GenerateCert and
+    util.GenerateCSR): a P-256 key, a self-signed certificate for it, and a CSR signed by it."""
 
     credentials: grpc.ChannelCredentials
     csr_der: bytes
 
 
+#: The premain's defaults: EDG_MARBLE_DNS_NAMES=localhost, and 127.0.0.1 and ::1 always.
+PREMAIN_DNS_NAMES = ("localhost",)
+PREMAIN_IPS = (ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1"))
+
+
 def marble_identity(root_pem: bytes) -> MarbleIdentity:
-    key = ec.generate_private_key(ec.SECP384R1())
+    """The premain's identity, described from its observable output: an ECDSA P-256 key; a
+    self-signed certificate with CN "MarbleRun Marble", the DNS names and IP addresses as SANs, key
+    usage digital signature and key agreement, extended key usage server and client auth, basic
+    constraints CA:false, valid from now for 2^63 ns; a CSR with an empty subject and the same SANs
+    (loopback addresses first). Both signed with ECDSA-SHA256."""
+    key = ec.generate_private_key(ec.SECP256R1())
     now = dt.datetime.now(dt.UTC)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "MarbleRun Marble")])
-    san = x509.SubjectAlternativeName([x509.DNSName("app.internal")])
+    dns = [x509.DNSName(n) for n in PREMAIN_DNS_NAMES]
+    ips = [x509.IPAddress(ip) for ip in PREMAIN_IPS]
+    usage = x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=True,
+        key_cert_sign=False,
+        crl_sign=False,
+        encipher_only=False,
+        decipher_only=False,
+    )
     cert = (
         x509.CertificateBuilder()
         .subject_name(name)
         .issuer_name(name)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=1))
-        .not_valid_after(now + dt.timedelta(days=3650))
-        .add_extension(san, critical=False)
+        .not_valid_before(now)
+        .not_valid_after(now + dt.timedelta(microseconds=(2**63 - 1) // 1000))
+        .add_extension(usage, critical=True)
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.SubjectAlternativeName([*dns, *ips]), critical=False)
         .sign(key, hashes.SHA256())
     )
     csr = (
         x509.CertificateSigningRequestBuilder()
         .subject_name(x509.Name([]))
-        .add_extension(san, critical=False)
+        .add_extension(x509.SubjectAlternativeName([*dns, *ips]), critical=False)
         .sign(key, hashes.SHA256())
     )
     key_pem = key.private_bytes(
@@ -404,15 +433,6 @@ def crypto_floor(seconds: float) -> float:
     return done / (time.perf_counter() - start)
 
 
-def serve_coordinator(spec: str) -> None:
-    client_addr, mesh_addr, seal_dir = spec.split(",", 2)
-    configure_logging("text")
-    config = CoordinatorConfig(
-        client_addr=client_addr, mesh_addr=mesh_addr, seal_dir=Path(seal_dir), simulation=True
-    )
-    asyncio.run(serve(config))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--seconds", type=float, default=3.0, help="duration of each measured level")
@@ -423,12 +443,13 @@ def main() -> None:
         default="marblekeep,marblerun",
         help="which activation protocols to measure (marblekeep: HTTPS + HPKE; marblerun: gRPC)",
     )
-    parser.add_argument("--profile-server", type=Path, default=None, help="cProfile the Coordinator to FILE")
-    parser.add_argument("--serve-coordinator", metavar="CLIENT,MESH,DIR", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--profile-server",
+        type=Path,
+        default=None,
+        help="cProfile the Coordinator (CPU time of its event-loop thread) to FILE",
+    )
     args = parser.parse_args()
-    if args.serve_coordinator:
-        serve_coordinator(args.serve_coordinator)
-        return
     levels = [int(x) for x in args.levels.split(",") if x.strip()]
     protocols = [x.strip() for x in args.protocols.split(",") if x.strip()]
     unknown = set(protocols) - {"marblekeep", "marblerun"}

@@ -83,6 +83,15 @@ MAX_CONCURRENT_STREAMS = 16
 IDLE_TIMEOUT = 60.0
 MAX_HEADER_LIST_SIZE = 16 * 1024
 _PREFIX = struct.Struct(">BI")
+#: One configuration for every connection (h2 only reads it).
+_H2_CONFIG = h2.config.H2Configuration(
+    client_side=False,
+    header_encoding=None,
+    validate_inbound_headers=True,
+    # Our own response headers are fixed and valid: skip h2's per-header checks on them.
+    validate_outbound_headers=False,
+    normalize_outbound_headers=False,
+)
 
 
 class GrpcStatus(enum.IntEnum):
@@ -181,15 +190,7 @@ class GrpcProtocol(asyncio.Protocol):
         self._observe = observe
         self._idle_timeout = idle_timeout
         self._idle: asyncio.TimerHandle | None = None
-        config = h2.config.H2Configuration(
-            client_side=False,
-            header_encoding=None,
-            validate_inbound_headers=True,
-            # Our own response headers are fixed and valid: skip h2's per-header checks on them.
-            validate_outbound_headers=False,
-            normalize_outbound_headers=False,
-        )
-        self._conn = h2.connection.H2Connection(config=config)
+        self._conn = h2.connection.H2Connection(config=_H2_CONFIG)
         self._transport: asyncio.Transport | None = None
         self._peer_cert: bytes | None = None
         self._streams: dict[int, _Stream] = {}
@@ -212,7 +213,10 @@ class GrpcProtocol(asyncio.Protocol):
             },
         )
         self._conn.initiate_connection()
-        self._flush()
+        # The server preface (SETTINGS) goes out with the first answer to the client's own preface,
+        # which usually arrives with the end of the TLS handshake (one TLS write instead of two);
+        # at the latest on the next turn of the event loop.
+        asyncio.get_running_loop().call_soon(self._flush)
         self._arm_idle()
 
     def data_received(self, data: bytes) -> None:
