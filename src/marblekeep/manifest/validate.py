@@ -17,6 +17,7 @@ from collections.abc import Iterable
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
@@ -226,35 +227,41 @@ class _Checker:
 
     def users(self) -> None:
         m = self.m
-        seen: dict[str, str] = {}
+        # Rule 14 compares what authenticates a user: the certificate's DER (the first PEM block),
+        # not its PEM text, so a copy with other line endings or other text around it is the same.
+        seen: dict[bytes | str, str] = {}
         for user_name, user in m.users.items():
             path = f"Users.{user_name}"
             if not user.certificate:  # rule 12
                 self.error(f"{path}.Certificate", "missing: paste the user's X.509 certificate (PEM)")
             else:
-                if user.certificate in seen:  # rule 14
+                der = self.user_certificate(user.certificate, f"{path}.Certificate")
+                identity: bytes | str = der if der is not None else user.certificate
+                if identity in seen:  # rule 14
                     self.error(
                         f"{path}.Certificate",
-                        f'same certificate as user "{seen[user.certificate]}": '
+                        f'same certificate as user "{seen[identity]}": '
                         "each user needs a certificate of their own",
                     )
-                seen.setdefault(user.certificate, user_name)
-                self.user_certificate(user.certificate, f"{path}.Certificate")
+                seen.setdefault(identity, user_name)
             for index, role in enumerate(user.roles):  # rule 13
                 if role not in m.roles:
                     self.error(f"{path}.Roles[{index}]", _no_such("role", role, m.roles, "Roles"))
 
-    def user_certificate(self, pem: str, path: str) -> None:
+    def user_certificate(self, pem: str, path: str) -> bytes | None:
+        """The DER of the user's certificate (its first PEM block), or None after reporting why not."""
         block = _first_pem_block(pem)
         if block is None:
             self.error(path, "not a PEM certificate: paste a -----BEGIN CERTIFICATE----- block")
-            return
+            return None
         try:
-            x509.load_pem_x509_certificate(block[1].encode("utf-8"))
+            cert = x509.load_pem_x509_certificate(block[1].encode("utf-8"))
         except (ValueError, UnicodeEncodeError):
             self.error(
                 path, "the first PEM block is not a valid X.509 certificate: paste the user's certificate"
             )
+            return None
+        return cert.public_bytes(serialization.Encoding.DER)
 
     # -- rules 15-20 -------------------------------------------------------------------------------
 
