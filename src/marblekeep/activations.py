@@ -142,7 +142,8 @@ class MarbleActivations:
                 )
             return TeeClaims(kind=TeeKind.SIMULATION, report_data=evidence)
         claims = await self._verified_claims(evidence_type, evidence, now)
-        if not hmac.compare_digest(claims.report_data[:32], expected[:32]):
+        # All 64 bytes (docs/protocol.md §4.1): the digest and the 32 zero bytes after it.
+        if not hmac.compare_digest(claims.report_data, expected):
             raise refusal(
                 "binding",
                 "the quote's report data does not match the activation request's binding (nonce, key, "
