@@ -27,6 +27,7 @@ from marblekeep.api.governance_api import add_governance_routes
 from marblekeep.api.grpc import IDLE_TIMEOUT, GrpcProtocol, GrpcStatus, UnaryMethod
 from marblekeep.api.limits import ConnectionLimits, deadline_middleware
 from marblekeep.api.openapi import add_openapi_route
+from marblekeep.api.origin import refuse_browser_origin
 from marblekeep.api.tls import ServerCredentials, make_server_credentials
 from marblekeep.api.tlslayer import ALPN_H2, ALPN_HTTP11, ProtocolFactory, TLSListener
 from marblekeep.core.deployment import Deployment
@@ -137,7 +138,11 @@ def build_client_app(
     coord: Coordinator, metrics: Metrics, limits: ConnectionLimits | None = None
 ) -> web.Application:
     app = web.Application(
-        middlewares=[deadline_middleware(limits or ConnectionLimits()), _errors_and_metrics],
+        middlewares=[
+            deadline_middleware(limits or ConnectionLimits()),
+            _errors_and_metrics,
+            refuse_browser_origin,
+        ],
         client_max_size=CLIENT_MAX_BODY,
     )
     app[COORDINATOR_KEY] = coord
