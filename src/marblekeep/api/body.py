@@ -13,9 +13,32 @@ from typing import Any
 
 from aiohttp import web
 
-from marblekeep.errors import RequestError
+from marblekeep.errors import RequestError, RequestTooLarge
 
-__all__ = ["base64_field", "base64_value", "json_object", "parse_json_object"]
+__all__ = ["base64_field", "base64_value", "json_object", "parse_json_object", "read_body"]
+
+_CHUNK = 64 * 1024
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The whole request body, at most ``limit`` bytes (more: :class:`RequestTooLarge`, 413).
+
+    Reads until the end of the body, however it was split into TCP segments and TLS records:
+    ``request.content.read(n)`` alone returns only what has arrived so far.
+    """
+    too_large = f"request body too large: the limit is {limit} bytes"
+    if request.content_length is not None and request.content_length > limit:
+        raise RequestTooLarge(too_large)
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        chunk = await request.content.read(min(_CHUNK, limit + 1 - size))
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > limit:
+            raise RequestTooLarge(too_large)
+        chunks.append(chunk)
 
 
 async def json_object(request: web.Request) -> dict[str, Any]:

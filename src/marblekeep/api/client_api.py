@@ -17,7 +17,7 @@ from typing import Any
 from aiohttp import web
 
 from marblekeep.api import jsend
-from marblekeep.api.body import base64_field, json_object, parse_json_object
+from marblekeep.api.body import base64_field, json_object, parse_json_object, read_body
 from marblekeep.api.tls import match_user
 from marblekeep.core.deployment import CoordinatorState
 from marblekeep.errors import (
@@ -211,12 +211,7 @@ MAX_RECOVER_BODY = 20480
 
 
 async def recover_v2(request: web.Request) -> web.Response:
-    if request.content_length is not None and request.content_length > MAX_RECOVER_BODY:
-        return jsend.fail(f"request body too large: the limit is {MAX_RECOVER_BODY} bytes", 413)
-    raw = await request.content.read(MAX_RECOVER_BODY + 1)
-    if len(raw) > MAX_RECOVER_BODY:
-        return jsend.fail(f"request body too large: the limit is {MAX_RECOVER_BODY} bytes", 413)
-    doc = parse_json_object(raw)
+    doc = parse_json_object(await read_body(request, MAX_RECOVER_BODY))
     secret = base64_field(doc, "recoverySecret")
     signature = base64_field(doc, "recoverySecretSignature")
     remaining, message = await coordinator_of(request).recover(secret, signature)
