@@ -26,6 +26,7 @@ previous value. Counters are part of the sealed state (``monotonicCounter:<id>``
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import dataclasses
 import datetime as dt
@@ -185,14 +186,13 @@ class MarbleActivations:
         manifest = coord.deployment.manifest
         marble = manifest.marbles.get(inp.marble_type) if manifest is not None else None
         if marble is None or marble.max_activations <= 0:
-            result = activate(coord.prepared, inp, now, simulation=coord.simulation, rng=coord.rng)
-            return answer(result)
+            _result, out = await self._render(inp, now, answer)
+            return out
 
         async def attempt() -> T:
-            result = activate(coord.prepared, inp, now, simulation=coord.simulation, rng=coord.rng)
             # Answer before counting: a request that cannot be answered (e.g. a low-order HPKE key)
             # must not use up one of the type's activations.
-            out = answer(result)
+            result, out = await self._render(inp, now, answer)
             if result.new_activation_count is not None:
                 dep = coord.deployment
                 counts = dict(dep.activations)
@@ -203,6 +203,20 @@ class MarbleActivations:
         # Under the lock; exact across replicas: a count that lost the compare-and-set against
         # another replica is computed again on that replica's state.
         return await coord.mutate(attempt)
+
+    async def _render(
+        self, inp: ActivationInput, now: dt.datetime, answer: Callable[[ActivationResult], T]
+    ) -> tuple[ActivationResult, T]:
+        """The core and the answer in a worker thread (pure CPU work on the current snapshot), so
+        that the event loop keeps serving meanwhile; rendering is bounded (core/activation.py)."""
+        coord = self._coord
+        prepared, simulation, rng = coord.prepared, coord.simulation, coord.rng
+
+        def work() -> tuple[ActivationResult, T]:
+            result = activate(prepared, inp, now, simulation=simulation, rng=rng)
+            return result, answer(result)
+
+        return await asyncio.to_thread(work)
 
     def _require_accepting(self) -> None:
         if self._coord.state is not CoordinatorState.ACCEPTING_MARBLES:

@@ -112,6 +112,12 @@ class TemplateError(ManifestError):
     code = "template_invalid"
 
 
+class RenderLimitError(TemplateError):
+    """A template renders more than it may, or has more actions than it may (docs/templates.md)."""
+
+    code = "render_limit"
+
+
 class SecretUploadError(MarbleKeepError):
     code = "secret_upload_invalid"
     http_status = 400

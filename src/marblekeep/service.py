@@ -499,10 +499,12 @@ class Coordinator:
 
     # ------------------------------------------------------------------ snapshot
 
-    def _publish(self, dep: Deployment) -> None:
+    def _publish(self, dep: Deployment, prepared: PreparedDeployment | None = None) -> None:
         old = getattr(self, "_dep", None)
         self._dep = dep
-        self._prepared = PreparedDeployment(dep, getattr(self, "_prepared", None))
+        if prepared is None or prepared.deployment is not dep:
+            prepared = self._prepare_now(dep)
+        self._prepared = prepared
         if old is not None and old.manifest is not dep.manifest:
             self.user_certificates = user_certificates(dep.manifest)
             for observer in self.observers:
@@ -522,8 +524,19 @@ class Coordinator:
     def _persists(dep: Deployment) -> bool:
         return dep.manifest is not None and dep.manifest.config.seal_mode is not SealMode.DISABLED
 
-    async def commit(self, new: Deployment) -> None:
-        """Persist ``new`` (only the changed records) and publish it. Caller holds :attr:`lock`."""
+    def _prepare_now(self, dep: Deployment) -> PreparedDeployment:
+        return PreparedDeployment(dep, getattr(self, "_prepared", None))
+
+    async def _prepare(self, new: Deployment) -> PreparedDeployment:
+        """Compile ``new``'s templates off the event loop (a new manifest's can take a while)."""
+        return await _in_thread_to_the_end(self._prepare_now, new)
+
+    async def commit(self, new: Deployment, prepared: PreparedDeployment | None = None) -> None:
+        """Persist ``new`` (only the changed records) and publish it. Caller holds :attr:`lock`.
+
+        ``prepared``: ``new`` already prepared (:meth:`_prepare`), else it is prepared here."""
+        if prepared is None and self._dep.manifest is not new.manifest:
+            prepared = await self._prepare(new)
         manifest = new.manifest
         # SealMode Disabled keeps a deployment in memory only if its first manifest says so; once a
         # state is on disk, an update to Disabled must not leave an older state there to come back
@@ -543,7 +556,7 @@ class Coordinator:
                     ) from None
             self._persisted = new
             await self._follow_seal_mode(new)
-        self._publish(new)
+        self._publish(new, prepared)
 
     async def _follow_seal_mode(self, dep: Deployment) -> None:
         """Re-wrap the DEK when the manifest asks for another seal mode than the one in use."""
@@ -590,11 +603,13 @@ class Coordinator:
             raise RequestTooLarge(
                 f"manifest is {len(raw)} bytes, more than the limit of {self.config.max_manifest_bytes}"
             )
+        self._dep.require(CoordinatorState.ACCEPTING_MANIFEST, CoordinatorState.RECOVERY)
+        # Validation and the dry run are CPU work: off the event loop, and before the lock.
+        manifest = await asyncio.to_thread(load_manifest, raw)
         async with self.lock:
             await self._fresh_locked()
             dep = self._dep
             dep.require(CoordinatorState.ACCEPTING_MANIFEST, CoordinatorState.RECOVERY)
-            manifest = load_manifest(raw)
             now = self.clock()
             if dep.state is CoordinatorState.RECOVERY:
                 # Setting a manifest in Recovery discards the old state (as MarbleRun).
@@ -608,7 +623,7 @@ class Coordinator:
                 self._persisted = None
                 log.warning("manifest set in recovery mode: the old sealed state was discarded")
             self._sealed_in_simulation = self.simulation  # a new state, made by this Coordinator
-            new = log_initial_manifest(set_manifest(dep, manifest, now, self.rng), now)
+            new = await _in_thread_to_the_end(_first_manifest, dep, manifest, now, self.rng)
             material = generate_recovery_keys(
                 manifest.recovery_keys, manifest.config.recovery_threshold, rng=self.rng
             )
@@ -795,7 +810,7 @@ class Coordinator:
         """Set user-defined secrets (all or nothing; see governance.write_secrets)."""
 
         async def attempt() -> None:
-            new = governance.write_secrets(self._dep, user, body, self.clock())
+            new = await _in_thread_to_the_end(governance.write_secrets, self._dep, user, body, self.clock())
             await self.commit(new)
 
         await self.mutate(attempt)
@@ -834,7 +849,9 @@ class Coordinator:
         self._check_manifest_size(raw)
         async with self.lock:
             await self._fresh_locked()
-            outcome = governance.update_manifest(self._dep, user, raw, self.clock(), self.rng)
+            outcome = await _in_thread_to_the_end(
+                governance.update_manifest, self._dep, user, raw, self.clock(), self.rng
+            )
             recovery = await self._commit_update(outcome)
         self._after_update(outcome)
         return outcome, recovery
@@ -846,7 +863,9 @@ class Coordinator:
         self._check_manifest_size(raw)
         async with self.lock:
             await self._fresh_locked()
-            outcome = governance.acknowledge_update(self._dep, user, raw, self.clock(), self.rng)
+            outcome = await _in_thread_to_the_end(
+                governance.acknowledge_update, self._dep, user, raw, self.clock(), self.rng
+            )
             recovery = await self._commit_update(outcome)
         self._after_update(outcome)
         return outcome, recovery
@@ -936,3 +955,8 @@ async def _in_thread_to_the_end(fn: Callable[..., _T], *args: object) -> _T:
         if not job.cancelled():
             job.exception()  # retrieved: the caller is gone, its outcome with it
         raise
+
+
+def _first_manifest(dep: Deployment, manifest: Manifest, now: dt.datetime, rng: Rng) -> Deployment:
+    """The deployment with its first manifest (secrets generated) and the update log's first entry."""
+    return log_initial_manifest(set_manifest(dep, manifest, now, rng), now)

@@ -48,7 +48,9 @@ def test_reads_with_origin_still_work(deployed: RunningCoordinator) -> None:
             assert r.status_code == 200, path
 
 
-@pytest.mark.parametrize("path", ["/api/v2/recover", "/api/v2/update", "/api/v2/secrets", "/api/v2/update-cancel"])
+@pytest.mark.parametrize(
+    "path", ["/api/v2/recover", "/api/v2/update", "/api/v2/secrets", "/api/v2/update-cancel"]
+)
 def test_every_post_route_checks_origin(deployed: RunningCoordinator, path: str) -> None:
     with deployed.client() as c:
         r = c.post(path, content=b"{}", headers={"Origin": "https://evil.example"})

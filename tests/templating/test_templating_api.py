@@ -23,10 +23,12 @@ def test_public_exports() -> None:
             "FunctionSet",
             "ReservedSecret",
             "SecretValue",
+            "RenderBudget",
             "Template",
             "TemplateData",
             "parse_template",
             "render",
+            "render_size",
         ]
     )
     assert FunctionSet("files") is FunctionSet.FILES

@@ -35,7 +35,15 @@ from marblekeep.attestation.policy import check_package
 from marblekeep.core.deployment import CoordinatorState, Deployment
 from marblekeep.crypto.pki import IssuedLeaf, LeafIssuer, der_to_pem
 from marblekeep.crypto.secretgen import derive_seal_key, generate_marble_secrets
-from marblekeep.errors import ActivationRefused, AttestationError, MarbleKeepError, StateError, TemplateError
+from marblekeep.errors import (
+    ActivationRefused,
+    AttestationError,
+    MarbleKeepError,
+    RenderLimitError,
+    StateError,
+    TemplateError,
+)
+from marblekeep.manifest.limits import MAX_PARAMETERS_BYTES
 from marblekeep.manifest.model import FileEntry, Marble, Secret
 from marblekeep.templating import FunctionSet, ReservedSecret, Template, TemplateData, parse_template
 
@@ -238,20 +246,37 @@ def _ttls_config(dep: Deployment, marble: Marble, leaf: IssuedLeaf, secrets: Map
     return json.dumps(doc, separators=(",", ":")).encode()
 
 
+def _too_large(marble_type: str) -> ActivationRefused:
+    return refusal(
+        "parameters",
+        f"customizing marble parameters: Marbles.{marble_type}.Parameters render to more than the limit of "
+        f"{MAX_PARAMETERS_BYTES} bytes (Files, Env and Argv): make them smaller in a manifest update",
+    )
+
+
 def _render(
     prepared_marble: _PreparedMarble,
     marble_type: str,
     entries: tuple[_Entry, ...],
     kind: str,
     data: TemplateData,
+    budget: list[int],
 ) -> dict[str, bytes]:
+    """Render ``entries``; ``budget[0]`` is what the Marble's Parameters may still take (bytes)."""
     out: dict[str, bytes] = {}
     for entry in entries:
+        budget[0] -= len(entry.name.encode())
         if entry.template is None:
+            budget[0] -= len(entry.raw)
+            if budget[0] < 0:
+                raise _too_large(marble_type)
             out[entry.name] = entry.raw
             continue
         try:
-            out[entry.name] = entry.template.execute(data)
+            out[entry.name] = value = entry.template.execute(data, limit=max(0, budget[0]))
+            budget[0] -= len(value)
+        except RenderLimitError:
+            raise _too_large(marble_type) from None
         except TemplateError as exc:
             unset = sorted(
                 n
@@ -338,8 +363,11 @@ def activate(
         secrets=secrets,
         previous_secrets=previous,
     )
-    files = _render(pm, inp.marble_type, pm.files, "Files", data)
-    env = _render(pm, inp.marble_type, pm.env, "Env", data)
+    # Bounded (docs/manifest.md, "Limits"): the dry run checked the manifest with placeholders;
+    # this is the backstop with the real values, and it stops rendering at the limit.
+    budget = [MAX_PARAMETERS_BYTES - sum(len(a.encode()) for a in marble.parameters.argv)]
+    files = _render(pm, inp.marble_type, pm.files, "Files", data, budget)
+    env = _render(pm, inp.marble_type, pm.env, "Env", data, budget)
     # Predefined variables override same-named manifest entries (as MarbleRun).
     env[ENV_ROOT_CA] = prepared.marble_root_pem
     env[ENV_CERT_CHAIN] = leaf.cert_pem + prepared.intermediate_pem
@@ -347,4 +375,7 @@ def activate(
     env[ENV_COORDINATOR_ROOT_CA] = prepared.root_pem
     if marble.tls:
         env[ENV_TTLS_CONFIG] = _ttls_config(dep, marble, leaf, secrets)
+    predefined = (ENV_ROOT_CA, ENV_CERT_CHAIN, ENV_PRIVATE_KEY, ENV_COORDINATOR_ROOT_CA, ENV_TTLS_CONFIG)
+    if budget[0] < sum(len(name) + len(env[name]) for name in predefined if name in env):
+        raise _too_large(inp.marble_type)
     return ActivationResult(files=files, env=env, argv=marble.parameters.argv, new_activation_count=new_count)

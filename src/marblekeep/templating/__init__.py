@@ -24,14 +24,16 @@ encoding functions), ``engine`` (Template, parse_template, render).
 """
 
 from marblekeep.templating.data import FunctionSet, ReservedSecret, SecretValue, TemplateData
-from marblekeep.templating.engine import Template, parse_template, render
+from marblekeep.templating.engine import RenderBudget, Template, parse_template, render, render_size
 
 __all__ = [
     "FunctionSet",
+    "RenderBudget",
     "ReservedSecret",
     "SecretValue",
     "Template",
     "TemplateData",
     "parse_template",
     "render",
+    "render_size",
 ]

@@ -21,11 +21,12 @@ from __future__ import annotations
 import bisect
 import enum
 import unicodedata
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from marblekeep.errors import TemplateError
 
-__all__ = ["Action", "Locator", "Text", "Tok", "Token", "split"]
+__all__ = ["Action", "Locator", "Text", "Tok", "Token", "iter_split", "split"]
 
 _WS = " \t\r\n"
 _TERMINATORS = _WS + ".,|:()"
@@ -293,7 +294,11 @@ def _lex_action(s: str, j: int, start: int, loc: Locator) -> tuple[tuple[Token, 
 
 def split(s: str, loc: Locator) -> list[Text | Action]:
     """Cut latin-1 template text into text runs (trim markers applied) and lexed actions."""
-    parts: list[Text | Action] = []
+    return list(iter_split(s, loc))
+
+
+def iter_split(s: str, loc: Locator) -> Iterator[Text | Action]:
+    """:func:`split`, one piece at a time (a caller that stops early lexes no further)."""
     n = len(s)
     pos = 0
     trim_leading = False
@@ -304,14 +309,14 @@ def split(s: str, loc: Locator) -> list[Text | Action]:
             text = text.lstrip(_WS)
         if i < 0:
             if text:
-                parts.append(Text(text.encode("latin-1")))
-            return parts
+                yield Text(text.encode("latin-1"))
+            return
         j = i + 2
         if j + 1 < n and s[j] == "-" and s[j + 1] in _WS:
             text = text.rstrip(_WS)
             j += 2
         if text:
-            parts.append(Text(text.encode("latin-1")))
+            yield Text(text.encode("latin-1"))
         if s.startswith("/*", j):
             end = s.find("*/", j + 2)
             if end < 0:
@@ -325,4 +330,4 @@ def split(s: str, loc: Locator) -> list[Text | Action]:
                 raise loc.error(k, "comment ends before closing delimiter: write */}} or */ -}}")
             continue
         tokens, pos, trim_leading = _lex_action(s, j, i, loc)
-        parts.append(Action(i, tokens))
+        yield Action(i, tokens)
