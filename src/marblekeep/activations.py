@@ -4,7 +4,8 @@ Both activation protocols run **one path**; they differ only in how the evidence
 
 1. parse and bound the request — ours: the JSON body (400); MarbleRun's: the protobuf message, the
    UUID and the CSR, whose signature must verify (InvalidArgument);
-2. ours only: consume the challenge nonce (403 ``replay``); a TLS handshake is fresh by itself;
+2. ours only: consume the challenge nonce (403 ``replay``; 429 past the used-nonce set's bounds); a
+   TLS handshake is fresh by itself;
 3. the state accepts Marbles (409 / FailedPrecondition);
 4. MarbleRun's only: the Marble presented a TLS client certificate (Unauthenticated);
 5. the evidence verifies and is bound — ours: report data = the binding digest of every request
@@ -50,6 +51,7 @@ from marblekeep.errors import (
     CollateralError,
     RequestError,
     StateError,
+    TooManyRequests,
 )
 from marblekeep.marble.marblerun import (
     expected_report_data_prefix,
@@ -59,6 +61,7 @@ from marblekeep.marble.marblerun import (
 from marblekeep.marble.marblerun_wire import ActivationReq, MarbleRunParameters, encode_activation_resp
 from marblekeep.marble.protocol import (
     REPORT_DATA_SIZE,
+    ChallengeVerdict,
     EvidenceType,
     MarbleParameters,
     expected_report_data,
@@ -227,20 +230,40 @@ class MarbleActivations:
     def challenge(self) -> bytes:
         return self._coord.challenges.issue(self._coord.clock(), self._coord.rng)
 
-    async def activate_hpke(self, body: bytes) -> ActivationOutcome:
+    def _consume_challenge(self, nonce: bytes, now: dt.datetime, source: str) -> None:
+        book = self._coord.challenges
+        verdict = book.consume(nonce, now, source)
+        if verdict is ChallengeVerdict.ACCEPTED:
+            return
+        if verdict.fresh_challenge_helps:
+            what = {
+                ChallengeVerdict.UNKNOWN: "this one is unknown: not issued by this Coordinator, or before it "
+                "restarted",
+                ChallengeVerdict.EXPIRED: f"this one expired: a challenge is valid for {book.ttl.seconds} s",
+                ChallengeVerdict.USED: "this one was already used: a replayed request?",
+            }[verdict]
+            raise refusal(
+                "replay",
+                f"unknown, expired or already used challenge nonce ({what}): request a new challenge and "
+                "activate again",
+            )
+        log.warning("activation request refused: too many from one address", extra={"source": source})
+        raise TooManyRequests(
+            "too many activation requests within a minute "
+            + ("from this address" if verdict is ChallengeVerdict.SOURCE_BUSY else "in all")
+            + ": retry later"
+        )
+
+    async def activate_hpke(self, body: bytes, source: str = "") -> ActivationOutcome:
         """Our protocol (docs/protocol.md §1-7): one activation request body → sealed Parameters.
 
+        ``source`` is the client's quota key for the used-nonce set (``client_source``).
         Raises RequestError (malformed), StateError (not ready: retry later), ActivationRefused,
-        CollateralError (retry later)."""
+        TooManyRequests or CollateralError (retry later)."""
         coord = self._coord
         req = parse_activation_request(body)
         now = coord.clock()
-        if not coord.challenges.consume(req.nonce, now):
-            raise refusal(
-                "replay",
-                "unknown, expired or already used challenge nonce (a replayed request?): request a new "
-                "challenge and activate again",
-            )
+        self._consume_challenge(req.nonce, now, source)
         self._require_accepting()
         claims = await self._claims_hpke(req.evidence_type, req.evidence, expected_report_data(req), now)
         inp = ActivationInput(req.marble_type, req.uuid, req.dns_names, claims)

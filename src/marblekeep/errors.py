@@ -181,6 +181,13 @@ class RequestError(MarbleKeepError):
     exit_code = 2
 
 
+class TooManyRequests(MarbleKeepError):
+    """The client sent more than its share within a time window: retry later (429)."""
+
+    code = "too_many_requests"
+    http_status = 429
+
+
 class RequestTooLarge(RequestError):
     code = "request_too_large"
     http_status = 413

@@ -199,7 +199,7 @@ class Coordinator:
         self.rng = rng
         self.verifier: EvidenceVerifier = verifier or NoQuoteVerifier()
         self.quote_issuer = quote_issuer
-        self.challenges = ChallengeBook()
+        self.challenges = ChallengeBook(rng(32))
         self._store = store
         #: The deployment as the store holds it (None: nothing stored yet), to commit only changes.
         self._persisted: Deployment | None = deployment if records else None
@@ -897,9 +897,9 @@ class Coordinator:
     def challenge(self) -> bytes:
         return self.marbles.challenge()
 
-    async def activate(self, body: bytes) -> ActivationOutcome:
+    async def activate(self, body: bytes, source: str = "") -> ActivationOutcome:
         """marblekeep's protocol: one activation request body → the sealed Parameters."""
-        return await self.marbles.activate_hpke(body)
+        return await self.marbles.activate_hpke(body, source)
 
 
 async def _join_by_handover(

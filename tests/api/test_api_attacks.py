@@ -537,3 +537,19 @@ def test_hostile_bodies_from_an_authenticated_user_are_4xx(
             assert response.status_code != 401, "the user certificate was not accepted"
             assert response.json()["status"] == "fail"
         assert client.get("/api/v2/status").json()["data"]["code"] == 3
+
+
+def test_challenge_refusals_carry_the_reason_for_the_premain(deployed: RunningCoordinator) -> None:
+    """A 403 for an unknown, expired or used nonce says ``data.reason == "replay"``, so that the
+    premain starts over with a fresh challenge (issue 11, #6); other refusals carry their label."""
+    with deployed.marble() as marble:
+        prepared = marble.prepare("backend")
+        assert marble.post(prepared.body()).status_code == 200
+        again = marble.post(prepared.body())
+        unknown = marble.post(json.dumps(prepared.doc() | {"nonce": base64.b64encode(bytes(32)).decode()}))
+        wrong_type = marble.prepare("nope")
+        refused = marble.post(wrong_type.body())
+    assert again.status_code == 403
+    assert again.json()["data"] == {"reason": "replay"}
+    assert unknown.status_code == 403 and unknown.json()["data"]["reason"] == "replay"
+    assert refused.status_code == 403 and refused.json()["data"]["reason"] == "unknown_type"

@@ -24,6 +24,7 @@ from marblekeep.marble.protocol import (
     CHALLENGE_PATH,
     ActivationRequest,
     ChallengeBook,
+    ChallengeVerdict,
     EvidenceType,
     MarbleParameters,
     encode_challenge_response,
@@ -49,7 +50,10 @@ class FakeMarbleApi:
     not_ready: int = 0  # answer this many challenges with 503 first
     refuse: str | None = None  # refuse every activation with 403 and this reason
     status_override: int | None = None  # answer every challenge with this status
-    book: ChallengeBook = field(default_factory=lambda: ChallengeBook(ttl=timedelta(seconds=30)))
+    forget_challenges: int = 0  # forget the key of this many challenges (as after a restart)
+    book: ChallengeBook = field(
+        default_factory=lambda: ChallengeBook(secrets.token_bytes(32), ttl=timedelta(seconds=30))
+    )
     challenges: int = 0
     activations: list[ActivationRequest] = field(default_factory=list)
     refusals: list[str] = field(default_factory=list)
@@ -65,15 +69,23 @@ class FakeMarbleApi:
             if self.not_ready > 0:
                 self.not_ready -= 1
                 return 503, jsend_error("cannot accept marbles in current state")
-            return 200, encode_challenge_response(self.book.issue(now, secrets.token_bytes))
+            nonce = self.book.issue(now, secrets.token_bytes)
+            if self.forget_challenges > 0:
+                self.forget_challenges -= 1
+                self.book = ChallengeBook(secrets.token_bytes(32), ttl=self.book.ttl)
+            return 200, encode_challenge_response(nonce)
         try:
             req = parse_activation_request(body)
         except RequestError as exc:
             self.refusals.append(exc.message)
             return 400, jsend_fail(exc.message, "bad_request")
-        if not self.book.consume(req.nonce, now):
-            self.refusals.append("nonce")
-            return 409, jsend_fail("challenge nonce unknown, expired or already used", "wrong_state")
+        verdict = self.book.consume(req.nonce, now)
+        if verdict is not ChallengeVerdict.ACCEPTED:
+            self.refusals.append(f"nonce {verdict.value}")
+            # As the Coordinator: 403 with the refusal label "replay" in data.reason.
+            message = f"challenge nonce {verdict.value}"
+            body = {"status": "fail", "data": {"reason": "replay"}, "message": message}
+            return 403, json.dumps(body).encode()
         if req.evidence_type != EvidenceType.SIMULATION or req.evidence != expected_report_data(req):
             self.refusals.append("binding")
             return 403, jsend_fail("evidence does not carry the expected report data", "attestation_failed")

@@ -476,3 +476,25 @@ def test_cli_missing_type_exits_2(monkeypatch: pytest.MonkeyPatch) -> None:
     result = CliRunner().invoke(main, ["marble", "run", "--", "true"])
     assert result.exit_code == 2
     assert "EDG_MARBLE_TYPE is not set" in result.output
+
+
+def test_unknown_or_expired_challenge_is_retried_with_a_fresh_one(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The Coordinator forgets two challenges (as after a restart): it refuses those activations
+    # with 403 and the reason "replay"; the premain starts over instead of failing (issue 11, #6).
+    api = FakeMarbleApi(params=secret_params, forget_challenges=2)
+    with caplog.at_level(logging.INFO, logger="marblekeep.marble"):
+        params, rec = run_activate(api, tmp_path)
+    assert params.env == {"API_KEY": SECRET}
+    assert api.refusals == ["nonce unknown", "nonce unknown"]
+    assert api.challenges == 3
+    assert rec.sleeps == [0.25, 0.5]  # the usual backoff
+    assert "activated after 3 attempt(s)" in caplog.text
+
+
+def test_other_403_refusals_still_fail_at_once(tmp_path: Path) -> None:
+    api = FakeMarbleApi(refuse="marble verification failed: unknown marble type")
+    with pytest.raises(ActivationRefused, match="unknown marble type"):
+        run_activate(api, tmp_path)
+    assert api.challenges == 1

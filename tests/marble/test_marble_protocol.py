@@ -20,10 +20,12 @@ from marblekeep.marble.protocol import (
     MAX_ACTIVATION_BODY,
     ActivationRequest,
     ChallengeBook,
+    ChallengeVerdict,
     EvidenceType,
     MarbleParameters,
     binding_digest,
     binding_preimage,
+    client_source,
     encode_activation_request,
     encode_challenge_response,
     expected_report_data,
@@ -373,43 +375,97 @@ def test_seal_to_low_order_public_key_is_a_request_error() -> None:
 # --------------------------------------------------------------------------- challenges
 
 
+KEY = bytes(range(32))
+
+
 def test_challenge_is_single_use() -> None:
-    book = ChallengeBook()
+    book = ChallengeBook(KEY)
     nonce = book.issue(NOW, secrets.token_bytes)
     assert len(nonce) == 32
-    assert book.consume(nonce, NOW + timedelta(seconds=1))
-    assert not book.consume(nonce, NOW + timedelta(seconds=1))
-    assert not book.consume(secrets.token_bytes(32), NOW)
+    assert len(book) == 0  # issuing stores nothing
+    assert book.consume(nonce, NOW + timedelta(seconds=1)) is ChallengeVerdict.ACCEPTED
+    assert book.consume(nonce, NOW + timedelta(seconds=1)) is ChallengeVerdict.USED
+    assert book.consume(secrets.token_bytes(32), NOW) is ChallengeVerdict.UNKNOWN
+    assert len(book) == 1
 
 
 def test_challenge_expires() -> None:
-    book = ChallengeBook(ttl=timedelta(seconds=10))
+    book = ChallengeBook(KEY, ttl=timedelta(seconds=10))
     a = book.issue(NOW, secrets.token_bytes)
     b = book.issue(NOW, secrets.token_bytes)
-    assert book.consume(a, NOW + timedelta(seconds=9.9))
-    assert not book.consume(b, NOW + timedelta(seconds=10))
-    c = book.issue(NOW, secrets.token_bytes)
-    book.issue(NOW + timedelta(seconds=11), secrets.token_bytes)  # purges c
+    assert book.consume(a, NOW + timedelta(seconds=9.9)) is ChallengeVerdict.ACCEPTED
+    assert book.consume(b, NOW + timedelta(seconds=10)) is ChallengeVerdict.EXPIRED
+    # a used nonce is forgotten only once it has expired: then it is refused as expired
+    assert book.consume(a, NOW + timedelta(seconds=12)) is ChallengeVerdict.EXPIRED
+    assert len(book) == 0
+
+
+def test_a_flood_of_challenges_evicts_nothing() -> None:
+    book = ChallengeBook(KEY, max_used=3)
+    pending = book.issue(NOW, secrets.token_bytes)
+    for _ in range(20_000):
+        book.issue(NOW, secrets.token_bytes)
+    assert book.consume(pending, NOW + timedelta(seconds=30)) is ChallengeVerdict.ACCEPTED
+
+
+def test_nonces_are_authenticated_by_the_issuing_book() -> None:
+    book, other = ChallengeBook(KEY), ChallengeBook(bytes(32))
+    nonce = other.issue(NOW, secrets.token_bytes)
+    assert book.consume(nonce, NOW) is ChallengeVerdict.UNKNOWN  # another key (a restart)
+    mine = bytearray(book.issue(NOW, secrets.token_bytes))
+    for index in (0, 7, 8, 15, 16, 31):  # time, random part, tag
+        altered = bytearray(mine)
+        altered[index] ^= 1
+        assert book.consume(bytes(altered), NOW) in (ChallengeVerdict.UNKNOWN, ChallengeVerdict.EXPIRED)
+    assert book.consume(bytes(mine), NOW) is ChallengeVerdict.ACCEPTED
+
+
+def test_a_clock_stepping_back_does_not_revive_used_nonces() -> None:
+    book = ChallengeBook(KEY, ttl=timedelta(seconds=10))
+    nonce = book.issue(NOW, secrets.token_bytes)
+    assert book.consume(nonce, NOW) is ChallengeVerdict.ACCEPTED
+    book.issue(NOW + timedelta(hours=1), secrets.token_bytes)  # purges the used set
+    assert len(book) == 0
+    assert book.consume(nonce, NOW + timedelta(seconds=1)) is ChallengeVerdict.EXPIRED
+
+
+def test_used_set_is_bounded_per_source_and_in_all() -> None:
+    book = ChallengeBook(KEY, max_used=5, max_used_per_source=2)
+    nonces = [book.issue(NOW, secrets.token_bytes) for _ in range(8)]
+    assert book.consume(nonces[0], NOW, "10.0.0.1") is ChallengeVerdict.ACCEPTED
+    assert book.consume(nonces[1], NOW, "10.0.0.1") is ChallengeVerdict.ACCEPTED
+    assert book.consume(nonces[2], NOW, "10.0.0.1") is ChallengeVerdict.SOURCE_BUSY
+    assert book.consume(nonces[2], NOW, "10.0.0.2") is ChallengeVerdict.ACCEPTED  # not consumed above
+    assert book.consume(nonces[3], NOW, "10.0.0.2") is ChallengeVerdict.ACCEPTED
+    assert book.consume(nonces[4], NOW, "10.0.0.3") is ChallengeVerdict.ACCEPTED
+    assert book.consume(nonces[5], NOW, "10.0.0.4") is ChallengeVerdict.BUSY
+    assert len(book) == 5
+    # once they expire, the quota is back
+    later = NOW + timedelta(seconds=61)
+    fresh = book.issue(later, secrets.token_bytes)
+    assert book.consume(fresh, later, "10.0.0.1") is ChallengeVerdict.ACCEPTED
     assert len(book) == 1
-    assert not book.consume(c, NOW + timedelta(seconds=5))
 
 
-def test_challenge_book_is_bounded_and_forgets_the_oldest() -> None:
-    book = ChallengeBook(max_outstanding=3)
-    nonces = [book.issue(NOW, secrets.token_bytes) for _ in range(5)]
-    assert len(book) == 3
-    assert not book.consume(nonces[0], NOW)
-    assert not book.consume(nonces[1], NOW)
-    assert all(book.consume(n, NOW) for n in nonces[2:])
-
-
-def test_challenge_book_uses_the_injected_rng() -> None:
-    book = ChallengeBook()
-    assert book.issue(NOW, lambda n: b"\x07" * n) == b"\x07" * 32
+@pytest.mark.parametrize(
+    ("address", "source"),
+    [
+        ("10.1.2.3", "10.1.2.3"),
+        ("::ffff:10.1.2.3", "10.1.2.3"),
+        ("2001:db8:1:2:3:4:5:6", "2001:db8:1:2::/64"),
+        ("2001:db8:1:2:ffff::1", "2001:db8:1:2::/64"),
+        ("fe80::1%eth0", "fe80::/64"),
+        (None, ""),
+    ],
+)
+def test_client_source(address: str | None, source: str) -> None:
+    assert client_source(address) == source
 
 
 def test_challenge_book_rejects_bad_settings() -> None:
     with pytest.raises(ConfigError):
-        ChallengeBook(ttl=timedelta(0))
+        ChallengeBook(KEY, ttl=timedelta(0))
     with pytest.raises(ConfigError):
-        ChallengeBook(max_outstanding=0)
+        ChallengeBook(KEY, max_used=0)
+    with pytest.raises(ConfigError):
+        ChallengeBook(b"short")

@@ -46,6 +46,7 @@ from marblekeep.marble.protocol import (
     ACTIVATE_PATH,
     CHALLENGE_PATH,
     MAX_ACTIVATION_BODY,
+    client_source,
     encode_challenge_response,
 )
 from marblekeep.metrics import Metrics
@@ -198,9 +199,20 @@ def build_marble_app(
 
     async def activate(request: web.Request) -> web.Response:
         body = await request.read()
-        outcome = await observe_activation(
-            metrics, coord, "marblekeep", lambda: _claimed_type(body), coord.marbles.activate_hpke(body)
-        )
+        try:
+            outcome = await observe_activation(
+                metrics,
+                coord,
+                "marblekeep",
+                lambda: _claimed_type(body),
+                coord.marbles.activate_hpke(body, client_source(request.remote)),
+            )
+        except ActivationRefused as exc:
+            # The reason label tells the premain what to do (``replay``: start over with a new challenge).
+            data: dict[str, object] = {"reason": exc.reason}
+            if exc.problems:
+                data["problems"] = [{"path": p.path, "message": p.message} for p in exc.problems]
+            return jsend.fail(exc.message, exc.http_status, data)
         return jsend.success({"sealedParameters": base64.b64encode(outcome.payload).decode()})
 
     app = web.Application(

@@ -8,7 +8,8 @@ Flow of :func:`activate` (docs/protocol.md has the wire details)::
         fresh X25519 key pair; evidence over expected_report_data(request)
         POST /marble/v1/activate                   -> HPKE-sealed Parameters
         open them with the private key
-    (connection errors, 409, 429, 502, 503, 504: retry with capped exponential backoff and jitter;
+    (connection errors, 409, 429, 502, 503, 504, and a 403 whose reason is the challenge nonce
+     (unknown, expired or used): retry with capped exponential backoff and jitter;
      400/403 and everything else: fail at once with the Coordinator's reason)
 
 Then :func:`apply_parameters` writes Files (parents 0700, files 0600) and sets Env, and
@@ -102,6 +103,8 @@ BACKOFF_CAP = 8.0  # no single wait is longer than this
 REQUEST_TIMEOUT_CAP = 30.0  # one HTTP request never waits longer than this
 
 _RETRY_STATUSES = frozenset({409, 429, 502, 503, 504})
+#: The refusal label (``data.reason``) for a challenge nonce that is unknown, expired or used.
+_CHALLENGE_REFUSED = "replay"
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]+")
 
 
@@ -305,6 +308,17 @@ def _reason(response: httpx.Response) -> str:
     return f"HTTP {response.status_code}: {message}" if message else f"HTTP {response.status_code}"
 
 
+def _refusal_reason(response: httpx.Response) -> str:
+    """The ``data.reason`` label of a JSend fail from the Marble API ("" when there is none)."""
+    try:
+        doc = response.json()
+    except (ValueError, UnicodeDecodeError):
+        return ""
+    data = doc.get("data") if isinstance(doc, dict) else None
+    reason = data.get("reason") if isinstance(data, dict) else None
+    return reason if isinstance(reason, str) else ""
+
+
 def _is_cert_failure(exc: BaseException) -> bool:
     seen: BaseException | None = exc
     while seen is not None:
@@ -332,6 +346,10 @@ def _post(
         return response
     reason = _reason(response)
     if response.status_code in _RETRY_STATUSES:
+        raise _Retry(reason)
+    if response.status_code == 403 and _refusal_reason(response) == _CHALLENGE_REFUSED:
+        # The challenge was unknown (the Coordinator restarted), expired or used by someone else:
+        # a new challenge, key pair and evidence fix it.
         raise _Retry(reason)
     if response.status_code in (404, 405):
         raise ConfigError(

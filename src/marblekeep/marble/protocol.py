@@ -11,7 +11,8 @@ its ephemeral key from the OS inside ``cryptography``, which is part of the prim
 
 Rules:
 
-1. A Marble asks for a challenge: a fresh 32-byte nonce, single use, short-lived.
+1. A Marble asks for a challenge: a fresh 32-byte nonce, single use, short-lived, authenticated
+   by the Coordinator (:class:`ChallengeBook`: issuing one stores nothing).
 2. It generates an ephemeral X25519 key pair and computes
    ``report_data = binding_digest(nonce, public key, type, uuid, dns names) || 32 zero bytes``;
    the TEE evidence carries that report data.
@@ -27,10 +28,12 @@ import base64
 import binascii
 import enum
 import hashlib
+import hmac
+import ipaddress
 import json
 import re
 import struct
-from collections import OrderedDict
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -55,10 +58,12 @@ __all__ = [
     "REPORT_DATA_SIZE",
     "ActivationRequest",
     "ChallengeBook",
+    "ChallengeVerdict",
     "EvidenceType",
     "MarbleParameters",
     "binding_digest",
     "binding_preimage",
+    "client_source",
     "encode_activation_request",
     "encode_challenge_response",
     "expected_report_data",
@@ -78,6 +83,8 @@ REPORT_DATA_SIZE = 64
 
 #: Domain tag opening the binding digest's preimage (24 ASCII bytes, no length prefix).
 BINDING_TAG = b"marblekeep-activation-v1"
+#: Domain tag of the challenge nonces' HMAC (only the Coordinator that issued them checks it).
+_CHALLENGE_TAG = b"marblekeep-challenge-v1"
 #: Domain tag opening the HPKE ``info`` (16 ASCII bytes, no length prefix).
 HPKE_INFO_TAG = b"marblekeep-seal1"
 
@@ -413,45 +420,137 @@ def open_parameters(sealed: bytes, private_key: X25519PrivateKey, req: Activatio
 # --------------------------------------------------------------------------- challenges
 
 
-class ChallengeBook:
-    """Outstanding challenge nonces: each is single use and expires after ``ttl``.
+class ChallengeVerdict(enum.Enum):
+    """What :meth:`ChallengeBook.consume` found out about a nonce."""
 
-    At most ``max_outstanding`` nonces are kept; issuing one more forgets the oldest
-    (its Marble then gets a "challenge unknown" answer and starts again), so a flood of
-    challenge requests costs bounded memory and cannot block new Marbles.
+    ACCEPTED = "accepted"
+    UNKNOWN = "unknown"  # not issued by this Coordinator process (forged, or from before a restart)
+    EXPIRED = "expired"
+    USED = "used"  # consumed before: a replay (or a relay that was faster than the Marble)
+    SOURCE_BUSY = "source_busy"  # this client address consumed its quota within the TTL
+    BUSY = "busy"  # the used-nonce set is full
+
+    @property
+    def fresh_challenge_helps(self) -> bool:
+        """True when a Marble should simply start over with a new challenge."""
+        return self in (ChallengeVerdict.UNKNOWN, ChallengeVerdict.EXPIRED, ChallengeVerdict.USED)
+
+
+def client_source(address: str | None) -> str:
+    """The quota key of a client address: the IPv4 address, or the /64 of an IPv6 address."""
+    if not address:
+        return ""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
+@dataclass
+class _Bucket:
+    """The nonces consumed that were issued in one second, and how many came from each source."""
+
+    used: set[bytes] = field(default_factory=set)
+    sources: Counter[str] = field(default_factory=Counter)
+
+
+class ChallengeBook:
+    """Stateless challenges with a bounded set of used nonces (docs/protocol.md §3.1, §7).
+
+    A nonce is ``issued (u64 BE, ms) || random (8 bytes) || tag (16 bytes)``, where ``tag`` is
+    HMAC-SHA256(key, "marblekeep-challenge-v1" || issued || random) truncated to 16 bytes and
+    ``key`` is a random per-process secret. Issuing stores nothing, so no number of challenge
+    requests can push out a Marble's pending challenge. :meth:`consume` accepts a nonce once: its tag
+    must verify (constant time), it must be younger than ``ttl``, and it must not be in the
+    used-nonce set, where it then stays until it expires. Replay stays impossible because an entry
+    is dropped only once its nonce has expired, and expiry never reverses: the book's time is the
+    latest ``now`` it has seen (a wall clock stepping back does not revive old nonces).
+
+    The used set is bounded: at most ``max_used`` entries in all and ``max_used_per_source`` from
+    one client address (an IPv4 address or an IPv6 /64) within ``ttl``. Past either bound a nonce
+    is not consumed and the client is told to slow down (:attr:`ChallengeVerdict.SOURCE_BUSY`,
+    :attr:`ChallengeVerdict.BUSY`); filling the set takes ``max_used / max_used_per_source``
+    addresses each sustaining ``max_used_per_source / ttl`` activation requests per second.
     Not thread-safe: use it from one event loop.
     """
 
-    def __init__(self, ttl: timedelta = timedelta(seconds=60), max_outstanding: int = 10_000) -> None:
-        if ttl <= timedelta(0):
-            raise ConfigError("challenge ttl must be positive")
-        if max_outstanding < 1:
-            raise ConfigError("challenge max_outstanding must be at least 1")
+    def __init__(
+        self,
+        key: bytes,
+        ttl: timedelta = timedelta(seconds=60),
+        *,
+        max_used: int = 262_144,
+        max_used_per_source: int = 32_768,
+    ) -> None:
+        if len(key) < 32:
+            raise ConfigError("the challenge key must be at least 32 random bytes")
+        if ttl < timedelta(seconds=1):
+            raise ConfigError("challenge ttl must be at least one second")
+        if max_used < 1 or max_used_per_source < 1:
+            raise ConfigError("challenge max_used and max_used_per_source must be at least 1")
+        self._key = key
+        self._ttl_ms = int(ttl / timedelta(milliseconds=1))
         self.ttl = ttl
-        self.max_outstanding = max_outstanding
-        self._expiry: OrderedDict[bytes, datetime] = OrderedDict()
+        self.max_used = max_used
+        self.max_used_per_source = max_used_per_source
+        self._latest_ms = 0
+        self._buckets: dict[int, _Bucket] = {}
+        self._per_source: Counter[str] = Counter()
+        self._size = 0
 
     def __len__(self) -> int:
-        return len(self._expiry)
+        """How many used nonces are remembered (they are forgotten once expired)."""
+        return self._size
 
-    def _purge(self, now: datetime) -> None:
-        while self._expiry:
-            nonce, expiry = next(iter(self._expiry.items()))
-            if expiry > now:
-                break
-            del self._expiry[nonce]
+    def _tick(self, now: datetime) -> int:
+        now_ms = int(now.timestamp() * 1000)
+        if now_ms > self._latest_ms:
+            self._latest_ms = now_ms
+            horizon = (now_ms - self._ttl_ms) // 1000
+            for second in [s for s in self._buckets if s < horizon]:
+                bucket = self._buckets.pop(second)
+                self._size -= len(bucket.used)
+                self._per_source.subtract(bucket.sources)
+                for source in bucket.sources:
+                    if self._per_source[source] <= 0:
+                        del self._per_source[source]
+        return self._latest_ms
+
+    def _tag(self, head: bytes) -> bytes:
+        return hmac.new(self._key, _CHALLENGE_TAG + head, hashlib.sha256).digest()[:16]
 
     def issue(self, now: datetime, rng: Callable[[int], bytes]) -> bytes:
-        """A fresh nonce of :data:`NONCE_SIZE` bytes from ``rng`` (e.g. ``secrets.token_bytes``)."""
-        self._purge(now)
-        nonce = rng(NONCE_SIZE)
-        assert len(nonce) == NONCE_SIZE, "rng returned the wrong number of bytes"
-        while len(self._expiry) >= self.max_outstanding:
-            self._expiry.popitem(last=False)
-        self._expiry[nonce] = now + self.ttl
-        return nonce
+        """A fresh nonce of :data:`NONCE_SIZE` bytes (8 of them from ``rng``); nothing is stored."""
+        issued = self._tick(now)
+        random_part = rng(8)
+        assert len(random_part) == 8, "rng returned the wrong number of bytes"
+        head = struct.pack(">Q", issued) + random_part
+        return head + self._tag(head)
 
-    def consume(self, nonce: bytes, now: datetime) -> bool:
-        """True once for a nonce issued less than ``ttl`` ago; False if unknown, used or expired."""
-        expiry = self._expiry.pop(nonce, None)
-        return expiry is not None and now < expiry
+    def consume(self, nonce: bytes, now: datetime, source: str = "") -> ChallengeVerdict:
+        """Accept ``nonce`` once (see the class docstring); ``source`` is :func:`client_source`."""
+        latest = self._tick(now)
+        if len(nonce) != NONCE_SIZE or not hmac.compare_digest(self._tag(nonce[:16]), nonce[16:]):
+            return ChallengeVerdict.UNKNOWN
+        (issued,) = struct.unpack(">Q", nonce[:8])
+        if issued > latest or latest - issued >= self._ttl_ms:
+            return ChallengeVerdict.EXPIRED
+        bucket = self._buckets.get(issued // 1000)
+        if bucket is not None and nonce in bucket.used:
+            return ChallengeVerdict.USED
+        if self._per_source[source] >= self.max_used_per_source:
+            return ChallengeVerdict.SOURCE_BUSY
+        if self._size >= self.max_used:
+            return ChallengeVerdict.BUSY
+        if bucket is None:
+            bucket = self._buckets[issued // 1000] = _Bucket()
+        bucket.used.add(nonce)
+        bucket.sources[source] += 1
+        self._per_source[source] += 1
+        self._size += 1
+        return ChallengeVerdict.ACCEPTED
