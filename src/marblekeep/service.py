@@ -525,7 +525,8 @@ class Coordinator:
         return dep.manifest is not None and dep.manifest.config.seal_mode is not SealMode.DISABLED
 
     def _prepare_now(self, dep: Deployment) -> PreparedDeployment:
-        return PreparedDeployment(dep, getattr(self, "_prepared", None))
+        previous = getattr(self, "_prepared", None)
+        return PreparedDeployment(dep, previous, coordinator_dns_names=self.config.dns_names)
 
     async def _prepare(self, new: Deployment) -> PreparedDeployment:
         """Compile ``new``'s templates off the event loop (a new manifest's can take a while)."""

@@ -12,6 +12,7 @@ Order of checks (MarbleRun's, §5.3 of the reference, plus the nil-UUID rule):
    (measurements, TCB status, advisories, debug) must accept the verified claims;
 4. ``MaxActivations`` is not exhausted;
 5. the UUID is not the nil UUID;
+5a. the Marble's DNS names and IPs are not the Coordinator's own (:mod:`.marblenames`);
 6. credentials are issued and Files/Env rendered; a template that cannot be rendered (for example
    an unset user-defined secret) refuses the activation and names the entry.
 
@@ -24,7 +25,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from uuid import UUID
 
@@ -33,6 +34,7 @@ from cryptography import x509
 from marblekeep.attestation.claims import TeeClaims, TeeKind
 from marblekeep.attestation.policy import check_package
 from marblekeep.core.deployment import CoordinatorState, Deployment
+from marblekeep.core.marblenames import CoordinatorNames, check_marble_names, coordinator_names
 from marblekeep.crypto.pki import IssuedLeaf, LeafIssuer, der_to_pem
 from marblekeep.crypto.secretgen import derive_seal_key, generate_marble_secrets
 from marblekeep.errors import (
@@ -131,11 +133,20 @@ class PreparedDeployment:
     computed once per deployment snapshot: compiled templates, the leaf issuer, the reserved
     certificates in each encoding, the shared secret map."""
 
-    def __init__(self, dep: Deployment, previous: PreparedDeployment | None = None) -> None:
+    def __init__(
+        self,
+        dep: Deployment,
+        previous: PreparedDeployment | None = None,
+        *,
+        coordinator_dns_names: Sequence[str] = (),
+    ) -> None:
         """``previous``: the preparation of the snapshot before ``dep``; what depends only on
-        the CA and the manifest is reused from it when those did not change (a secret write)."""
+        the CA and the manifest is reused from it when those did not change (a secret write).
+        ``coordinator_dns_names``: the Coordinator's configured names (EDG_COORDINATOR_DNS_NAMES),
+        which Marbles may not ask for, besides the root's SANs (core/marblenames.py)."""
         self.deployment = dep
         ca = dep.ca
+        self.coordinator_names: CoordinatorNames = coordinator_names(ca.root.cert, coordinator_dns_names)
         self.leaf_issuer: LeafIssuer = (
             previous.leaf_issuer
             if previous is not None and previous.deployment.ca is ca
@@ -341,6 +352,7 @@ def activate(
         new_count = count + 1
     if inp.uuid == _NIL_UUID:
         raise refusal("invalid_uuid", "the nil UUID is not a valid Marble UUID: use a random (v4) UUID")
+    check_marble_names(inp.dns_names, prepared.coordinator_names)
 
     try:
         leaf = prepared.leaf_issuer.issue(inp.uuid, inp.marble_type, inp.dns_names, now, subject=inp.subject)
