@@ -43,8 +43,9 @@ from marblekeep.core.deployment import (
     new_deployment,
     set_manifest,
 )
-from marblekeep.core.governance import UpdateOutcome, log_initial_manifest
+from marblekeep.core.governance import Permission, UpdateOutcome, log_initial_manifest
 from marblekeep.core.publicmeta import PublicMetadata
+from marblekeep.core.readaudit import SecretReadAudit, TrailPage
 from marblekeep.core.records import K_MANIFEST, deployment_changes, deployment_from_records
 from marblekeep.core.users import user_certificates
 from marblekeep.errors import (
@@ -200,6 +201,7 @@ class Coordinator:
         self.verifier: EvidenceVerifier = verifier or NoQuoteVerifier()
         self.quote_issuer = quote_issuer
         self.challenges = ChallengeBook(rng(32))
+        self.read_audit = SecretReadAudit()
         self._store = store
         #: The deployment as the store holds it (None: nothing stored yet), to commit only changes.
         self._persisted: Deployment | None = deployment if records else None
@@ -796,16 +798,26 @@ class Coordinator:
             )
 
     async def read_secrets(self, user: str, names: Sequence[str]) -> dict[str, Secret]:
-        """The secrets ``names`` (ReadSecret on all). The read is logged and committed first."""
-
-        async def attempt() -> dict[str, Secret]:
-            new, secrets = governance.read_secrets(self._dep, user, names, self.clock())
-            await self.commit(new)
-            return secrets
-
-        secrets = await self.mutate(attempt)
+        """The secrets ``names`` (ReadSecret on all). The read is recorded in the secret-read audit
+        trail and the Coordinator's log (not in the public update log; nothing is written)."""
+        async with self.lock:
+            await self._fresh_locked()  # another replica's latest write is read too
+            secrets = governance.read_secrets(self._dep, user, names)
+        self.read_audit.record(self.clock(), user, [(name, s.type.value) for name, s in secrets.items()])
         log.info("secrets read", extra={"user": user, "secrets": sorted(secrets)})
         return secrets
+
+    def secret_reads(self, user: str, since: int, limit: int = 1000) -> TrailPage:
+        """The audit trail's entries after ``since`` that ``user`` may see (core/readaudit.py)."""
+        manifest = self._dep.manifest
+        if manifest is None:
+            raise StateError(NOT_IN_EXPECTED_STATE)
+        sees_all = governance.is_permitted(manifest, user, Permission.UPDATE_MANIFEST, ())
+
+        def owned(name: str) -> bool:
+            return governance.is_permitted(manifest, user, Permission.WRITE_SECRET, (name,))
+
+        return self.read_audit.page(since, sees_all=sees_all, viewer=user, owned=owned, limit=limit)
 
     async def write_secrets(self, user: str, body: object) -> None:
         """Set user-defined secrets (all or nothing; see governance.write_secrets)."""

@@ -78,7 +78,7 @@ def test_every_transition_writes_exactly_what_changed() -> None:
         lambda d: governance.write_secrets(d, "admin", _put(["u1", "u2"], "one"), NOW),
         lambda d: governance.write_secrets(d, "admin", _put(["u2"], "two"), NOW),  # overwrite
         lambda d: governance.write_secrets(d, "admin", _put(["u2"], "two"), NOW),  # same value again
-        lambda d: governance.read_secrets(d, "admin", ["u1"], NOW)[0],  # a logged read
+        lambda d: governance.write_secrets(d, "admin", _put(["u1"], "three"), NOW),
         lambda d: dataclasses.replace(d, activations={**d.activations, "m": d.activations.get("m", 0) + 1}),
         lambda d: (
             governance.update_manifest(

@@ -169,7 +169,7 @@ def test_package_update_and_display_update(cli: Cli) -> None:
 
 
 def _activity(cli: Cli) -> None:
-    """A few logged operations: a secret write, a read, a package update."""
+    """A few logged operations: a secret write, a read (not logged), another write, a package update."""
     addr = cli.rc.addr
     cli(
         "secret",
@@ -180,6 +180,14 @@ def _activity(cli: Cli) -> None:
         *cli.trust(),
     )
     cli("secret", "get", "user_key", addr, *cli.who("bob"), *cli.trust())
+    cli(
+        "secret",
+        "set",
+        cli.file("p.json", json.dumps({"user_plain": {"Key": b64(b"plain")}}).encode()),
+        addr,
+        *cli.who("alice"),
+        *cli.trust(),
+    )
     cli(
         "manifest",
         "update",
@@ -198,7 +206,7 @@ def _tampered(doc: dict[str, Any], kind: str) -> dict[str, Any]:
     elif kind == "reorder":
         lines[1], lines[2] = lines[2], lines[1]
     elif kind == "edit":
-        lines[2] = lines[2].replace('"bob"', '"eve"')
+        lines[2] = lines[2].replace('"user_plain"', '"user_key"')
     else:  # drop the newest entry
         lines.pop()
     return {**doc, "updateLog": lines}

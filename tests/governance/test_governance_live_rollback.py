@@ -5,9 +5,10 @@ SQLite's backup API, as a second writer on the file would): an older user list (
 an update comes back), an older user-defined secret and an older ``MaxActivations`` counter. The
 sealed store notices that the backend's revision moved, re-verifies the stored state and finds its
 epoch lower than the one it committed last (``SealedStore._reload``): every later request that
-would commit — a secret read (audit entry), a secret write, an activation of the counted Marble —
-is refused with a rollback error instead of being written on top of the old state, and a restart
-refuses the old state too (rollback anchor).
+would commit — a secret write, an activation of the counted Marble — is refused with a rollback
+error instead of being written on top of the old state, and a restart refuses the old state too
+(rollback anchor). A secret read commits nothing (issue 11, finding 8): it answers from the
+Coordinator's own newest state, never from the old copy.
 """
 
 from __future__ import annotations
@@ -75,9 +76,11 @@ def test_a_database_rolled_back_under_a_running_coordinator_is_never_served(tmp_
         with rc.client(user("alice")) as c:
             read = c.get("/api/v2/secrets", params={"s": "user_plain"})
             write = c.post("/api/v2/secrets", json={"secrets": {"user_plain": {"Key": b64(b"v3")}}})
+        assert write.status_code == 503, write.text
+        assert "went back from epoch" in write.json()["message"]
+        assert read.status_code == 200, read.text
+        assert read.json()["data"]["secrets"]["user_plain"]["Private"] == b64(b"v2")
         for answer in (read, write):
-            assert answer.status_code == 503, answer.text
-            assert "went back from epoch" in answer.json()["message"]
             assert b64(b"v1") not in answer.text
         with pytest.raises(RollbackError, match="went back from epoch"):
             rc.run(activate(rc.coord, "backend"))

@@ -182,18 +182,19 @@ async def test_a_marble_needing_an_unset_user_secret_is_refused_until_it_is_set(
     assert (await activate(coord, "frontend")).env["USER_KEY"] == KEY16.hex().encode()
 
 
-async def test_reading_secrets_is_logged_and_needs_state_3(sim: Opener) -> None:
+async def test_reading_secrets_is_audited_not_logged_publicly_and_needs_state_3(sim: Opener) -> None:
     coord = await sim.open()
     with pytest.raises(StateError):
         await coord.read_secrets("alice", ["user_key"])
     await coord.set_manifest(governance_manifest_bytes())
+    before, _ = coord.update_log()
     got = await coord.read_secrets("bob", ["shared_key"])
     assert len(got["shared_key"].private) == 16
-    coord = await sim.open()
     lines, _ = coord.update_log()
-    last = json.loads(lines[-1])
-    assert (last["update"], last["user"], last["secret"]) == ("Secret read", "bob", "shared_key")
-    assert got["shared_key"].private.hex() not in lines[-1]
+    assert lines == before  # the public update log holds MarbleRun's entries only
+    [entry] = coord.secret_reads("bob", 0).entries
+    assert (entry["user"], entry["secrets"]) == ("bob", [{"name": "shared_key", "type": "symmetric-key"}])
+    assert got["shared_key"].private.hex() not in json.dumps(entry)
 
 
 async def _tamper(config: CoordinatorConfig, change: dict[str, bytes | None]) -> None:
@@ -223,8 +224,9 @@ async def test_tampering_with_stored_log_entries_is_detected_after_restart(sim: 
     coord = await sim.open()
     await coord.set_manifest(governance_manifest_bytes())
     await coord.write_secrets("alice", {"user_key": {"Key": base64.b64encode(KEY16).decode()}})
-    await coord.read_secrets("bob", ["user_key"])
+    await coord.read_secrets("bob", ["user_key"])  # not logged: the log has 3 entries
     await coord.update_manifest("alice", SVN_5)
+    await coord.write_secrets("alice", {"user_key": {"Key": base64.b64encode(KEY16[::-1]).decode()}})
     assert verified(coord).ok
     await sim.close()
 

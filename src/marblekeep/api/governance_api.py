@@ -8,6 +8,8 @@ route                                      who                   data
 ``GET  /api/v2/secrets?s=A&s=B``           user, ReadSecret      ``{"secrets": {name: Secret}}``
 ``POST /api/v2/secrets``                   user, WriteSecret     ``null``
 ``GET  /api/v2/update``                    anyone                ``{"updateLog": [line...]}``
+``GET  /api/v2/audit/secret-reads``        user (own reads; all  ``{"entries", "nextSeq",
+                                           with UpdateManifest)  "dropped"}`` (marblekeep)
 ``POST /api/v2/update``                    user, UpdateSecurity  ``{"missingAcknowledgments",
                                            Version / Update      "missingUsers",
                                            Manifest              "recoverySecrets"?}``
@@ -40,7 +42,7 @@ from marblekeep.api import jsend
 from marblekeep.api.body import base64_value, json_object
 from marblekeep.api.client_api import authenticated_user, coordinator_of
 from marblekeep.core.governance import CANCELLED, UpdateKind, UpdateOutcome, pending_message, secret_json
-from marblekeep.errors import MarbleKeepError, NotFoundError
+from marblekeep.errors import MarbleKeepError, NotFoundError, RequestError
 from marblekeep.manifest.gojson import go_field
 
 __all__ = ["add_governance_routes"]
@@ -116,6 +118,29 @@ async def secrets_post_v1(request: web.Request) -> web.Response:
     except MarbleKeepError as exc:
         return _v1_errors(exc)
     return jsend.success(None)
+
+
+# ---------------------------------------------------------------------------------- read audit
+
+MAX_TRAIL_PAGE = 1000
+
+
+def _query_int(request: web.Request, name: str, default: int, upper: int) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    if not raw.isdigit() or len(raw) > 18:
+        raise RequestError(f"{name}: not a non-negative integer")
+    return min(int(raw), upper)
+
+
+async def secret_reads_v2(request: web.Request) -> web.Response:
+    """GET /api/v2/audit/secret-reads?since=SEQ&limit=N (marblekeep; docs/governance.md)."""
+    user = authenticated_user(request)
+    since = _query_int(request, "since", 0, 2**62)
+    limit = _query_int(request, "limit", MAX_TRAIL_PAGE, MAX_TRAIL_PAGE)
+    page = coordinator_of(request).secret_reads(user, since, limit)
+    return jsend.success({"entries": list(page.entries), "nextSeq": page.next_seq, "dropped": page.dropped})
 
 
 # ---------------------------------------------------------------------------------- update log
@@ -212,6 +237,7 @@ def add_governance_routes(app: web.Application) -> None:
     r = app.router
     r.add_get("/api/v2/secrets", secrets_get_v2)
     r.add_post("/api/v2/secrets", secrets_post_v2)
+    r.add_get("/api/v2/audit/secret-reads", secret_reads_v2)
     r.add_get("/api/v2/update", update_log_v2)
     r.add_post("/api/v2/update", update_post_v2)
     r.add_get("/api/v2/update-manifest", pending_get)

@@ -10,8 +10,9 @@ Rules (reference §1.7, §1.12, §3.4–§3.7, §6.4):
   (case-insensitive) over its ``ResourceNames``; roles add up. A check passes when the user holds
   the permission over every resource asked for. ``UpdateManifest`` is checked with no resource, so
   holding it at all is enough. Every user operation checks its permission first.
-- **Secrets**: reads need ``ReadSecret`` on every name asked for and are logged (user, name, type,
-  never the value). Writes need ``WriteSecret`` on every name, are validated
+- **Secrets**: reads need ``ReadSecret`` on every name asked for; they change nothing here (the
+  service records them in the authenticated secret-read audit trail, :mod:`.readaudit`).
+  Writes need ``WriteSecret`` on every name, are validated
   (:func:`~marblekeep.core.usersecrets.parse_user_secrets`), dry-run against every Marble's
   templates with the real values, and are all-or-nothing.
 - **Package updates** (a manifest with nothing but ``Packages``, even ``{}``) need
@@ -23,7 +24,7 @@ Rules (reference §1.7, §1.12, §3.4–§3.7, §6.4):
 - **Every update** rotates the intermediate CA and the Marble root and regenerates shared
   certificates; the root CA, the seal master secret and the activation counters never change.
   A full update diffs the secrets as MarbleRun's ``updateSecrets`` does (:func:`apply_full_update`).
-- **The update log** gets MarbleRun's entries (§9.1) plus secret reads, hash-chained and with a
+- **The update log** gets MarbleRun's entries (§9.1), and only those, hash-chained and with a
   head signed by the root key (:mod:`marblekeep.core.auditlog`).
 
 No message here contains a secret value or key material.
@@ -103,7 +104,8 @@ _DEFAULT_IPS = frozenset({"127.0.0.1", "::1"})
 LOG_INITIAL = "Initial manifest set"
 LOG_SVN = "SecurityVersion increased"
 LOG_SECRET_SET = "Secret set"  # noqa: S105 (a log message)
-LOG_SECRET_READ = "Secret read"  # noqa: S105 (marblekeep's addition)
+#: Written by marblekeep before secret reads moved to the audit trail; older logs may hold it.
+LOG_SECRET_READ = "Secret read"  # noqa: S105 (a log message)
 LOG_INITIATED_DONE = "Complete Manifest update initiated by user. No further acknowledgements required"
 LOG_INITIATED_WAIT = (
     "Complete Manifest update initiated by user. Waiting for acknowledgments to apply the update"
@@ -250,11 +252,12 @@ def secret_json(secret: Secret) -> dict[str, Any]:
     }
 
 
-def read_secrets(
-    dep: Deployment, user: str, names: Sequence[str], now: dt.datetime
-) -> tuple[Deployment, dict[str, Secret]]:
-    """The secrets ``names`` for ``user`` (ReadSecret on all of them), and ``dep`` with one
-    ``Secret read`` log entry per name. Unknown names are a :class:`RequestError` naming them."""
+def read_secrets(dep: Deployment, user: str, names: Sequence[str]) -> dict[str, Secret]:
+    """The secrets ``names`` for ``user`` (ReadSecret on all of them, each name once, in order).
+
+    Unknown names are a :class:`RequestError` naming them. A read changes nothing in the state: the
+    service records it in the secret-read audit trail (:mod:`marblekeep.core.readaudit`), not in the
+    public update log."""
     manifest = _manifest_of(dep)
     if not names:
         raise RequestError("invalid query: endpoint requires at least one query parameter (s=NAME)")
@@ -273,12 +276,7 @@ def read_secrets(
             ],
         )
     require_permission(manifest, user, Permission.READ_SECRET, unique)
-    out = {name: dep.secrets.get(name, manifest.secrets[name]) for name in unique}
-    events = [
-        (LOG_SECRET_READ, (("user", user), ("secret", name), ("type", out[name].type.value)))
-        for name in unique
-    ]
-    return _log(dep, now, events), out
+    return {name: dep.secrets.get(name, manifest.secrets[name]) for name in unique}
 
 
 def write_secrets(dep: Deployment, user: str, body: object, now: dt.datetime) -> Deployment:
