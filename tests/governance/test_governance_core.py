@@ -596,7 +596,7 @@ def test_a_403_names_the_resources_even_for_a_user_without_any_role() -> None:
 
 def test_mistyped_secret_names_get_a_suggestion() -> None:
     with pytest.raises(RequestError) as read:
-        read_secrets(deployed(), "alice", ["user_kye"], NOW)
+        read_secrets(deployed(), "alice", ["user_kye"])
     assert 'did you mean "user_key"?' in read.value.diagnostics()
     with pytest.raises(SecretUploadError) as write:
         write_secrets(deployed(), "alice", {"user_plian": {"Key": base64.b64encode(b"x").decode()}}, NOW)
