@@ -13,7 +13,8 @@ import socket
 import time
 
 import pytest
-from api_support import STATUS_3, RunningCoordinator, manifest_bytes
+
+from harness import STATUS_3, RunningCoordinator, activation_manifest_bytes
 
 
 def _split_post(
@@ -78,7 +79,7 @@ def test_split_recover_body_over_the_limit_is_413(deployed: RunningCoordinator) 
 
 @pytest.mark.parametrize("pieces", [2, 7])
 def test_split_manifest_body_is_read_whole(coordinator: RunningCoordinator, pieces: int) -> None:
-    body = json.dumps({"manifest": base64.b64encode(manifest_bytes()).decode()}).encode()
+    body = json.dumps({"manifest": base64.b64encode(activation_manifest_bytes()).decode()}).encode()
     status, doc = _split_post(coordinator, coordinator.client_port, "/api/v2/manifest", body, pieces)
     assert status == 200, doc
     with coordinator.client() as c:

@@ -20,10 +20,10 @@ from typing import Any
 
 import httpx
 import pytest
-from api_support import STATUS_2, STATUS_3, RunningCoordinator, manifest_bytes
 
 import marblekeep.activations as activations_module
 import marblekeep.service as service_module
+from harness import STATUS_2, STATUS_3, RunningCoordinator, activation_manifest_bytes
 from hostile_manifests import explode_manifest
 from marblekeep.manifest.limits import MAX_PARAMETERS_BYTES
 
@@ -97,7 +97,8 @@ def test_status_answers_while_a_manifest_is_validated(
     coordinator: RunningCoordinator, gated: Callable[[str], Gate]
 ) -> None:
     gate = gated("load_manifest")
-    r = _status_while_held(coordinator, gate, lambda: _post_manifest(coordinator, manifest_bytes()))
+    raw = activation_manifest_bytes()
+    r = _status_while_held(coordinator, gate, lambda: _post_manifest(coordinator, raw))
     assert r.status_code == 200, r.text
     with coordinator.client() as c:
         assert c.get("/api/v2/status").json()["data"]["message"] == STATUS_3
@@ -124,7 +125,7 @@ def test_status_answers_while_an_activation_renders(
 
 
 def _big_leaf_manifest(actions: int) -> bytes:
-    doc: dict[str, Any] = json.loads(manifest_bytes())
+    doc: dict[str, Any] = json.loads(activation_manifest_bytes())
     doc["Marbles"]["bigleaf"] = {
         "Package": "pkg",
         "Parameters": {"Files": {"/leaf.pem": "{{pem .MarbleRun.MarbleCert.Cert}}" * actions}},

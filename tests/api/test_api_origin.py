@@ -14,11 +14,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from api_support import STATUS_2, STATUS_3, RunningCoordinator, manifest_bytes
+
+from harness import STATUS_2, STATUS_3, RunningCoordinator, activation_manifest_bytes
 
 
 def _manifest_body() -> dict[str, str]:
-    return {"manifest": base64.b64encode(manifest_bytes()).decode()}
+    return {"manifest": base64.b64encode(activation_manifest_bytes()).decode()}
 
 
 @pytest.mark.parametrize("origin", ["https://evil.example", "null", "https://localhost:4433"])
@@ -34,7 +35,7 @@ def test_state_changing_request_with_origin_is_refused(coordinator: RunningCoord
         # the v1 path and a form content type are refused the same way
         r = c.post(
             "/manifest",
-            content=manifest_bytes(),
+            content=activation_manifest_bytes(),
             headers={"Origin": origin, "Content-Type": "application/x-www-form-urlencoded"},
         )
         assert r.status_code == 403

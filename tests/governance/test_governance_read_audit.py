@@ -7,13 +7,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from governance_support import RunningCoordinator, b64, manifest_bytes, manifest_doc, user
+
+from harness import RunningCoordinator, b64, governance_manifest_bytes, governance_manifest_doc, user
 
 KEY16 = bytes(range(16))
 
 
 def _doc() -> dict[str, Any]:
-    doc = manifest_doc()
+    doc = governance_manifest_doc()
     doc["Users"]["dave"]["Roles"] = ["secret_writer"]  # owns the user-defined secrets, no UpdateManifest
     return doc
 
@@ -22,7 +23,7 @@ def _doc() -> dict[str, Any]:
 def rc(tmp_path: Path) -> Any:
     running = RunningCoordinator(tmp_path / "seal")
     try:
-        running.set_manifest(manifest_bytes(_doc()))
+        running.set_manifest(governance_manifest_bytes(_doc()))
         with running.client(user("alice")) as c:
             r = c.post("/api/v2/secrets", json={"secrets": {"user_key": {"Key": b64(KEY16)}}})
         assert r.status_code == 200, r.text
