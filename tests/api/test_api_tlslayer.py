@@ -332,6 +332,7 @@ def test_large_bodies_both_ways_with_flow_control(layer: Any, monkeypatch: pytes
     original_pause_writing = tlslayer._TLSConnection.pause_writing
 
     reading_paused = asyncio.Event()
+    writing_paused = threading.Event()
 
     def pause_reading(self: Any) -> None:
         calls["pause_reading"] += 1
@@ -341,6 +342,7 @@ def test_large_bodies_both_ways_with_flow_control(layer: Any, monkeypatch: pytes
     def pause_writing(self: Any) -> None:
         calls["pause_writing"] += 1
         original_pause_writing(self)
+        writing_paused.set()
 
     monkeypatch.setattr(tlslayer._TLSConnection, "pause_app_reading", pause_reading)
     monkeypatch.setattr(tlslayer._TLSConnection, "pause_writing", pause_writing)
@@ -353,6 +355,8 @@ def test_large_bodies_both_ways_with_flow_control(layer: Any, monkeypatch: pytes
     ):
         # Download: the server writes faster than this client reads (it has not read yet).
         tls.sendall(f"GET /big?n={size} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        # Not reading until the server's socket buffer is full makes the pause an event, not a race.
+        assert writing_paused.wait(60), "the socket's write buffer never filled: flow control untested"
         head, body = _request(tls, b"")
         assert head.startswith(b"HTTP/1.1 200")
         block = hashlib.sha256(b"block").digest() * 2048
