@@ -46,6 +46,7 @@ from typing import Any, TypeVar
 
 import httpx
 from aiohttp import web
+from click.testing import CliRunner, Result
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -55,6 +56,7 @@ from marblekeep.api.limits import ConnectionLimits
 from marblekeep.api.server import Listeners
 from marblekeep.api.tls import ServerCredentials, make_server_credentials
 from marblekeep.attestation.claims import TeeClaims, TeeKind
+from marblekeep.cli.main import main
 from marblekeep.core.deployment import Deployment, new_deployment, set_manifest
 from marblekeep.core.governance import log_initial_manifest
 from marblekeep.crypto.pki import CertifiedKey, IssuedLeaf, LeafIssuer, create_intermediate, create_root_ca
@@ -146,6 +148,58 @@ ACTIVATION_MANIFEST: dict[str, Any] = {
 
 def activation_manifest_bytes() -> bytes:
     return json.dumps(ACTIVATION_MANIFEST, indent=2).encode()
+
+
+def writer_manifest_doc(admin_pem: str, marble_type: str, secret_names: Sequence[str]) -> dict[str, Any]:
+    """A manifest with one Marble type (activations practically unbounded) and user-defined plain
+    secrets that the ``admin`` user may read and write (the crash and fault end-to-end tests)."""
+    return {
+        "Packages": {"app": {"Debug": True}},
+        "Marbles": {marble_type: {"Package": "app", "MaxActivations": 1_000_000}},
+        "Secrets": {name: {"Type": "plain", "UserDefined": True} for name in secret_names},
+        "Users": {"admin": {"Certificate": admin_pem, "Roles": ["writer"]}},
+        "Roles": {
+            "writer": {
+                "ResourceType": "Secrets",
+                "ResourceNames": list(secret_names),
+                "Actions": ["ReadSecret", "WriteSecret"],
+            }
+        },
+    }
+
+
+def replica_manifest_doc(admin_cert_pem: str, *, max_activations: int) -> dict[str, Any]:
+    """The manifest of the etcd and replica end-to-end tests: a ``worker`` Marble given its seal key, a
+    generated key and a user-defined ``token`` in its environment; a ``limited`` Marble with
+    ``MaxActivations``; an ``admin`` user who may read and write ``token``."""
+    return {
+        "Packages": {"app": {"Debug": True}},
+        "Marbles": {
+            "worker": {
+                "Package": "app",
+                "Parameters": {
+                    "Env": {
+                        "MK_SEAL_KEY": "{{ hex .MarbleRun.SealKey }}",
+                        "MK_OWN_KEY": "{{ hex .Secrets.own_key }}",
+                        "MK_TOKEN": "{{ string .Secrets.token }}",
+                    }
+                },
+            },
+            "limited": {"Package": "app", "MaxActivations": max_activations},
+        },
+        "Secrets": {
+            "own_key": {"Type": "symmetric-key", "Size": 256},
+            "token": {"Type": "plain", "UserDefined": True},
+        },
+        "Users": {"admin": {"Certificate": admin_cert_pem, "Roles": ["secrets"]}},
+        "Roles": {
+            "secrets": {
+                "ResourceType": "Secrets",
+                "ResourceNames": ["token"],
+                "Actions": ["ReadSecret", "WriteSecret"],
+            }
+        },
+    }
 
 
 # ------------------------------------------------------------------------- users and governance
@@ -470,6 +524,12 @@ class RunningCoordinator:
         self.run(self.coord.close())
         self.bg.close()
 
+    def __enter__(self) -> RunningCoordinator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
 
 # ------------------------------------------------------------------------- a Marble, step by step
 
@@ -487,6 +547,28 @@ class Prepared:
     def doc(self) -> dict[str, Any]:
         doc: dict[str, Any] = json.loads(self.body())
         return doc
+
+
+def simulation_activation_request(
+    marble_type: str,
+    nonce: bytes,
+    key: X25519PrivateKey | None = None,
+    *,
+    marble_uuid: uuid_mod.UUID | None = None,
+    dns_names: tuple[str, ...] = ("localhost",),
+) -> ActivationRequest:
+    """A simulation-mode activation request for ``nonce`` (a fresh UUID and HPKE key unless given),
+    its evidence the report data the Coordinator expects."""
+    req = ActivationRequest(
+        marble_type=marble_type,
+        uuid=marble_uuid or uuid_mod.uuid4(),
+        dns_names=dns_names,
+        hpke_public_key=(key or X25519PrivateKey.generate()).public_key().public_bytes_raw(),
+        nonce=nonce,
+        evidence_type=EvidenceType.SIMULATION,
+        evidence=b"",
+    )
+    return replace(req, evidence=expected_report_data(req))
 
 
 class MarbleClient:
@@ -513,16 +595,10 @@ class MarbleClient:
         dns_names: tuple[str, ...] = ("localhost",),
     ) -> Prepared:
         key = X25519PrivateKey.generate()
-        req = ActivationRequest(
-            marble_type=marble_type,
-            uuid=marble_uuid or uuid_mod.uuid4(),
-            dns_names=dns_names,
-            hpke_public_key=key.public_key().public_bytes_raw(),
-            nonce=self.challenge(),
-            evidence_type=EvidenceType.SIMULATION,
-            evidence=b"",
+        req = simulation_activation_request(
+            marble_type, self.challenge(), key, marble_uuid=marble_uuid, dns_names=dns_names
         )
-        return Prepared(replace(req, evidence=expected_report_data(req)), key)
+        return Prepared(req, key)
 
     def post(self, body: bytes | str) -> httpx.Response:
         return self.http.post(ACTIVATE_PATH, content=body, headers={"Content-Type": "application/json"})
@@ -540,6 +616,13 @@ class MarbleClient:
 
 
 # ------------------------------------------------------------------------- subprocesses
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> Result:
+    """``marblekeep ARGS`` in-process (click's runner); whatever it answers, never a traceback."""
+    result = CliRunner().invoke(main, list(args), env=env, catch_exceptions=False)
+    assert "Traceback" not in result.output
+    return result
 
 
 def marblekeep_argv() -> list[str]:

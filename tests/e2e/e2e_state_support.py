@@ -152,6 +152,11 @@ def status_v2(site: Site) -> dict[str, Any]:
     return doc
 
 
+def status_code(site: Site) -> int:
+    """The Coordinator's state code (1 recovery, 2 accepting a manifest, 3 accepting Marbles)."""
+    return int(status_v2(site)["code"])
+
+
 # ------------------------------------------------------------------------------------- keys and users
 
 
