@@ -39,7 +39,7 @@ import tempfile
 import threading
 import time
 import uuid as uuid_mod
-from collections.abc import Callable, Coroutine, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -148,6 +148,21 @@ ACTIVATION_MANIFEST: dict[str, Any] = {
 
 def activation_manifest_bytes() -> bytes:
     return json.dumps(ACTIVATION_MANIFEST, indent=2).encode()
+
+
+def web_secrets() -> dict[str, Any]:
+    """A manifest's ``Secrets`` of the end-to-end and Go interop Coordinators: a shared and a per-Marble
+    256-bit key, and a shared ECDSA certificate for ``web.example`` (a fresh dict each call)."""
+    return {
+        "shared_key": {"Type": "symmetric-key", "Size": 256, "Shared": True},
+        "own_key": {"Type": "symmetric-key", "Size": 256},
+        "web_cert": {
+            "Type": "cert-ecdsa",
+            "Size": 256,
+            "Shared": True,
+            "Cert": {"Subject": {"CommonName": "web.example"}},
+        },
+    }
 
 
 def writer_manifest_doc(admin_pem: str, marble_type: str, secret_names: Sequence[str]) -> dict[str, Any]:
@@ -625,6 +640,16 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> Result:
     return result
 
 
+def clean_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment (``os.environ`` unless ``base``) without any EDG_/MARBLEKEEP_ variable of the
+    caller, so a subprocess Coordinator or CLI sees only the settings the test gives it."""
+    return {
+        k: v
+        for k, v in (os.environ if base is None else base).items()
+        if not k.startswith(("EDG_", "MARBLEKEEP_"))
+    }
+
+
 def marblekeep_argv() -> list[str]:
     """How to run the installed ``marblekeep`` command of this virtualenv."""
     beside = Path(sys.executable).with_name("marblekeep")
@@ -707,10 +732,9 @@ class CoordinatorProcess(CoordinatorSubprocess):
         self.marble_port = free_port()
         self.seal_dir = seal_dir
         self.stderr_path = seal_dir.parent / f"{seal_dir.name}-stderr.log"
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("EDG_", "MARBLEKEEP_"))}
         super().__init__(
             workdir=seal_dir.parent,
-            env=env,
+            env=clean_env(),
             client_addr=f"127.0.0.1:{self.client_port}",
             mesh_addr=f"127.0.0.1:{self.marble_port}",
             seal_dir=seal_dir,

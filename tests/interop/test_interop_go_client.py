@@ -26,11 +26,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from interop_support import (
     GENUINE_PREMAIN,
     OUR_GO_PREMAIN,
-    clean_env,
     finish,
     genuine_binary,
     required_binary,
 )
+
+from harness import clean_env
 
 pytestmark = pytest.mark.slow
 
