@@ -665,7 +665,8 @@ def python3() -> str:
 
 
 class CoordinatorSubprocess:
-    """``marblekeep coordinator --simulation`` as a subprocess; its output goes to ``log``.
+    """``marblekeep coordinator --simulation`` as a subprocess; its output goes to ``log`` (default
+    ``<workdir>/coordinator.log``), its state to ``seal_dir`` (default ``<workdir>/seal``).
 
     With ``wait`` the constructor returns once the Coordinator logged "coordinator started".
     """
@@ -677,12 +678,13 @@ class CoordinatorSubprocess:
         env: dict[str, str],
         client_addr: str,
         mesh_addr: str,
-        seal_dir: Path,
-        log: Path,
+        seal_dir: Path | None = None,
+        log: Path | None = None,
         extra: Sequence[str] = (),
         wait: bool = True,
     ) -> None:
-        self.log = log
+        seal_dir = workdir / "seal" if seal_dir is None else seal_dir
+        self.log = log = workdir / "coordinator.log" if log is None else log
         self._out = log.open("wb")
         argv = [*marblekeep_argv(), "coordinator", "--simulation", "--client-addr", client_addr]
         argv += ["--mesh-addr", mesh_addr, "--seal-dir", str(seal_dir), *extra]

@@ -59,8 +59,6 @@ def running(tmp_path: Path) -> Iterator[Running]:
         env=env,
         client_addr=client_addr,
         mesh_addr=mesh_addr,
-        seal_dir=tmp_path / "seal",
-        log=tmp_path / "coordinator.log",
     )
     try:
         url = f"https://{client_addr}"

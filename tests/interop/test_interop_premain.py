@@ -138,8 +138,6 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
         env=env,
         client_addr=client_addr,
         mesh_addr=mesh_addr,
-        seal_dir=workdir / "seal",
-        log=workdir / "coordinator.log",
     )
     try:
         _cli(workdir, env, "manifest", "set", str(workdir / "manifest.json"), client_addr, "--insecure")
