@@ -39,13 +39,14 @@ import tempfile
 import threading
 import time
 import uuid as uuid_mod
-from collections.abc import Callable, Coroutine, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
 from aiohttp import web
+from click.testing import CliRunner, Result
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -55,6 +56,7 @@ from marblekeep.api.limits import ConnectionLimits
 from marblekeep.api.server import Listeners
 from marblekeep.api.tls import ServerCredentials, make_server_credentials
 from marblekeep.attestation.claims import TeeClaims, TeeKind
+from marblekeep.cli.main import main
 from marblekeep.core.deployment import Deployment, new_deployment, set_manifest
 from marblekeep.core.governance import log_initial_manifest
 from marblekeep.crypto.pki import CertifiedKey, IssuedLeaf, LeafIssuer, create_intermediate, create_root_ca
@@ -146,6 +148,73 @@ ACTIVATION_MANIFEST: dict[str, Any] = {
 
 def activation_manifest_bytes() -> bytes:
     return json.dumps(ACTIVATION_MANIFEST, indent=2).encode()
+
+
+def web_secrets() -> dict[str, Any]:
+    """A manifest's ``Secrets`` of the end-to-end and Go interop Coordinators: a shared and a per-Marble
+    256-bit key, and a shared ECDSA certificate for ``web.example`` (a fresh dict each call)."""
+    return {
+        "shared_key": {"Type": "symmetric-key", "Size": 256, "Shared": True},
+        "own_key": {"Type": "symmetric-key", "Size": 256},
+        "web_cert": {
+            "Type": "cert-ecdsa",
+            "Size": 256,
+            "Shared": True,
+            "Cert": {"Subject": {"CommonName": "web.example"}},
+        },
+    }
+
+
+def writer_manifest_doc(admin_pem: str, marble_type: str, secret_names: Sequence[str]) -> dict[str, Any]:
+    """A manifest with one Marble type (activations practically unbounded) and user-defined plain
+    secrets that the ``admin`` user may read and write (the crash and fault end-to-end tests)."""
+    return {
+        "Packages": {"app": {"Debug": True}},
+        "Marbles": {marble_type: {"Package": "app", "MaxActivations": 1_000_000}},
+        "Secrets": {name: {"Type": "plain", "UserDefined": True} for name in secret_names},
+        "Users": {"admin": {"Certificate": admin_pem, "Roles": ["writer"]}},
+        "Roles": {
+            "writer": {
+                "ResourceType": "Secrets",
+                "ResourceNames": list(secret_names),
+                "Actions": ["ReadSecret", "WriteSecret"],
+            }
+        },
+    }
+
+
+def replica_manifest_doc(admin_cert_pem: str, *, max_activations: int) -> dict[str, Any]:
+    """The manifest of the etcd and replica end-to-end tests: a ``worker`` Marble given its seal key, a
+    generated key and a user-defined ``token`` in its environment; a ``limited`` Marble with
+    ``MaxActivations``; an ``admin`` user who may read and write ``token``."""
+    return {
+        "Packages": {"app": {"Debug": True}},
+        "Marbles": {
+            "worker": {
+                "Package": "app",
+                "Parameters": {
+                    "Env": {
+                        "MK_SEAL_KEY": "{{ hex .MarbleRun.SealKey }}",
+                        "MK_OWN_KEY": "{{ hex .Secrets.own_key }}",
+                        "MK_TOKEN": "{{ string .Secrets.token }}",
+                    }
+                },
+            },
+            "limited": {"Package": "app", "MaxActivations": max_activations},
+        },
+        "Secrets": {
+            "own_key": {"Type": "symmetric-key", "Size": 256},
+            "token": {"Type": "plain", "UserDefined": True},
+        },
+        "Users": {"admin": {"Certificate": admin_cert_pem, "Roles": ["secrets"]}},
+        "Roles": {
+            "secrets": {
+                "ResourceType": "Secrets",
+                "ResourceNames": ["token"],
+                "Actions": ["ReadSecret", "WriteSecret"],
+            }
+        },
+    }
 
 
 # ------------------------------------------------------------------------- users and governance
@@ -470,6 +539,12 @@ class RunningCoordinator:
         self.run(self.coord.close())
         self.bg.close()
 
+    def __enter__(self) -> RunningCoordinator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
 
 # ------------------------------------------------------------------------- a Marble, step by step
 
@@ -487,6 +562,28 @@ class Prepared:
     def doc(self) -> dict[str, Any]:
         doc: dict[str, Any] = json.loads(self.body())
         return doc
+
+
+def simulation_activation_request(
+    marble_type: str,
+    nonce: bytes,
+    key: X25519PrivateKey | None = None,
+    *,
+    marble_uuid: uuid_mod.UUID | None = None,
+    dns_names: tuple[str, ...] = ("localhost",),
+) -> ActivationRequest:
+    """A simulation-mode activation request for ``nonce`` (a fresh UUID and HPKE key unless given),
+    its evidence the report data the Coordinator expects."""
+    req = ActivationRequest(
+        marble_type=marble_type,
+        uuid=marble_uuid or uuid_mod.uuid4(),
+        dns_names=dns_names,
+        hpke_public_key=(key or X25519PrivateKey.generate()).public_key().public_bytes_raw(),
+        nonce=nonce,
+        evidence_type=EvidenceType.SIMULATION,
+        evidence=b"",
+    )
+    return replace(req, evidence=expected_report_data(req))
 
 
 class MarbleClient:
@@ -513,16 +610,10 @@ class MarbleClient:
         dns_names: tuple[str, ...] = ("localhost",),
     ) -> Prepared:
         key = X25519PrivateKey.generate()
-        req = ActivationRequest(
-            marble_type=marble_type,
-            uuid=marble_uuid or uuid_mod.uuid4(),
-            dns_names=dns_names,
-            hpke_public_key=key.public_key().public_bytes_raw(),
-            nonce=self.challenge(),
-            evidence_type=EvidenceType.SIMULATION,
-            evidence=b"",
+        req = simulation_activation_request(
+            marble_type, self.challenge(), key, marble_uuid=marble_uuid, dns_names=dns_names
         )
-        return Prepared(replace(req, evidence=expected_report_data(req)), key)
+        return Prepared(req, key)
 
     def post(self, body: bytes | str) -> httpx.Response:
         return self.http.post(ACTIVATE_PATH, content=body, headers={"Content-Type": "application/json"})
@@ -542,6 +633,23 @@ class MarbleClient:
 # ------------------------------------------------------------------------- subprocesses
 
 
+def run_cli(*args: str, env: dict[str, str] | None = None) -> Result:
+    """``marblekeep ARGS`` in-process (click's runner); whatever it answers, never a traceback."""
+    result = CliRunner().invoke(main, list(args), env=env, catch_exceptions=False)
+    assert "Traceback" not in result.output
+    return result
+
+
+def clean_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment (``os.environ`` unless ``base``) without any EDG_/MARBLEKEEP_ variable of the
+    caller, so a subprocess Coordinator or CLI sees only the settings the test gives it."""
+    return {
+        k: v
+        for k, v in (os.environ if base is None else base).items()
+        if not k.startswith(("EDG_", "MARBLEKEEP_"))
+    }
+
+
 def marblekeep_argv() -> list[str]:
     """How to run the installed ``marblekeep`` command of this virtualenv."""
     beside = Path(sys.executable).with_name("marblekeep")
@@ -557,7 +665,8 @@ def python3() -> str:
 
 
 class CoordinatorSubprocess:
-    """``marblekeep coordinator --simulation`` as a subprocess; its output goes to ``log``.
+    """``marblekeep coordinator --simulation`` as a subprocess; its output goes to ``log`` (default
+    ``<workdir>/coordinator.log``), its state to ``seal_dir`` (default ``<workdir>/seal``).
 
     With ``wait`` the constructor returns once the Coordinator logged "coordinator started".
     """
@@ -569,12 +678,13 @@ class CoordinatorSubprocess:
         env: dict[str, str],
         client_addr: str,
         mesh_addr: str,
-        seal_dir: Path,
-        log: Path,
+        seal_dir: Path | None = None,
+        log: Path | None = None,
         extra: Sequence[str] = (),
         wait: bool = True,
     ) -> None:
-        self.log = log
+        seal_dir = workdir / "seal" if seal_dir is None else seal_dir
+        self.log = log = workdir / "coordinator.log" if log is None else log
         self._out = log.open("wb")
         argv = [*marblekeep_argv(), "coordinator", "--simulation", "--client-addr", client_addr]
         argv += ["--mesh-addr", mesh_addr, "--seal-dir", str(seal_dir), *extra]
@@ -624,10 +734,9 @@ class CoordinatorProcess(CoordinatorSubprocess):
         self.marble_port = free_port()
         self.seal_dir = seal_dir
         self.stderr_path = seal_dir.parent / f"{seal_dir.name}-stderr.log"
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("EDG_", "MARBLEKEEP_"))}
         super().__init__(
             workdir=seal_dir.parent,
-            env=env,
+            env=clean_env(),
             client_addr=f"127.0.0.1:{self.client_port}",
             mesh_addr=f"127.0.0.1:{self.marble_port}",
             seal_dir=seal_dir,

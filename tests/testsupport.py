@@ -39,20 +39,33 @@ def self_signed_user_cert(
     valid_for: dt.timedelta = dt.timedelta(days=1),
 ) -> tuple[str, ec.EllipticCurvePrivateKey]:
     """A self-signed P-256 certificate (PEM) and its key, as a manifest's Users entry takes it."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     now = now or dt.datetime.now(dt.UTC)
+    cert, key = self_signed_cert(common_name, not_before=now - valid_before, not_after=now + valid_for)
+    return cert.public_bytes(serialization.Encoding.PEM).decode(), key
+
+
+def self_signed_cert(
+    common_name: str,
+    *,
+    not_before: dt.datetime,
+    not_after: dt.datetime,
+    curve: ec.EllipticCurve | None = None,
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A self-signed ECDSA certificate (SHA-256; P-256 unless ``curve``) for ``CN=common_name``, and its
+    key."""
+    key = ec.generate_private_key(curve or ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     cert = (
         x509.CertificateBuilder()
         .subject_name(name)
         .issuer_name(name)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - valid_before)
-        .not_valid_after(now + valid_for)
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
         .sign(key, hashes.SHA256())
     )
-    return cert.public_bytes(serialization.Encoding.PEM).decode(), key
+    return cert, key
 
 
 def stop_gracefully(proc: subprocess.Popen[bytes], timeout: float = 15) -> int:

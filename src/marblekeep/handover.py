@@ -62,6 +62,7 @@ from marblekeep.errors import (
     StoreError,
 )
 from marblekeep.marble.protocol import REPORT_DATA_SIZE, EvidenceType
+from marblekeep.replica import BackgroundLoop
 from marblekeep.store.kek import KEK_SIZE
 from marblekeep.store.sealed import HandoverFloor
 
@@ -570,9 +571,11 @@ def new_replica_id() -> str:
     return f"{socket.gethostname()[:40]}-{os.getpid()}-{secrets.token_hex(4)}"
 
 
-class Membership:
+class Membership(BackgroundLoop):
     """Keeps ``<prefix>/members/<replica id>`` registered under an etcd lease while ``ready()`` is true
     (the replica holds a stored state it can hand over). A dead replica disappears with its lease."""
+
+    _task_name = "marblekeep-membership"
 
     def __init__(
         self,
@@ -589,13 +592,8 @@ class Membership:
         self.ready = ready
         self.ttl = ttl
         self.lease: int | None = None
-        self._task: asyncio.Task[None] | None = None
         #: Set once registered (tests wait on it).
         self.registered = asyncio.Event()
-
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="marblekeep-membership")
 
     async def _run(self) -> None:
         value = json.dumps({"address": self.address}).encode()
@@ -630,11 +628,7 @@ class Membership:
                 await asyncio.sleep(delay)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await super().stop()
         if self.lease is not None:
             with contextlib.suppress(MarbleKeepError):
                 await self.registry.revoke_member(self.lease)

@@ -20,7 +20,7 @@ from typing import Protocol
 
 from marblekeep.errors import MarbleKeepError
 
-__all__ = ["Follower", "Watchable"]
+__all__ = ["BackgroundLoop", "Follower", "Watchable"]
 
 log = logging.getLogger("marblekeep.replica")
 
@@ -31,8 +31,31 @@ class Watchable(Protocol):
     def watch_head(self, after: int) -> AsyncIterator[int]: ...
 
 
-class Follower:
+class BackgroundLoop:
+    """One asyncio task running :meth:`_run` from :meth:`start` until :meth:`stop`."""
+
+    _task_name = "marblekeep-loop"
+    _task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name=self._task_name)
+
+    async def _run(self) -> None:
+        raise NotImplementedError
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+
+class Follower(BackgroundLoop):
     """Calls ``sync(revision)`` whenever the shared store's revision moves past the replica's view."""
+
+    _task_name = "marblekeep-follower"
 
     def __init__(
         self, store: Watchable, sync: Callable[[int], Awaitable[object]], revision: Callable[[], int]
@@ -40,13 +63,8 @@ class Follower:
         self._store = store
         self._sync = sync
         self._revision = revision
-        self._task: asyncio.Task[None] | None = None
         #: Set after each sync attempt (tests and the bench wait on it).
         self.synced = asyncio.Event()
-
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="marblekeep-follower")
 
     async def _run(self) -> None:
         while True:
@@ -63,10 +81,3 @@ class Follower:
             except Exception:
                 log.exception("the replica follower failed; restarting it")
             await asyncio.sleep(1.0)
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None

@@ -13,11 +13,8 @@ from harness import RunningCoordinator
 @pytest.fixture
 def coordinator(tmp_path: Path) -> Iterator[RunningCoordinator]:
     """A fresh simulation Coordinator accepting a manifest (state 2)."""
-    running = RunningCoordinator(tmp_path / "seal")
-    try:
+    with RunningCoordinator(tmp_path / "seal") as running:
         yield running
-    finally:
-        running.stop()
 
 
 @pytest.fixture

@@ -63,11 +63,8 @@ def _manifest(gates: list[str]) -> bytes:
 
 @pytest.fixture
 def running(tmp_path: Path) -> Iterator[RunningCoordinator]:
-    coordinator = RunningCoordinator(tmp_path / "seal")
-    try:
+    with RunningCoordinator(tmp_path / "seal") as coordinator:
         yield coordinator
-    finally:
-        coordinator.stop()
 
 
 @pytest.fixture

@@ -29,12 +29,12 @@ from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from harness import ACTIVATION_MANIFEST, RunningCoordinator
 from marblekeep.api.tls import ServerCredentials, make_server_credentials, match_user
 from marblekeep.api.tlslayer import ALPN_HTTP11, TLSListener
 from marblekeep.crypto.pki import CertifiedKey, create_root_ca
+from testsupport import self_signed_cert
 
 NOW = dt.datetime.now(dt.UTC)
 
@@ -78,17 +78,10 @@ def self_signed(
     chain: Sequence[x509.Certificate] = (),
 ) -> Identity:
     """A self-signed user certificate, as MarbleRun's docs create them with openssl."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before or NOW - dt.timedelta(days=1))
-        .not_valid_after(not_after or NOW + dt.timedelta(days=365))
-        .sign(key, hashes.SHA256())
+    cert, key = self_signed_cert(
+        name,
+        not_before=not_before or NOW - dt.timedelta(days=1),
+        not_after=not_after or NOW + dt.timedelta(days=365),
     )
     return _write(tmp, name, cert, key, chain)
 
@@ -200,14 +193,20 @@ def whoami(
         # ragged EOFs raise: the server ends the connection with close_notify
         ctx.wrap_socket(raw, server_hostname=server_name, suppress_ragged_eofs=False) as tls,
     ):
-        tls.sendall(b"GET /whoami HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        data = b""
-        while chunk := tls.recv(65536):
-            data += chunk
+        user: str | None = get_whoami(tls)["user"]
+    return user
+
+
+def get_whoami(tls: ssl.SSLSocket) -> dict[str, Any]:
+    """GET /whoami on an open TLS connection, read to the end; the answer's JSON body (HTTP 200)."""
+    tls.sendall(b"GET /whoami HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+    data = b""
+    while chunk := tls.recv(65536):
+        data += chunk
     head, _, body = data.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200"), head
-    user: str | None = json.loads(body)["user"]
-    return user
+    doc: dict[str, Any] = json.loads(body)
+    return doc
 
 
 @pytest.mark.parametrize("server_name", ["localhost", None], ids=["sni", "no-sni"])
@@ -239,14 +238,9 @@ def test_unlisted_certificate_completes_the_handshake_and_is_seen_by_the_handler
                 ctx.wrap_socket(raw, server_hostname="localhost", suppress_ragged_eofs=False) as tls,
             ):
                 assert tls.version() == ("TLSv1.2" if version is ssl.TLSVersion.TLSv1_2 else "TLSv1.3")
-                tls.sendall(b"GET /whoami HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-                data = b""
-                while chunk := tls.recv(65536):
-                    data += chunk
-            head, _, body = data.partition(b"\r\n\r\n")
-            assert head.startswith(b"HTTP/1.1 200"), head
+                answer = get_whoami(tls)
             bob_sha256 = hashlib.sha256(setup.bob.der).hexdigest()
-            assert json.loads(body) == {"user": None, "leaf_sha256": bob_sha256}
+            assert answer == {"user": None, "leaf_sha256": bob_sha256}
 
 
 def test_expired_and_not_yet_valid_listed_certificates_still_work(setup: Setup, serve: Any) -> None:

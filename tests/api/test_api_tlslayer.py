@@ -26,10 +26,8 @@ from typing import Any, TypeVar
 
 import pytest
 from aiohttp import web
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from harness import RunningCoordinator
 from marblekeep.api import tlslayer
@@ -37,6 +35,7 @@ from marblekeep.api.limits import ConnectionLimits
 from marblekeep.api.tls import ServerCredentials, make_server_credentials
 from marblekeep.api.tlslayer import ALPN_H2, ALPN_HTTP11, TLSListener
 from marblekeep.crypto.pki import create_root_ca
+from testsupport import self_signed_cert
 
 NOW = dt.datetime.now(dt.UTC)
 T = TypeVar("T")
@@ -109,17 +108,11 @@ class Client:
 
 
 def self_signed_identity(tmp: Path, name: str) -> tuple[Path, Path, bytes]:
-    key = ec.generate_private_key(ec.SECP384R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(NOW - dt.timedelta(days=1))
-        .not_valid_after(NOW + dt.timedelta(days=1))
-        .sign(key, hashes.SHA256())
+    cert, key = self_signed_cert(
+        name,
+        not_before=NOW - dt.timedelta(days=1),
+        not_after=NOW + dt.timedelta(days=1),
+        curve=ec.SECP384R1(),
     )
     cert_file, key_file = tmp / f"{name}.pem", tmp / f"{name}.key"
     cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))

@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
-import os
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,7 @@ from click.testing import CliRunner, Result
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from harness import CoordinatorSubprocess, free_port, run_marble_subprocess, run_marblekeep
+from harness import CoordinatorSubprocess, clean_env, free_port, run_marble_subprocess, run_marblekeep
 from marblekeep.cli.main import main
 from testsupport import self_signed_user_cert
 
@@ -56,7 +55,7 @@ class Site:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.client_addr = self.client_addr or f"127.0.0.1:{free_port()}"
         self.mesh_addr = self.mesh_addr or f"127.0.0.1:{free_port()}"
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("EDG_", "MARBLEKEEP_"))}
+        env = clean_env()
         env.update(XDG_CONFIG_HOME=str(self.workdir / "config"), PYTHONUNBUFFERED="1")
         self.env = env
 
@@ -150,6 +149,11 @@ def status_v2(site: Site) -> dict[str, Any]:
     response = httpx.get(f"https://{site.client_addr}/api/v2/status", verify=False, timeout=10)
     doc: dict[str, Any] = response.json()["data"]
     return doc
+
+
+def status_code(site: Site) -> int:
+    """The Coordinator's state code (1 recovery, 2 accepting a manifest, 3 accepting Marbles)."""
+    return int(status_v2(site)["code"])
 
 
 # ------------------------------------------------------------------------------------- keys and users

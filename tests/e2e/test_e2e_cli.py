@@ -18,7 +18,6 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from click.testing import CliRunner, Result
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
@@ -33,8 +32,8 @@ from harness import (
     jsend,
     jsend_error,
 )
+from harness import run_cli as run
 from marblekeep.cli import client_cmds
-from marblekeep.cli.main import main
 from marblekeep.client import attest
 from marblekeep.crypto.signing import sign_manifest
 from marblekeep.manifest import yaml_to_json
@@ -55,19 +54,10 @@ Marbles:
 OTHER_MANIFEST = {"Packages": {"p": {"Debug": True}}, "Marbles": {"m": {"Package": "p"}}}
 
 
-def run(*args: str, env: dict[str, str] | None = None) -> Result:
-    result = CliRunner().invoke(main, list(args), env=env, catch_exceptions=False)
-    assert "Traceback" not in result.output
-    return result
-
-
 @pytest.fixture
 def coordinator(tmp_path: Path) -> Iterator[RunningCoordinator]:
-    running = RunningCoordinator(tmp_path / "seal", host="127.0.0.1")
-    try:
+    with RunningCoordinator(tmp_path / "seal", host="127.0.0.1") as running:
         yield running
-    finally:
-        running.stop()
 
 
 @pytest.fixture

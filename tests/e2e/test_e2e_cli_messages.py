@@ -11,27 +11,17 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
-from click.testing import CliRunner, Result
 from cryptography.hazmat.primitives import serialization
 
 from harness import RunningCoordinator, StubPki, StubServer, jsend, jsend_error
-from marblekeep.cli.main import main
+from harness import run_cli as run
 from testsupport import self_signed_user_cert
-
-
-def run(*args: str) -> Result:
-    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
-    assert "Traceback" not in result.output
-    return result
 
 
 @pytest.fixture
 def coordinator(tmp_path: Path) -> Iterator[RunningCoordinator]:
-    running = RunningCoordinator(tmp_path / "seal", host="127.0.0.1")
-    try:
+    with RunningCoordinator(tmp_path / "seal", host="127.0.0.1") as running:
         yield running
-    finally:
-        running.stop()
 
 
 def _user_files(tmp_path: Path, name: str = "mallory") -> tuple[Path, Path]:

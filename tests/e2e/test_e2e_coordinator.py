@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,7 +23,15 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from harness import STATUS_3, CoordinatorSubprocess, free_port, run_marble_subprocess, run_marblekeep
+from harness import (
+    STATUS_3,
+    CoordinatorSubprocess,
+    clean_env,
+    free_port,
+    run_marble_subprocess,
+    run_marblekeep,
+    web_secrets,
+)
 
 MARBLE_TYPE = "worker"
 SINGLETON_TYPE = "singleton"
@@ -52,16 +59,7 @@ MANIFEST: dict[str, Any] = {
             "Parameters": {"Env": {"SEAL_KEY": "{{ hex .MarbleRun.SealKey }}"}},
         },
     },
-    "Secrets": {
-        "shared_key": {"Type": "symmetric-key", "Size": 256, "Shared": True},
-        "own_key": {"Type": "symmetric-key", "Size": 256},
-        "web_cert": {
-            "Type": "cert-ecdsa",
-            "Size": 256,
-            "Shared": True,
-            "Cert": {"Subject": {"CommonName": "web.example"}},
-        },
-    },
+    "Secrets": web_secrets(),
 }
 
 #: The Marble's program: print every variable it was given, as one JSON object.
@@ -138,7 +136,7 @@ def _check_cli(dep: Deployment, name: str, *args: str) -> subprocess.CompletedPr
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     workdir = tmp_path_factory.mktemp("e2e")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("EDG_", "MARBLEKEEP_"))}
+    env = clean_env()
     env.update(XDG_CONFIG_HOME=str(workdir / "config"), PYTHONUNBUFFERED="1")
     dep = Deployment(
         workdir=workdir,

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import dataclasses
 import json
 import logging
 import os
@@ -37,24 +36,20 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import pytest
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from e2e_state_support import Site, make_user
 
+from harness import simulation_activation_request, writer_manifest_doc
 from marblekeep.core.records import deployment_from_records
 from marblekeep.marble.protocol import (
     ACTIVATE_PATH,
     CHALLENGE_PATH,
-    ActivationRequest,
-    EvidenceType,
     encode_activation_request,
-    expected_report_data,
     parse_challenge_response,
 )
 from marblekeep.store import Opened, SimulationKeyFileProvider, SQLiteStore, open_sealed_store
@@ -68,19 +63,7 @@ COUNTED = "counted"
 
 
 def manifest(admin_pem: str) -> dict[str, object]:
-    return {
-        "Packages": {"app": {"Debug": True}},
-        "Marbles": {COUNTED: {"Package": "app", "MaxActivations": 1_000_000}},
-        "Secrets": {name: {"Type": "plain", "UserDefined": True} for name in SECRETS},
-        "Users": {"admin": {"Certificate": admin_pem, "Roles": ["writer"]}},
-        "Roles": {
-            "writer": {
-                "ResourceType": "Secrets",
-                "ResourceNames": list(SECRETS),
-                "Actions": ["ReadSecret", "WriteSecret"],
-            }
-        },
-    }
+    return writer_manifest_doc(admin_pem, COUNTED, SECRETS)
 
 
 @dataclass
@@ -140,16 +123,7 @@ def wait_started(out: Path, deadline: float) -> None:
 
 def activate(mesh: httpx.Client, ack: Acknowledged) -> None:
     nonce = parse_challenge_response(mesh.post(CHALLENGE_PATH, content=b"{}").content)
-    request = ActivationRequest(
-        marble_type=COUNTED,
-        uuid=uuid.uuid4(),
-        dns_names=("localhost",),
-        hpke_public_key=X25519PrivateKey.generate().public_key().public_bytes_raw(),
-        nonce=nonce,
-        evidence_type=EvidenceType.SIMULATION,
-        evidence=b"",
-    )
-    request = dataclasses.replace(request, evidence=expected_report_data(request))
+    request = simulation_activation_request(COUNTED, nonce)
     ack.activation_in_flight = True
     response = mesh.post(ACTIVATE_PATH, content=encode_activation_request(request))
     assert response.status_code == 200, response.text

@@ -22,39 +22,13 @@ import pytest
 from e2e_state_support import STATUS_3, CoordinatorProcess, Site, User, cli, make_user, marble, run_marble
 
 from etcd_support import EtcdMember, raw_range, unique_prefix
+from harness import replica_manifest_doc
 
 pytestmark = pytest.mark.slow
 
 
 def manifest(admin: User) -> dict[str, Any]:
-    return {
-        "Packages": {"app": {"Debug": True}},
-        "Marbles": {
-            "worker": {
-                "Package": "app",
-                "Parameters": {
-                    "Env": {
-                        "MK_SEAL_KEY": "{{ hex .MarbleRun.SealKey }}",
-                        "MK_OWN_KEY": "{{ hex .Secrets.own_key }}",
-                        "MK_TOKEN": "{{ string .Secrets.token }}",
-                    }
-                },
-            },
-            "limited": {"Package": "app", "MaxActivations": 2},
-        },
-        "Secrets": {
-            "own_key": {"Type": "symmetric-key", "Size": 256},
-            "token": {"Type": "plain", "UserDefined": True},
-        },
-        "Users": {"admin": {"Certificate": admin.cert_pem, "Roles": ["secrets"]}},
-        "Roles": {
-            "secrets": {
-                "ResourceType": "Secrets",
-                "ResourceNames": ["token"],
-                "Actions": ["ReadSecret", "WriteSecret"],
-            }
-        },
-    }
+    return replica_manifest_doc(admin.cert_pem, max_activations=2)
 
 
 def pin(site: Site) -> tuple[str, str]:

@@ -22,24 +22,20 @@ import shutil
 import ssl
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import pytest
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from e2e_state_support import CoordinatorProcess, Site, make_user
 
 from etcd_support import EtcdCluster, unique_prefix
+from harness import simulation_activation_request, writer_manifest_doc
 from marblekeep.core.records import deployment_from_records
 from marblekeep.marble.protocol import (
     ACTIVATE_PATH,
     CHALLENGE_PATH,
-    ActivationRequest,
-    EvidenceType,
     encode_activation_request,
-    expected_report_data,
     parse_challenge_response,
 )
 from marblekeep.store import Opened, SimulationKeyFileProvider, open_sealed_store
@@ -52,20 +48,7 @@ SECRETS = {"a": ("a0", "a1"), "b": ("b0", "b1")}
 
 
 def manifest(admin_pem: str) -> dict[str, object]:
-    names = [n for pair in SECRETS.values() for n in pair]
-    return {
-        "Packages": {"app": {"Debug": True}},
-        "Marbles": {COUNTED: {"Package": "app", "MaxActivations": 1_000_000}},
-        "Secrets": {name: {"Type": "plain", "UserDefined": True} for name in names},
-        "Users": {"admin": {"Certificate": admin_pem, "Roles": ["writer"]}},
-        "Roles": {
-            "writer": {
-                "ResourceType": "Secrets",
-                "ResourceNames": names,
-                "Actions": ["ReadSecret", "WriteSecret"],
-            }
-        },
-    }
+    return writer_manifest_doc(admin_pem, COUNTED, [n for pair in SECRETS.values() for n in pair])
 
 
 @dataclass
@@ -89,16 +72,7 @@ def user_tls(site: Site) -> ssl.SSLContext:
 
 def activate(mesh: httpx.Client) -> httpx.Response:
     nonce = parse_challenge_response(mesh.post(CHALLENGE_PATH, content=b"{}").content)
-    request = ActivationRequest(
-        marble_type=COUNTED,
-        uuid=uuid.uuid4(),
-        dns_names=("localhost",),
-        hpke_public_key=X25519PrivateKey.generate().public_key().public_bytes_raw(),
-        nonce=nonce,
-        evidence_type=EvidenceType.SIMULATION,
-        evidence=b"",
-    )
-    request = dataclasses.replace(request, evidence=expected_report_data(request))
+    request = simulation_activation_request(COUNTED, nonce)
     return mesh.post(ACTIVATE_PATH, content=encode_activation_request(request))
 
 

@@ -18,9 +18,8 @@ import subprocess
 import time
 from pathlib import Path
 
-import httpx
 import pytest
-from e2e_state_support import STATUS_3, CoordinatorProcess, Site, cli, run_marble
+from e2e_state_support import STATUS_3, CoordinatorProcess, Site, cli, run_marble, status_code
 
 from etcd_support import EtcdMember, unique_prefix
 from harness import marblekeep_argv
@@ -44,11 +43,6 @@ def manifest_doc() -> dict[str, object]:
         },
         "Secrets": {"k": {"Type": "symmetric-key", "Size": 256}},
     }
-
-
-def status_code(site: Site) -> int:
-    response = httpx.get(f"https://{site.client_addr}/api/v2/status", verify=False, timeout=10)
-    return int(response.json()["data"]["code"])
 
 
 def wait_for(predicate: object, what: str, timeout: float = 60) -> None:

@@ -32,7 +32,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from harness import CoordinatorSubprocess, free_port, run_marble_subprocess
+from harness import CoordinatorSubprocess, clean_env, free_port, run_marble_subprocess
 from testsupport import self_signed_user_cert
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify is Linux-only")
@@ -152,7 +152,7 @@ def test_no_private_key_under_tmpdir_or_the_data_directory(tmp_path: Path) -> No
     private_tmp.mkdir()
     client_files = tmp_path / "client"  # the test's own user keys live here, not in the scanned dirs
     client_files.mkdir()
-    base_env = {k: v for k, v in os.environ.items() if not k.startswith(("EDG_", "MARBLEKEEP_"))}
+    base_env = clean_env()
     base_env.update(XDG_CONFIG_HOME=str(tmp_path / "config"), PYTHONUNBUFFERED="1")
     coordinator_env = dict(base_env, TMPDIR=str(private_tmp), TEMP=str(private_tmp), TMP=str(private_tmp))
     client_addr, mesh_addr = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"

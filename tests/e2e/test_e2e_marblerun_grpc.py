@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ import grpc
 import httpx
 import pytest
 
-from harness import CoordinatorSubprocess, free_port, run_marble_subprocess
+from harness import CoordinatorSubprocess, clean_env, free_port, run_marble_subprocess
 from marble.marblerun_support import MarbleRunMarble, PbActivationResp
 
 pytestmark = pytest.mark.slow
@@ -54,14 +53,12 @@ class Running:
 def running(tmp_path: Path) -> Iterator[Running]:
     client_addr = f"127.0.0.1:{free_port()}"
     mesh_addr = f"127.0.0.1:{free_port()}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("EDG_", "MARBLEKEEP_"))}
+    env = clean_env()
     coordinator = CoordinatorSubprocess(
         workdir=tmp_path,
         env=env,
         client_addr=client_addr,
         mesh_addr=mesh_addr,
-        seal_dir=tmp_path / "seal",
-        log=tmp_path / "coordinator.log",
     )
     try:
         url = f"https://{client_addr}"

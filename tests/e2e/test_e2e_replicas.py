@@ -24,47 +24,26 @@ from typing import Any
 
 import httpx
 import pytest
-from e2e_state_support import STATUS_3, CoordinatorProcess, Site, User, cli, make_user, marble, run_marble
+from e2e_state_support import (
+    STATUS_3,
+    CoordinatorProcess,
+    Site,
+    User,
+    cli,
+    make_user,
+    marble,
+    run_marble,
+    status_code,
+)
 
 from etcd_support import EtcdMember, unique_prefix
+from harness import replica_manifest_doc
 
 pytestmark = pytest.mark.slow
 
 
 def manifest(admin: User) -> dict[str, Any]:
-    return {
-        "Packages": {"app": {"Debug": True}},
-        "Marbles": {
-            "worker": {
-                "Package": "app",
-                "Parameters": {
-                    "Env": {
-                        "MK_SEAL_KEY": "{{ hex .MarbleRun.SealKey }}",
-                        "MK_OWN_KEY": "{{ hex .Secrets.own_key }}",
-                        "MK_TOKEN": "{{ string .Secrets.token }}",
-                    }
-                },
-            },
-            "limited": {"Package": "app", "MaxActivations": 3},
-        },
-        "Secrets": {
-            "own_key": {"Type": "symmetric-key", "Size": 256},
-            "token": {"Type": "plain", "UserDefined": True},
-        },
-        "Users": {"admin": {"Certificate": admin.cert_pem, "Roles": ["secrets"]}},
-        "Roles": {
-            "secrets": {
-                "ResourceType": "Secrets",
-                "ResourceNames": ["token"],
-                "Actions": ["ReadSecret", "WriteSecret"],
-            }
-        },
-    }
-
-
-def status_code(site: Site) -> int:
-    response = httpx.get(f"https://{site.client_addr}/api/v2/status", verify=False, timeout=10)
-    return int(response.json()["data"]["code"])
+    return replica_manifest_doc(admin.cert_pem, max_activations=3)
 
 
 def wait_status(site: Site, code: int, timeout: float = 30) -> float:

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from harness import clean_env
+
 INTEROP_DIR = Path(__file__).resolve().parent
 SKIP_ENV = "MARBLEKEEP_SKIP_GO_INTEROP"
 BIN_ENV = "MARBLEKEEP_INTEROP_BIN"
@@ -122,11 +124,6 @@ def genuine_binary(name: str) -> Path:
     if not (path.is_file() and os.access(path, os.X_OK)):
         pytest.skip(NOT_ON_PROXY.format(name=name))
     return path
-
-
-def clean_env(base: Mapping[str, str]) -> dict[str, str]:
-    """The environment without any EDG_/MARBLEKEEP_ variable of the caller."""
-    return {k: v for k, v in base.items() if not k.startswith(("EDG_", "MARBLEKEEP_"))}
 
 
 @dataclass(frozen=True)

@@ -25,9 +25,9 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
-from interop_support import GENUINE_CLI, clean_env, genuine_binary
+from interop_support import GENUINE_CLI, genuine_binary
 
-from harness import STATUS_2, STATUS_3, CoordinatorSubprocess, free_port, run_marblekeep
+from harness import STATUS_2, STATUS_3, CoordinatorSubprocess, clean_env, free_port, run_marblekeep
 from testsupport import self_signed_user_cert
 
 pytestmark = pytest.mark.slow

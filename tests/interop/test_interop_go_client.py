@@ -26,11 +26,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from interop_support import (
     GENUINE_PREMAIN,
     OUR_GO_PREMAIN,
-    clean_env,
     finish,
     genuine_binary,
     required_binary,
 )
+
+from harness import clean_env
 
 pytestmark = pytest.mark.slow
 
@@ -48,27 +49,25 @@ def _field(number: int, data: bytes) -> bytes:
     return _varint(number << 3 | 2) + _varint(len(data)) + data
 
 
+def _read_varint(data: bytes, i: int) -> tuple[int, int]:
+    """The protobuf varint at ``data[i:]`` and the index after it."""
+    value, shift = 0, 0
+    while True:
+        byte = data[i]
+        i += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if byte < 0x80:
+            return value, i
+
+
 def _fields(data: bytes) -> dict[int, list[bytes]]:
     out: dict[int, list[bytes]] = {}
     i = 0
     while i < len(data):
-        key, shift = 0, 0
-        while True:
-            byte = data[i]
-            i += 1
-            key |= (byte & 0x7F) << shift
-            shift += 7
-            if byte < 0x80:
-                break
+        key, i = _read_varint(data, i)
         assert key & 7 == 2, f"field {key >> 3}: wire type {key & 7}, expected length-delimited"
-        length, shift = 0, 0
-        while True:
-            byte = data[i]
-            i += 1
-            length |= (byte & 0x7F) << shift
-            shift += 7
-            if byte < 0x80:
-                break
+        length, i = _read_varint(data, i)
         out.setdefault(key >> 3, []).append(data[i : i + length])
         i += length
     return out

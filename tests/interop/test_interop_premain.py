@@ -15,7 +15,6 @@ Both send an empty quote, which only a simulation Coordinator accepts.
 from __future__ import annotations
 
 import json
-import os
 import stat
 import subprocess
 import uuid
@@ -29,7 +28,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from interop_support import GENUINE_PREMAIN, OUR_GO_PREMAIN, GoMarble, finish, genuine_binary, required_binary
 
-from harness import CoordinatorSubprocess, free_port, run_marble_subprocess, run_marblekeep
+from harness import (
+    CoordinatorSubprocess,
+    clean_env,
+    free_port,
+    run_marble_subprocess,
+    run_marblekeep,
+    web_secrets,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -96,16 +102,7 @@ def manifest(abs_file: Path) -> dict[str, Any]:
             },
             **limited,
         },
-        "Secrets": {
-            "shared_key": {"Type": "symmetric-key", "Size": 256, "Shared": True},
-            "own_key": {"Type": "symmetric-key", "Size": 256},
-            "web_cert": {
-                "Type": "cert-ecdsa",
-                "Size": 256,
-                "Shared": True,
-                "Cert": {"Subject": {"CommonName": "web.example"}},
-            },
-        },
+        "Secrets": web_secrets(),
     }
 
 
@@ -131,7 +128,7 @@ def _cli(dep_workdir: Path, env: dict[str, str], *args: str) -> subprocess.Compl
 def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     required_binary(OUR_GO_PREMAIN)  # fails (or skips when opted out) before a Coordinator starts
     workdir = tmp_path_factory.mktemp("interop")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("EDG_", "MARBLEKEEP_"))}
+    env = clean_env()
     env.update(XDG_CONFIG_HOME=str(workdir / "config"), PYTHONUNBUFFERED="1")
     client_addr, mesh_addr = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     abs_file = workdir / "abs" / "dir" / "marble-cert.pem"
@@ -141,8 +138,6 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
         env=env,
         client_addr=client_addr,
         mesh_addr=mesh_addr,
-        seal_dir=workdir / "seal",
-        log=workdir / "coordinator.log",
     )
     try:
         _cli(workdir, env, "manifest", "set", str(workdir / "manifest.json"), client_addr, "--insecure")

@@ -127,6 +127,22 @@ class UnaryMethod:
     max_request_bytes: int
 
 
+#: Error kinds and their gRPC status, first match wins (order matters: RequestTooLarge is a RequestError,
+#: QuoteUnavailable an AttestationError, ConflictError a StoreError, IntegrityError a SealError).
+_STATUS_OF_ERROR: tuple[tuple[type[MarbleKeepError] | tuple[type[MarbleKeepError], ...], GrpcStatus], ...] = (
+    (RequestTooLarge, GrpcStatus.RESOURCE_EXHAUSTED),
+    (RequestError, GrpcStatus.INVALID_ARGUMENT),
+    (NotFoundError, GrpcStatus.NOT_FOUND),
+    (StateError, GrpcStatus.FAILED_PRECONDITION),
+    (AuthenticationError, GrpcStatus.UNAUTHENTICATED),
+    ((CollateralError, QuoteUnavailable), GrpcStatus.UNAVAILABLE),
+    ((ActivationRefused, AttestationError, AuthorizationError), GrpcStatus.PERMISSION_DENIED),
+    (ConflictError, GrpcStatus.ABORTED),
+    (IntegrityError, GrpcStatus.INTERNAL),
+    ((StoreError, SealError), GrpcStatus.UNAVAILABLE),
+)
+
+
 def status_of(exc: MarbleKeepError) -> GrpcStatus:
     """The gRPC status for one of our errors (MarbleRun's codes where it defines them).
 
@@ -135,26 +151,9 @@ def status_of(exc: MarbleKeepError) -> GrpcStatus:
     malformed message → INVALID_ARGUMENT (too large: RESOURCE_EXHAUSTED); the Coordinator's
     collateral or store temporarily unusable → UNAVAILABLE (retryable); damaged state → INTERNAL.
     """
-    if isinstance(exc, RequestTooLarge):
-        return GrpcStatus.RESOURCE_EXHAUSTED
-    if isinstance(exc, RequestError):
-        return GrpcStatus.INVALID_ARGUMENT
-    if isinstance(exc, NotFoundError):
-        return GrpcStatus.NOT_FOUND
-    if isinstance(exc, StateError):
-        return GrpcStatus.FAILED_PRECONDITION
-    if isinstance(exc, AuthenticationError):
-        return GrpcStatus.UNAUTHENTICATED
-    if isinstance(exc, CollateralError | QuoteUnavailable):
-        return GrpcStatus.UNAVAILABLE
-    if isinstance(exc, ActivationRefused | AttestationError | AuthorizationError):
-        return GrpcStatus.PERMISSION_DENIED
-    if isinstance(exc, ConflictError):
-        return GrpcStatus.ABORTED
-    if isinstance(exc, IntegrityError):
-        return GrpcStatus.INTERNAL
-    if isinstance(exc, StoreError | SealError):
-        return GrpcStatus.UNAVAILABLE
+    for kinds, status in _STATUS_OF_ERROR:
+        if isinstance(exc, kinds):
+            return status
     return GrpcStatus.INTERNAL
 
 

@@ -77,6 +77,26 @@ def _limit_options(f: Callable[..., None]) -> Callable[..., None]:
     return f
 
 
+def _store_tls_options(f: Callable[..., None]) -> Callable[..., None]:
+    """The etcds:// client TLS files: --store-ca-file, --store-cert-file, --store-key-file."""
+    files = [
+        ("--store-ca-file", "MARBLEKEEP_STORE_CA_FILE",
+         "etcds://: CA bundle (PEM) that signed etcd's certificate; default: the system's roots"),
+        ("--store-cert-file", "MARBLEKEEP_STORE_CERT_FILE", "etcds://: client certificate (PEM) for etcd"),
+        ("--store-key-file", "MARBLEKEEP_STORE_KEY_FILE",
+         "etcds://: the client certificate's private key (PEM)"),
+    ]  # fmt: skip
+    for flag, env, text in reversed(files):
+        f = click.option(
+            flag,
+            envvar=env,
+            default=None,
+            type=click.Path(dir_okay=False, path_type=Path),
+            help=f"{text} (env {env}).",
+        )(f)
+    return f
+
+
 def _tee_present(attestation_root: Path) -> bool:
     return (attestation_root / "attestation_type").exists()
 
@@ -128,28 +148,7 @@ def _tee_present(attestation_root: Path) -> bool:
     "etcd://HOST:PORT[,HOST:PORT...][/PREFIX] = an etcd cluster shared by replicas; etcds://... = etcd "
     "over TLS. See docs/ha.md.",
 )
-@click.option(
-    "--store-ca-file",
-    envvar="MARBLEKEEP_STORE_CA_FILE",
-    default=None,
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="etcds://: CA bundle (PEM) that signed etcd's certificate; default: the system's roots "
-    "(env MARBLEKEEP_STORE_CA_FILE).",
-)
-@click.option(
-    "--store-cert-file",
-    envvar="MARBLEKEEP_STORE_CERT_FILE",
-    default=None,
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="etcds://: client certificate (PEM) for etcd (env MARBLEKEEP_STORE_CERT_FILE).",
-)
-@click.option(
-    "--store-key-file",
-    envvar="MARBLEKEEP_STORE_KEY_FILE",
-    default=None,
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="etcds://: the client certificate's private key (PEM) (env MARBLEKEEP_STORE_KEY_FILE).",
-)
+@_store_tls_options
 @click.option(
     "--handover-addr",
     envvar="MARBLEKEEP_HANDOVER_ADDR",

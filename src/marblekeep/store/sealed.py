@@ -76,7 +76,7 @@ import logging
 import os
 import struct
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from hashlib import sha256
 
 from cryptography.exceptions import InvalidTag
@@ -293,6 +293,16 @@ class _State:
             _recovery_data_hash(self.recovery_data, self.public_metadata),
         )
         return crypto.seal(SYS_STATE, body)
+
+    def next_epoch(self, elements: dict[str, int] | None = None, digest: int | None = None) -> _State:
+        """The state of the next commit: one epoch on, with the given elements and digest, else a copy
+        of these."""
+        return replace(
+            self,
+            epoch=self.epoch + 1,
+            elements=dict(self.elements) if elements is None else elements,
+            digest=self.digest if digest is None else digest,
+        )
 
 
 def _key_id_of(blob: bytes) -> bytes | None:
@@ -645,14 +655,7 @@ class SealedStore:
                         inner_writes[inner_key] = blob
                         elements[inner_key] = self._crypto.element(inner_key, blob)
                         digest = (digest + elements[inner_key]) % _MOD
-                state = _State(
-                    self._state.store_id,
-                    self._state.epoch + 1,
-                    elements,
-                    digest,
-                    self._state.recovery_data,
-                    self._state.public_metadata,
-                )
+                state = self._state.next_epoch(elements, digest)
                 return await self._commit_inner(inner_writes, state, self._crypto)
             except BaseException:
                 for inner_key, previous in undo.items():
@@ -729,14 +732,7 @@ class SealedStore:
             await self._refresh()
             if public_metadata == self._state.public_metadata:
                 return self._revision
-            state = _State(
-                self._state.store_id,
-                self._state.epoch + 1,
-                dict(self._state.elements),
-                self._state.digest,
-                self._state.recovery_data,
-                public_metadata,
-            )
+            state = replace(self._state.next_epoch(), public_metadata=public_metadata)
             return await self._commit_inner({}, state, self._crypto)
 
     async def rewrap(self, provider: KeyEncryptionKeyProvider) -> int:
@@ -755,15 +751,7 @@ class SealedStore:
             if self._kek is not None and META_KEK_PREFIX + kek_id(self._kek) != entry_key:
                 writes[META_KEK_PREFIX + kek_id(self._kek)] = None
             self._kek, self._provider, self._reset_anchor = kek, provider, True
-            state = _State(
-                self._state.store_id,
-                self._state.epoch + 1,
-                dict(self._state.elements),
-                self._state.digest,
-                self._state.recovery_data,
-                self._state.public_metadata,
-            )
-            return await self._commit_inner(writes, state, self._crypto)
+            return await self._commit_inner(writes, self._state.next_epoch(), self._crypto)
 
     async def adopt_handover(self, dkek: bytes, floor: HandoverFloor) -> int:
         """Take the shared state another replica stored first, with the deployment KEK it handed over
@@ -815,15 +803,7 @@ class SealedStore:
             dkek = self._dkek
         entry_key, entry = _wrap_dkek(self._kek, dkek, self._rng)
         writes[entry_key] = entry
-        state = _State(
-            self._state.store_id,
-            self._state.epoch + 1,
-            dict(self._state.elements),
-            self._state.digest,
-            self._state.recovery_data,
-            self._state.public_metadata,
-        )
-        revision = await self._commit_inner(writes, state, self._crypto)
+        revision = await self._commit_inner(writes, self._state.next_epoch(), self._crypto)
         self._dkek = dkek
         return revision
 
