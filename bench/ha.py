@@ -75,7 +75,8 @@ class Group(Server):
     """Several Coordinator replicas measured as one server (CPU summed; the load split over them)."""
 
     def __init__(self, servers: list[Server]) -> None:
-        super().__init__(servers[0].proc, servers[0].client_url, servers[0].marble_url, servers[0].log_path)
+        first = servers[0]
+        super().__init__(first.proc, first.client_url, first.marble_url, first.log_path, first.root_pem_path)
         self.servers = servers
 
     def cpu_seconds(self) -> float:
@@ -97,7 +98,11 @@ def replica(workdir: Path, name: str, store: str | None, kek: Path | None = None
         argv += ["--store", store]
     with log_path.open("wb") as log_file:
         proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT)
-    server = Server(proc, f"https://127.0.0.1:{client_port}", f"https://127.0.0.1:{marble_port}", log_path)
+    root_pem = workdir / f"{name}-root.pem"  # MarbleRun-protocol loads pin it; ours ignores it
+    root_pem.write_bytes(b"")
+    server = Server(
+        proc, f"https://127.0.0.1:{client_port}", f"https://127.0.0.1:{marble_port}", log_path, root_pem
+    )
     try:
         deadline = time.monotonic() + STARTUP_TIMEOUT
         while b"coordinator started" not in log_path.read_bytes():

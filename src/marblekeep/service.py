@@ -13,6 +13,7 @@ current snapshot and write nothing, so they run without it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import hashlib
 import logging
@@ -46,7 +47,14 @@ from marblekeep.core.deployment import (
 from marblekeep.core.governance import Permission, UpdateOutcome, log_initial_manifest
 from marblekeep.core.publicmeta import PublicMetadata
 from marblekeep.core.readaudit import SecretReadAudit, TrailPage
-from marblekeep.core.records import K_MANIFEST, deployment_changes, deployment_from_records
+from marblekeep.core.records import (
+    COUNT_PREFIXES,
+    K_MANIFEST,
+    counts_from_records,
+    deployment_changes,
+    deployment_from_records,
+    deployment_to_records,
+)
 from marblekeep.core.users import user_certificates
 from marblekeep.errors import (
     AttestationError,
@@ -471,13 +479,27 @@ class Coordinator:
         snap = await self._store.snapshot("")
         if snap.revision == self._view_revision:
             return
-        dep = deployment_from_records(snap.records)
+        dep = self._counts_only_change(snap.records) or deployment_from_records(snap.records)
         if dep is None:
             return  # nothing stored yet
         self._persisted = dep
         self._view_revision = snap.revision
         self._publish(dep)
         log.info("state re-read at a newer store revision", extra={"revision": snap.revision})
+
+    def _counts_only_change(self, records: Mapping[str, bytes]) -> Deployment | None:
+        """The view with new counts, when another replica's commits changed nothing but activation
+        counts and monotonic counters (the common case under load): no re-parsing of the manifest,
+        keys and secrets. None when anything else changed (the caller rebuilds everything)."""
+        base = self._persisted
+        if base is None or base.manifest is None:
+            return None
+        known = deployment_to_records(base)
+        changed = {k for k in known.keys() | records.keys() if known.get(k) != records.get(k)}
+        if not changed or not all(k.startswith(COUNT_PREFIXES) for k in changed):
+            return None
+        activations, counters = counts_from_records(records)
+        return dataclasses.replace(base, activations=activations, counters=counters)
 
     async def _fresh_locked(self) -> None:
         """On a shared store, make sure the view is current before computing a change (caller holds lock)."""

@@ -318,6 +318,28 @@ def _load_secrets(records: Mapping[str, bytes], prefix: str, manifest: Manifest)
     return out
 
 
+#: Record-key prefixes of the counts that activations and monotonic counters change.
+COUNT_PREFIXES = (P_ACTIVATIONS, P_COUNTER)
+
+
+def counts_from_records(records: Mapping[str, bytes]) -> tuple[dict[str, int], dict[str, int]]:
+    """The ``activations:`` and ``monotonicCounter:`` records as (activations, counters).
+
+    Raises :class:`IntegrityError` naming a malformed record."""
+    activations: dict[str, int] = {}
+    counters: dict[str, int] = {}
+    for key, value in records.items():
+        if key.startswith(P_ACTIVATIONS):
+            if not _HEX_COUNT.fullmatch(value):
+                raise _damaged(key)
+            activations[key[len(P_ACTIVATIONS) :]] = int(value, 16)
+        elif key.startswith(P_COUNTER):
+            if len(value) != 8:
+                raise _damaged(key)
+            counters[key[len(P_COUNTER) :]] = int.from_bytes(value, "little")
+    return activations, counters
+
+
 def deployment_from_records(records: Mapping[str, bytes]) -> Deployment | None:
     """Rebuild the deployment from its records; None when the store holds no deployment yet.
 
@@ -389,15 +411,7 @@ def deployment_from_records(records: Mapping[str, bytes]) -> Deployment | None:
             if name not in secrets:  # every manifest secret has a value or its definition stored
                 need(P_SECRET + name)
         previous = _load_secrets(records, P_PREVIOUS_SECRET, manifest)
-        for key, value in records.items():
-            if key.startswith(P_ACTIVATIONS):
-                if not _HEX_COUNT.fullmatch(value):
-                    raise _damaged(key)
-                activations[key[len(P_ACTIVATIONS) :]] = int(value, 16)
-            elif key.startswith(P_COUNTER):
-                if len(value) != 8:
-                    raise _damaged(key)
-                counters[key[len(P_COUNTER) :]] = int.from_bytes(value, "little")
+        activations, counters = counts_from_records(records)
     return Deployment(
         state=state,
         ca=ca,
