@@ -117,6 +117,28 @@ class Server:
 
 
 @contextlib.contextmanager
+def supervised(
+    proc: subprocess.Popen[bytes], log_path: Path, what: str, stop_timeout: float = 15
+) -> Iterator[None]:
+    """Wait until the Coordinator ``proc`` logs that it started (exit with its log's tail if it dies
+    or takes too long); on leaving, SIGTERM it, then kill it if it does not stop in time."""
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while b"coordinator started" not in log_path.read_bytes():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"{what} did not start:\n{log_path.read_text()[-2000:]}")
+            time.sleep(0.05)
+        yield
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=stop_timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextlib.contextmanager
 def coordinator(workdir: Path, profile: Path | None, src: Path | None = None) -> Iterator[Server]:
     """A Coordinator subprocess (bench/serve_coordinator.py); ``src``: run the marblekeep package
     of that source tree instead of the installed one."""
@@ -141,20 +163,8 @@ def coordinator(workdir: Path, profile: Path | None, src: Path | None = None) ->
         log_path,
         workdir / "root.pem",
     )
-    try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT
-        while b"coordinator started" not in log_path.read_bytes():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"the Coordinator did not start:\n{log_path.read_text()[-2000:]}")
-            time.sleep(0.05)
+    with supervised(proc, log_path, "the Coordinator"):
         yield server
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def set_manifest(server: Server) -> None:

@@ -33,7 +33,6 @@ import copy
 import json
 import logging
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -47,7 +46,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from activation import Phase, Server, free_port, run_phase  # the premain-like load generator
+from activation import Phase, Server, free_port, run_phase, supervised  # the premain-like load generator
 from state import _body, _manifest, percentile
 
 from core import MANIFEST
@@ -56,7 +55,6 @@ from marblekeep.service import Coordinator, CoordinatorConfig
 from marblekeep.store.etcd import EtcdConfig, EtcdEndpoint
 from marblekeep.store.location import EtcdLocation, SQLiteLocation, StoreLocation
 
-STARTUP_TIMEOUT = 30.0
 COUNTED = copy.deepcopy(MANIFEST)
 COUNTED["Marbles"]["app"]["MaxActivations"] = 1_000_000_000
 
@@ -103,20 +101,8 @@ def replica(workdir: Path, name: str, store: str | None, kek: Path | None = None
     server = Server(
         proc, f"https://127.0.0.1:{client_port}", f"https://127.0.0.1:{marble_port}", log_path, root_pem
     )
-    try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT
-        while b"coordinator started" not in log_path.read_bytes():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"replica {name} did not start:\n{log_path.read_text()[-2000:]}")
-            time.sleep(0.05)
+    with supervised(proc, log_path, f"replica {name}", stop_timeout=20):
         yield server
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def set_manifest(server: Server, manifest: dict[str, object]) -> None:

@@ -29,8 +29,6 @@ import contextlib
 import datetime as dt
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -51,6 +49,8 @@ from cryptography.x509.oid import NameOID
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
+from activation import free_port, supervised
+
 import marblekeep
 from hostile_manifests import explode_manifest
 from marblekeep.marble.protocol import (
@@ -63,13 +63,6 @@ from marblekeep.marble.protocol import (
     parse_challenge_response,
 )
 
-STARTUP_TIMEOUT = 30.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -108,20 +101,8 @@ def coordinator(workdir: Path) -> Iterator[Server]:
     with log_path.open("wb") as log_file:
         proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
     server = Server(proc, f"https://127.0.0.1:{client_port}", f"https://127.0.0.1:{marble_port}", log_path)
-    try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT
-        while b"coordinator started" not in log_path.read_bytes():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"the Coordinator did not start:\n{log_path.read_text()[-2000:]}")
-            time.sleep(0.05)
+    with supervised(proc, log_path, "the Coordinator"):
         yield server
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @dataclass
