@@ -64,7 +64,6 @@ from marblekeep.marble.protocol import (
 )
 
 
-
 @dataclass
 class Server:
     proc: subprocess.Popen[bytes]
