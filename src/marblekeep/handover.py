@@ -623,8 +623,8 @@ class Membership(BackgroundLoop):
                 log.warning("cannot renew the replica membership", extra={"reason": exc.message})
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.ttl / 2)
-            except Exception:
-                log.exception("the membership loop failed; restarting it")
+            except Exception as exc:  # a bug: its type only (its text or traceback might hold data)
+                log.error("the membership loop failed; restarting it", extra={"error": type(exc).__name__})
                 await asyncio.sleep(delay)
 
     async def stop(self) -> None:
