@@ -30,7 +30,7 @@ from marblekeep.errors import (
 )
 from marblekeep.service import Coordinator
 
-__all__ = ["COORDINATOR_KEY", "add_client_routes", "authenticated_user", "coordinator_of"]
+__all__ = ["COORDINATOR_KEY", "add_client_routes", "authenticated_user", "coordinator_of", "peer_certificate_der"]
 
 log = logging.getLogger("marblekeep.api")
 
@@ -45,6 +45,14 @@ def coordinator_of(request: web.Request) -> Coordinator:
     return request.app[COORDINATOR_KEY]
 
 
+def peer_certificate_der(request: web.Request) -> bytes | None:
+    """The leaf certificate the client presented in this connection's TLS handshake (the TLS layer
+    puts it in the transport's ``peer_cert_der``), or None."""
+    transport = request.transport
+    cert = transport.get_extra_info("peer_cert_der") if transport is not None else None
+    return bytes(cert) if cert else None
+
+
 def authenticated_user(request: web.Request) -> str:
     """The manifest user whose certificate is exactly the TLS client's leaf certificate.
 
@@ -52,8 +60,7 @@ def authenticated_user(request: web.Request) -> str:
     one that no user has: the TLS layer accepts any certificate and hands over the leaf's DER
     (``peer_cert_der``, api/tlslayer.py); later chain entries are never considered.
     """
-    leaf = request.transport.get_extra_info("peer_cert_der") if request.transport else None
-    user = match_user(leaf, coordinator_of(request).user_certificates)
+    user = match_user(peer_certificate_der(request), coordinator_of(request).user_certificates)
     if user is None:
         raise AuthenticationError(
             "unauthorized user: client certificate did not match any MarbleRun users "

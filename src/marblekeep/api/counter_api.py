@@ -18,19 +18,11 @@ from aiohttp import web
 
 from marblekeep.api import jsend
 from marblekeep.api.body import json_object
-from marblekeep.api.client_api import coordinator_of
+from marblekeep.api.client_api import coordinator_of, peer_certificate_der
 
-__all__ = ["MONOTONIC_COUNTER_PATH", "add_counter_routes", "peer_certificate_der"]
+__all__ = ["MONOTONIC_COUNTER_PATH", "add_counter_routes"]
 
 MONOTONIC_COUNTER_PATH = "/api/v2/monotonic-counter"
-
-
-def peer_certificate_der(request: web.Request) -> bytes | None:
-    """The leaf certificate the client presented in this connection's TLS handshake (the TLS layer
-    puts it in the transport's ``peer_cert_der``), or None."""
-    transport = request.transport
-    cert = transport.get_extra_info("peer_cert_der") if transport is not None else None
-    return bytes(cert) if cert else None
 
 
 async def monotonic_counter_v2(request: web.Request) -> web.Response:
