@@ -30,7 +30,13 @@ from marblekeep.errors import (
 )
 from marblekeep.service import Coordinator
 
-__all__ = ["COORDINATOR_KEY", "add_client_routes", "authenticated_user", "coordinator_of", "peer_certificate_der"]
+__all__ = [
+    "COORDINATOR_KEY",
+    "add_client_routes",
+    "authenticated_user",
+    "coordinator_of",
+    "peer_certificate_der",
+]
 
 log = logging.getLogger("marblekeep.api")
 
