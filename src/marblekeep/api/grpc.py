@@ -33,7 +33,6 @@ than taken from grpcio or grpclib. What it implements of the gRPC-over-HTTP/2 pr
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import logging
 import struct
@@ -42,13 +41,22 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from urllib.parse import quote
 
-import h2.config
-import h2.connection
-import h2.errors
-import h2.events
-import h2.exceptions
-import h2.settings
-
+from marblekeep.api.h2wire import (
+    CLIENT_PREFACE,
+    DEFAULT_WINDOW,
+    FRAME_HEADER,
+    MAX_MAX_FRAME_SIZE,
+    MAX_WINDOW,
+    MIN_MAX_FRAME_SIZE,
+    ErrorCode,
+    Flag,
+    FrameType,
+    HeaderDecodeError,
+    HpackDecoder,
+    Setting,
+    encode_literal,
+    frame,
+)
 from marblekeep.errors import (
     ActivationRefused,
     AttestationError,
@@ -83,15 +91,6 @@ MAX_CONCURRENT_STREAMS = 16
 IDLE_TIMEOUT = 60.0
 MAX_HEADER_LIST_SIZE = 16 * 1024
 _PREFIX = struct.Struct(">BI")
-#: One configuration for every connection (h2 only reads it).
-_H2_CONFIG = h2.config.H2Configuration(
-    client_side=False,
-    header_encoding=None,
-    validate_inbound_headers=True,
-    # Our own response headers are fixed and valid: skip h2's per-header checks on them.
-    validate_outbound_headers=False,
-    normalize_outbound_headers=False,
-)
 
 
 class GrpcStatus(enum.IntEnum):
@@ -164,15 +163,65 @@ def _grpc_message(text: str) -> bytes:
 
 
 class _Stream:
-    __slots__ = ("buffer", "method", "path", "started", "task", "too_large")
+    __slots__ = (
+        "buffer",
+        "method",
+        "path",
+        "recv_window",
+        "remote_closed",
+        "send_window",
+        "started",
+        "task",
+        "too_large",
+    )
 
-    def __init__(self, path: str, method: UnaryMethod) -> None:
+    def __init__(self, path: str, method: UnaryMethod, send_window: int) -> None:
         self.path = path
         self.started = time.perf_counter()
         self.method = method
         self.buffer = bytearray()
         self.task: asyncio.Task[None] | None = None
         self.too_large = False
+        self.remote_closed = False
+        self.send_window = send_window
+        self.recv_window = DEFAULT_WINDOW
+
+
+class _ConnectionError(Exception):
+    """A connection error (RFC 9113 §5.4.1): answered with GOAWAY carrying ``code``, then closed."""
+
+    def __init__(self, code: int, why: str) -> None:
+        super().__init__(why)
+        self.code = code
+        self.why = why
+
+
+#: Our SETTINGS: at most MAX_CONCURRENT_STREAMS streams, header lists up to MAX_HEADER_LIST_SIZE;
+#: windows and frame sizes stay at the protocol's defaults (64 KiB - 1, 16 KiB).
+_SETTINGS = frame(
+    FrameType.SETTINGS,
+    0,
+    0,
+    struct.pack(
+        ">HLHL",
+        Setting.MAX_CONCURRENT_STREAMS,
+        MAX_CONCURRENT_STREAMS,
+        Setting.MAX_HEADER_LIST_SIZE,
+        MAX_HEADER_LIST_SIZE,
+    ),
+)
+_SETTINGS_ACK = frame(FrameType.SETTINGS, Flag.ACK, 0)
+#: ``:status 200`` (static index 8) and ``content-type: application/grpc`` (name: static index 31).
+_RESPONSE_HEADERS = b"\x88" + encode_literal(31, b"application/grpc")
+_TRAILERS_OK = encode_literal(b"grpc-status", b"0")
+#: The largest header block accepted, HEADERS and CONTINUATION frames together.
+MAX_HEADER_BLOCK = 2 * MAX_HEADER_LIST_SIZE
+#: Frames that oblige us to answer (PING, SETTINGS) or streams the client resets, accepted between two
+#: new streams; beyond it the connection is closed with ENHANCE_YOUR_CALM (floods, rapid reset).
+MAX_CONTROL_FRAMES = 100
+_FRAME_HEADER_SIZE = FRAME_HEADER.size
+_U32 = struct.Struct(">L")
+_GOAWAY = struct.Struct(">LL")
 
 
 class GrpcProtocol(asyncio.Protocol):
@@ -189,12 +238,25 @@ class GrpcProtocol(asyncio.Protocol):
         self._observe = observe
         self._idle_timeout = idle_timeout
         self._idle: asyncio.TimerHandle | None = None
-        self._conn = h2.connection.H2Connection(config=_H2_CONFIG)
         self._transport: asyncio.Transport | None = None
         self._peer_cert: bytes | None = None
+        self._decoder = HpackDecoder(max_list_size=MAX_HEADER_LIST_SIZE)
+        self._in = bytearray()
+        self._out = bytearray()
+        self._preface_seen = False
+        self._settings_seen = False
+        #: (stream id, END_STREAM set on its HEADERS, the block so far) while CONTINUATION is due.
+        self._continuation: tuple[int, bool, bytearray] | None = None
+        self._last_stream = 0
         self._streams: dict[int, _Stream] = {}
-        self._pending: dict[int, tuple[memoryview, list[tuple[bytes, bytes]]]] = {}
+        self._pending: dict[int, tuple[memoryview, bytes]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._send_window = DEFAULT_WINDOW
+        self._recv_window = DEFAULT_WINDOW
+        self._peer_initial_window = DEFAULT_WINDOW
+        self._peer_max_frame = MIN_MAX_FRAME_SIZE
+        self._control_frames = 0
+        self._goaway_received = False
         self._closed = False
 
     # ------------------------------------------------------------------ asyncio.Protocol
@@ -204,14 +266,7 @@ class GrpcProtocol(asyncio.Protocol):
         self._transport = transport
         cert = transport.get_extra_info("peer_cert_der")
         self._peer_cert = bytes(cert) if cert else None
-        self._conn.local_settings = h2.settings.Settings(
-            client=False,
-            initial_values={
-                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS,
-                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST_SIZE,
-            },
-        )
-        self._conn.initiate_connection()
+        self._out += _SETTINGS
         # The server preface (SETTINGS) goes out with the first answer to the client's own preface,
         # which usually arrives with the end of the TLS handshake (one TLS write instead of two);
         # at the latest on the next turn of the event loop.
@@ -219,16 +274,29 @@ class GrpcProtocol(asyncio.Protocol):
         self._arm_idle()
 
     def data_received(self, data: bytes) -> None:
+        if self._closed:
+            return
+        self._in += data
         try:
-            events = self._conn.receive_data(data)
-        except h2.exceptions.ProtocolError as exc:
-            log.info("gRPC connection closed: HTTP/2 protocol error", extra={"error": type(exc).__name__})
+            self._receive()
+        except _ConnectionError as exc:
+            log.info("gRPC connection closed: HTTP/2 protocol error", extra={"error": exc.why})
+            self._out += frame(FrameType.GOAWAY, 0, 0, _GOAWAY.pack(self._last_stream, exc.code))
             self._flush()
             self._close()
             return
-        for event in events:
-            self._on_event(event)
+        except HeaderDecodeError as exc:
+            log.info("gRPC connection closed: HTTP/2 protocol error", extra={"error": str(exc)})
+            self._out += frame(
+                FrameType.GOAWAY, 0, 0, _GOAWAY.pack(self._last_stream, ErrorCode.COMPRESSION_ERROR)
+            )
+            self._flush()
+            self._close()
+            return
         self._flush()
+        if self._goaway_received and not self._busy():
+            self._close()
+            return
         self._arm_idle()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -240,52 +308,203 @@ class GrpcProtocol(asyncio.Protocol):
         self._streams.clear()
         self._pending.clear()
 
-    # ------------------------------------------------------------------ events
+    # ------------------------------------------------------------------ frames in
 
-    def _on_event(self, event: h2.events.Event) -> None:
-        if isinstance(event, h2.events.RequestReceived):
-            self._on_request(event.stream_id, event.headers or [])
-        elif isinstance(event, h2.events.DataReceived):
-            self._on_data(event.stream_id, event.data or b"", event.flow_controlled_length or 0)
-        elif isinstance(event, h2.events.StreamEnded):
-            self._on_end(event.stream_id)
-        elif isinstance(event, h2.events.StreamReset):
-            stream = self._streams.pop(event.stream_id, None)
-            self._pending.pop(event.stream_id, None)
-            if stream is not None and stream.task is not None:
-                stream.task.cancel()
-        elif isinstance(event, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
-            for stream_id in list(self._pending):
-                self._send_pending(stream_id)
-        elif isinstance(event, h2.events.ConnectionTerminated):
-            self._close()
+    def _receive(self) -> None:
+        buf = self._in
+        pos = 0
+        if not self._preface_seen:
+            size = len(CLIENT_PREFACE)
+            if buf[: min(len(buf), size)] != CLIENT_PREFACE[: min(len(buf), size)]:
+                raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "not an HTTP/2 client preface")
+            if len(buf) < size:
+                return
+            self._preface_seen = True
+            pos = size
+        end = len(buf)
+        try:
+            while end - pos >= _FRAME_HEADER_SIZE:
+                high, low, kind, flags, stream_id = FRAME_HEADER.unpack_from(buf, pos)
+                length = (high << 8) | low
+                if length > MIN_MAX_FRAME_SIZE:  # our SETTINGS_MAX_FRAME_SIZE is the default
+                    raise _ConnectionError(ErrorCode.FRAME_SIZE_ERROR, "frame larger than 16 KiB")
+                if end - pos - _FRAME_HEADER_SIZE < length:
+                    break
+                start = pos + _FRAME_HEADER_SIZE
+                pos = start + length
+                self._on_frame(kind, flags, stream_id & 0x7FFFFFFF, bytes(buf[start:pos]))
+                if self._closed:
+                    return
+        finally:
+            del buf[:pos]
 
-    def _on_request(self, stream_id: int, raw_headers: list[tuple[bytes, bytes]]) -> None:
-        headers = {bytes(k): bytes(v) for k, v in raw_headers}
-        if headers.get(b":method") != b"POST":
+    def _on_frame(self, kind: int, flags: int, stream_id: int, payload: bytes) -> None:
+        if self._continuation is not None and (
+            kind != FrameType.CONTINUATION or stream_id != self._continuation[0]
+        ):
+            raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "expected a CONTINUATION frame")
+        if not self._settings_seen:
+            if kind != FrameType.SETTINGS or flags & Flag.ACK:
+                raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "the client preface lacks SETTINGS")
+            self._settings_seen = True
+        if kind == FrameType.DATA:
+            self._on_data(flags, stream_id, payload)
+        elif kind == FrameType.HEADERS:
+            self._on_headers(flags, stream_id, payload)
+        elif kind == FrameType.CONTINUATION:
+            self._on_continuation(flags, stream_id, payload)
+        elif kind == FrameType.SETTINGS:
+            self._on_settings(flags, stream_id, payload)
+        elif kind == FrameType.WINDOW_UPDATE:
+            self._on_window_update(stream_id, payload)
+        elif kind == FrameType.PING:
+            if stream_id:
+                raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "PING on a stream")
+            if len(payload) != 8:
+                raise _ConnectionError(ErrorCode.FRAME_SIZE_ERROR, "PING of a wrong size")
+            if not flags & Flag.ACK:
+                self._count_control_frame()
+                self._out += frame(FrameType.PING, Flag.ACK, 0, payload)
+        elif kind == FrameType.RST_STREAM:
+            if not stream_id:
+                raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "RST_STREAM on stream 0")
+            if len(payload) != 4:
+                raise _ConnectionError(ErrorCode.FRAME_SIZE_ERROR, "RST_STREAM of a wrong size")
+            if stream_id > self._last_stream:
+                raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "RST_STREAM on an idle stream")
+            self._count_control_frame()
+            self._drop_stream(stream_id)
+        elif kind == FrameType.PRIORITY:
+            if not stream_id:
+                raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "PRIORITY on stream 0")
+            if len(payload) != 5:
+                raise _ConnectionError(ErrorCode.FRAME_SIZE_ERROR, "PRIORITY of a wrong size")
+        elif kind == FrameType.GOAWAY:
+            if stream_id:
+                raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "GOAWAY on a stream")
+            self._goaway_received = True
+        elif kind == FrameType.PUSH_PROMISE:
+            raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "PUSH_PROMISE from a client")
+        # Frames of unknown types are ignored (RFC 9113 §4.1).
+
+    def _count_control_frame(self) -> None:
+        self._control_frames += 1
+        if self._control_frames > MAX_CONTROL_FRAMES:
+            raise _ConnectionError(ErrorCode.ENHANCE_YOUR_CALM, "too many control frames or resets")
+
+    @staticmethod
+    def _unpad(flags: int, payload: bytes) -> tuple[int, int]:
+        """(start, end) of a frame's content once its padding is removed."""
+        if not flags & Flag.PADDED:
+            return 0, len(payload)
+        if not payload or payload[0] >= len(payload):
+            raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "padding longer than its frame")
+        return 1, len(payload) - payload[0]
+
+    def _on_headers(self, flags: int, stream_id: int, payload: bytes) -> None:
+        if not stream_id or not stream_id % 2:
+            raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "HEADERS on stream 0 or a server stream id")
+        start, end = self._unpad(flags, payload)
+        if flags & Flag.PRIORITY:
+            start += 5
+            if start > end:
+                raise _ConnectionError(ErrorCode.FRAME_SIZE_ERROR, "HEADERS too short for its priority")
+        block = payload[start:end]
+        end_stream = bool(flags & Flag.END_STREAM)
+        if flags & Flag.END_HEADERS:
+            self._on_header_block(stream_id, end_stream, block)
+        else:
+            self._continuation = (stream_id, end_stream, bytearray(block))
+
+    def _on_continuation(self, flags: int, stream_id: int, payload: bytes) -> None:
+        if self._continuation is None:
+            raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "CONTINUATION without HEADERS")
+        _, end_stream, block = self._continuation
+        block += payload
+        if len(block) > MAX_HEADER_BLOCK:
+            raise _ConnectionError(ErrorCode.ENHANCE_YOUR_CALM, "header block too large")
+        if flags & Flag.END_HEADERS:
+            self._continuation = None
+            self._on_header_block(stream_id, end_stream, bytes(block))
+
+    def _on_header_block(self, stream_id: int, end_stream: bool, block: bytes) -> None:
+        # Decoded whatever becomes of the stream: the decoder's table must follow the client's.
+        fields = self._decoder.decode(block)
+        stream = self._streams.get(stream_id)
+        if stream is not None:  # trailers from the client: they must end its side of the stream
+            if not end_stream or stream.remote_closed:
+                self._reset(stream_id, ErrorCode.PROTOCOL_ERROR)
+                return
+            self._on_end(stream_id, stream)
+            return
+        if stream_id <= self._last_stream:
+            self._out += frame(FrameType.RST_STREAM, 0, stream_id, _U32.pack(ErrorCode.STREAM_CLOSED))
+            return
+        self._last_stream = stream_id
+        self._control_frames = 0
+        if self._goaway_received:
+            return
+        if len(self._streams) >= MAX_CONCURRENT_STREAMS:
+            self._out += frame(FrameType.RST_STREAM, 0, stream_id, _U32.pack(ErrorCode.REFUSED_STREAM))
+            return
+        self._on_request(stream_id, end_stream, fields)
+
+    def _on_request(self, stream_id: int, end_stream: bool, fields: list[tuple[bytes, bytes]]) -> None:
+        method_name = path_raw = None
+        content_type = b""
+        for name, value in fields:
+            if name == b":method":
+                method_name = value
+            elif name == b":path":
+                path_raw = value
+            elif name == b"content-type":
+                content_type = value
+        if method_name is None or path_raw is None:
+            self._reset(stream_id, ErrorCode.PROTOCOL_ERROR)  # a malformed request (RFC 9113 §8.1.1)
+            return
+        if method_name != b"POST":
             self._respond_http(stream_id, b"405")
             return
-        content_type = headers.get(b"content-type", b"")
         if content_type != b"application/grpc" and not content_type.startswith(
             (b"application/grpc+", b"application/grpc;")
         ):
             self._respond_http(stream_id, b"415")
             return
-        path = headers.get(b":path", b"").decode("latin-1")
+        path = path_raw.decode("latin-1")
         method = self._methods.get(path)
         if method is None:
             self._trailers_only(stream_id, GrpcStatus.UNIMPLEMENTED, f"unknown method {path[:128]}")
             self._observed(path, GrpcStatus.UNIMPLEMENTED, 0.0)
             return
-        self._streams[stream_id] = _Stream(path, method)
+        stream = _Stream(path, method, self._peer_initial_window)
+        self._streams[stream_id] = stream
+        if end_stream:
+            self._on_end(stream_id, stream)
 
-    def _on_data(self, stream_id: int, data: bytes, flow_len: int) -> None:
-        if flow_len:
-            self._conn.acknowledge_received_data(flow_len, stream_id)
+    def _on_data(self, flags: int, stream_id: int, payload: bytes) -> None:
+        if not stream_id:
+            raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "DATA on stream 0")
+        if stream_id > self._last_stream:
+            raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "DATA on an idle stream")
+        length = len(payload)  # padding counts for flow control
+        self._recv_window -= length
+        if self._recv_window < 0:
+            raise _ConnectionError(ErrorCode.FLOW_CONTROL_ERROR, "DATA beyond the connection's window")
+        if self._recv_window < DEFAULT_WINDOW // 2:
+            self._out += frame(FrameType.WINDOW_UPDATE, 0, 0, _U32.pack(DEFAULT_WINDOW - self._recv_window))
+            self._recv_window = DEFAULT_WINDOW
+        start, end = self._unpad(flags, payload)
         stream = self._streams.get(stream_id)
         if stream is None or stream.too_large:
+            return  # a stream already answered (or reset): its data is dropped
+        if stream.remote_closed:
+            self._reset(stream_id, ErrorCode.STREAM_CLOSED)
             return
-        stream.buffer += data
+        stream.recv_window -= length
+        if stream.recv_window < 0:
+            self._reset(stream_id, ErrorCode.FLOW_CONTROL_ERROR)
+            return
+        stream.buffer += payload[start:end]
         if len(stream.buffer) > stream.method.max_request_bytes + _PREFIX.size:
             stream.too_large = True
             stream.buffer.clear()
@@ -296,13 +515,73 @@ class GrpcProtocol(asyncio.Protocol):
                 f"request message larger than {stream.method.max_request_bytes} bytes",
             )
             # The answer is complete: ask the client to stop sending the rest (RFC 9113 §8.1).
-            with contextlib.suppress(h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
-                self._conn.reset_stream(stream_id, h2.errors.ErrorCodes.NO_ERROR)
-
-    def _on_end(self, stream_id: int) -> None:
-        stream = self._streams.get(stream_id)
-        if stream is None or stream.too_large:
+            self._out += frame(FrameType.RST_STREAM, 0, stream_id, _U32.pack(ErrorCode.NO_ERROR))
             return
+        if flags & Flag.END_STREAM:
+            self._on_end(stream_id, stream)
+        elif stream.recv_window < DEFAULT_WINDOW // 2:
+            self._out += frame(
+                FrameType.WINDOW_UPDATE, 0, stream_id, _U32.pack(DEFAULT_WINDOW - stream.recv_window)
+            )
+            stream.recv_window = DEFAULT_WINDOW
+
+    def _on_settings(self, flags: int, stream_id: int, payload: bytes) -> None:
+        if stream_id:
+            raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "SETTINGS on a stream")
+        if flags & Flag.ACK:
+            if payload:
+                raise _ConnectionError(ErrorCode.FRAME_SIZE_ERROR, "SETTINGS acknowledgement with a payload")
+            return
+        if len(payload) % 6:
+            raise _ConnectionError(ErrorCode.FRAME_SIZE_ERROR, "SETTINGS of a wrong size")
+        self._count_control_frame()
+        for offset in range(0, len(payload), 6):
+            key, value = struct.unpack_from(">HL", payload, offset)
+            if key == Setting.INITIAL_WINDOW_SIZE:
+                if value > MAX_WINDOW:
+                    raise _ConnectionError(ErrorCode.FLOW_CONTROL_ERROR, "initial window size too large")
+                delta = value - self._peer_initial_window
+                self._peer_initial_window = value
+                for stream in self._streams.values():
+                    stream.send_window += delta
+            elif key == Setting.MAX_FRAME_SIZE:
+                if not MIN_MAX_FRAME_SIZE <= value <= MAX_MAX_FRAME_SIZE:
+                    raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "maximum frame size out of range")
+                self._peer_max_frame = value
+            elif key == Setting.ENABLE_PUSH and value > 1:
+                raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "ENABLE_PUSH must be 0 or 1")
+            # HEADER_TABLE_SIZE bounds the client's decoder table, which our answers never use;
+            # MAX_CONCURRENT_STREAMS and MAX_HEADER_LIST_SIZE do not concern a server of unary calls.
+        self._out += _SETTINGS_ACK
+        self._send_all_pending()
+
+    def _on_window_update(self, stream_id: int, payload: bytes) -> None:
+        if len(payload) != 4:
+            raise _ConnectionError(ErrorCode.FRAME_SIZE_ERROR, "WINDOW_UPDATE of a wrong size")
+        increment = _U32.unpack(payload)[0] & 0x7FFFFFFF
+        if not stream_id:
+            if not increment:
+                raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "WINDOW_UPDATE of 0")
+            self._send_window += increment
+            if self._send_window > MAX_WINDOW:
+                raise _ConnectionError(ErrorCode.FLOW_CONTROL_ERROR, "connection window above 2^31-1")
+            self._send_all_pending()
+            return
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            return  # a closed stream: allowed, ignored
+        if not increment:
+            self._reset(stream_id, ErrorCode.PROTOCOL_ERROR)
+            return
+        stream.send_window += increment
+        if stream.send_window > MAX_WINDOW:
+            self._reset(stream_id, ErrorCode.FLOW_CONTROL_ERROR)
+            return
+        if stream_id in self._pending:
+            self._send_pending(stream_id)
+
+    def _on_end(self, stream_id: int, stream: _Stream) -> None:
+        stream.remote_closed = True
         message, problem = _unframe(bytes(stream.buffer))
         stream.buffer.clear()
         if message is None:
@@ -332,76 +611,74 @@ class GrpcProtocol(asyncio.Protocol):
 
     # ------------------------------------------------------------------ idle connections
 
+    def _busy(self) -> bool:
+        return bool(self._streams or self._tasks or self._pending)
+
     def _arm_idle(self) -> None:
         if self._idle is not None:
             self._idle.cancel()
             self._idle = None
-        if not self._closed and not self._streams and not self._tasks and not self._pending:
+        if not self._closed and not self._busy():
             self._idle = asyncio.get_running_loop().call_later(self._idle_timeout, self._idle_close)
 
     def _idle_close(self) -> None:
         self._idle = None
-        if self._streams or self._tasks or self._pending or self._closed:
+        if self._busy() or self._closed:
             return
-        with contextlib.suppress(h2.exceptions.ProtocolError):
-            self._conn.close_connection()
+        self._out += frame(FrameType.GOAWAY, 0, 0, _GOAWAY.pack(self._last_stream, ErrorCode.NO_ERROR))
         self._flush()
         self._close()
 
-    # ------------------------------------------------------------------ sending
+    # ------------------------------------------------------------------ frames out
 
     def _finish(self, stream_id: int, answer: bytes | None, status: GrpcStatus, message: str) -> None:
-        stream = self._streams.pop(stream_id, None)
+        stream = self._streams.get(stream_id)
         if stream is not None:
             self._observed(stream.path, status, time.perf_counter() - stream.started)
-        if self._closed:
-            return
-        try:
-            if answer is None:
-                self._trailers_only(stream_id, status, message)
-            else:
-                headers = [(b":status", b"200"), (b"content-type", b"application/grpc")]
-                self._conn.send_headers(stream_id, headers)
-                frame = _PREFIX.pack(0, len(answer)) + answer
-                self._pending[stream_id] = (memoryview(frame), [(b"grpc-status", b"0")])
-                self._send_pending(stream_id)
-        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
-            self._pending.pop(stream_id, None)  # the client went away meanwhile
-        self._flush()
         task = asyncio.current_task()
         if task is not None:
             self._tasks.discard(task)  # done: it no longer keeps the connection busy
+        if self._closed or stream is None:  # the client went away or reset the stream meanwhile
+            self._streams.pop(stream_id, None)
+            return
+        if answer is None:
+            self._trailers_only(stream_id, status, message)
+        else:
+            self._out += frame(FrameType.HEADERS, Flag.END_HEADERS, stream_id, _RESPONSE_HEADERS)
+            self._pending[stream_id] = (memoryview(_PREFIX.pack(0, len(answer)) + answer), _TRAILERS_OK)
+            self._send_pending(stream_id)
+        self._flush()
+        if self._goaway_received and not self._busy():
+            self._close()
+            return
         self._arm_idle()
+
+    def _send_all_pending(self) -> None:
+        for stream_id in list(self._pending):
+            self._send_pending(stream_id)
 
     def _send_pending(self, stream_id: int) -> None:
         data, trailers = self._pending[stream_id]
-        try:
-            while data:
-                window = min(
-                    self._conn.local_flow_control_window(stream_id), self._conn.max_outbound_frame_size
-                )
-                if window <= 0:
-                    self._pending[stream_id] = (data, trailers)
-                    return
-                chunk, data = data[:window], data[window:]
-                self._conn.send_data(stream_id, bytes(chunk))
-            self._conn.send_headers(stream_id, trailers, end_stream=True)
-        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
-            pass
-        self._pending.pop(stream_id, None)
+        stream = self._streams[stream_id]
+        while data:
+            window = min(self._send_window, stream.send_window, self._peer_max_frame)
+            if window <= 0:
+                self._pending[stream_id] = (data, trailers)
+                return
+            chunk, data = data[:window], data[window:]
+            self._out += frame(FrameType.DATA, 0, stream_id, bytes(chunk))
+            self._send_window -= len(chunk)
+            stream.send_window -= len(chunk)
+        self._out += frame(FrameType.HEADERS, Flag.END_HEADERS | Flag.END_STREAM, stream_id, trailers)
+        del self._pending[stream_id]
+        self._streams.pop(stream_id, None)
 
     def _trailers_only(self, stream_id: int, status: GrpcStatus, message: str) -> None:
-        headers = [
-            (b":status", b"200"),
-            (b"content-type", b"application/grpc"),
-            (b"grpc-status", str(int(status)).encode()),
-        ]
+        block = _RESPONSE_HEADERS + encode_literal(b"grpc-status", str(int(status)).encode())
         if message:
-            headers.append((b"grpc-message", _grpc_message(message)))
-        try:
-            self._conn.send_headers(stream_id, headers, end_stream=True)
-        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
-            return
+            block += encode_literal(b"grpc-message", _grpc_message(message))
+        self._out += frame(FrameType.HEADERS, Flag.END_HEADERS | Flag.END_STREAM, stream_id, block)
+        # Answered: DATA the client still sends on it is dropped (its stream id is below the last).
         self._streams.pop(stream_id, None)
 
     def _observed(self, path: str, status: GrpcStatus, seconds: float) -> None:
@@ -409,14 +686,26 @@ class GrpcProtocol(asyncio.Protocol):
             self._observe(path, status, seconds)
 
     def _respond_http(self, stream_id: int, status: bytes) -> None:
-        self._conn.send_headers(stream_id, [(b":status", status)], end_stream=True)
+        block = encode_literal(8, status)  # ``:status`` (static index 8) with another value
+        self._out += frame(FrameType.HEADERS, Flag.END_HEADERS | Flag.END_STREAM, stream_id, block)
+
+    def _reset(self, stream_id: int, code: int) -> None:
+        self._out += frame(FrameType.RST_STREAM, 0, stream_id, _U32.pack(code))
+        self._drop_stream(stream_id)
+
+    def _drop_stream(self, stream_id: int) -> None:
+        stream = self._streams.pop(stream_id, None)
+        self._pending.pop(stream_id, None)
+        if stream is not None and stream.task is not None:
+            stream.task.cancel()
 
     def _flush(self) -> None:
-        data = self._conn.data_to_send()
-        if data and self._transport is not None and not self._transport.is_closing():
-            self._transport.write(data)
+        if self._out and self._transport is not None and not self._transport.is_closing():
+            self._transport.write(bytes(self._out))
+        self._out.clear()
 
     def _close(self) -> None:
+        self._closed = True
         if self._transport is not None and not self._transport.is_closing():
             self._transport.close()
 
