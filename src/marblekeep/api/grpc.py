@@ -1,8 +1,11 @@
-"""A small gRPC server for unary calls, on HTTP/2 (``h2``) under asyncio.
+"""A small gRPC server for unary calls, on HTTP/2 under asyncio.
 
 It serves MarbleRun's Marble API (``/rpc.Marble/Activate``) beside our own protocol on the Marble
-address; see docs/adr/0003-marblerun-grpc-marble-api.md for why it is written here on ``h2`` rather
-than taken from grpcio or grpclib. What it implements of the gRPC-over-HTTP/2 protocol
+address; see docs/adr/0003-marblerun-grpc-marble-api.md for why it is written here rather than taken
+from grpcio or grpclib, and docs/adr/0007-own-http2-framing-for-unary-grpc.md for why its HTTP/2
+framing is our own (api/h2wire.py) rather than the ``h2`` state machine: the subset of RFC 9113 a
+unary server needs, every violation a GOAWAY with its error code. What it implements of the
+gRPC-over-HTTP/2 protocol
 (https://github.com/grpc/grpc/blob/master/doc/PROTOCOL-HTTP2.md):
 
 1. A request is a stream: HEADERS ``:method POST``, ``:path /<service>/<method>``, ``content-type``
@@ -77,7 +80,9 @@ from marblekeep.errors import (
 
 __all__ = [
     "IDLE_TIMEOUT",
+    "MAX_CLIENT_RESETS",
     "MAX_CONCURRENT_STREAMS",
+    "MAX_CONTROL_FRAMES",
     "GrpcProtocol",
     "GrpcStatus",
     "PeerCertificate",
@@ -219,6 +224,8 @@ MAX_HEADER_BLOCK = 2 * MAX_HEADER_LIST_SIZE
 #: Frames that oblige us to answer (PING, SETTINGS) or streams the client resets, accepted between two
 #: new streams; beyond it the connection is closed with ENHANCE_YOUR_CALM (floods, rapid reset).
 MAX_CONTROL_FRAMES = 100
+#: Streams in progress that the client may reset on one connection (each may have started work).
+MAX_CLIENT_RESETS = 2 * MAX_CONCURRENT_STREAMS
 _FRAME_HEADER_SIZE = FRAME_HEADER.size
 _U32 = struct.Struct(">L")
 _GOAWAY = struct.Struct(">LL")
@@ -256,6 +263,7 @@ class GrpcProtocol(asyncio.Protocol):
         self._peer_initial_window = DEFAULT_WINDOW
         self._peer_max_frame = MIN_MAX_FRAME_SIZE
         self._control_frames = 0
+        self._client_resets = 0
         self._goaway_received = False
         self._closed = False
 
@@ -373,6 +381,12 @@ class GrpcProtocol(asyncio.Protocol):
             if stream_id > self._last_stream:
                 raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "RST_STREAM on an idle stream")
             self._count_control_frame()
+            if stream_id in self._streams:
+                self._client_resets += 1
+                if self._client_resets > MAX_CLIENT_RESETS:  # "rapid reset": work started, then abandoned
+                    raise _ConnectionError(
+                        ErrorCode.ENHANCE_YOUR_CALM, "too many streams reset by the client"
+                    )
             self._drop_stream(stream_id)
         elif kind == FrameType.PRIORITY:
             if not stream_id:
