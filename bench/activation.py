@@ -39,11 +39,15 @@ import base64
 import contextlib
 import dataclasses
 import datetime as dt
+import fcntl
+import hashlib
 import ipaddress
 import itertools
 import json
 import multiprocessing as mp
 import os
+import select
+import shutil
 import signal
 import socket
 import ssl
@@ -56,7 +60,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from multiprocessing.synchronize import Barrier
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import aiohttp
 import grpc
@@ -91,6 +95,19 @@ TARGET_P50_AT_1_MS = 15.0
 TARGET_GRPC_SHARE = 0.80
 GRPC_METHOD = "/rpc.Marble/Activate"
 IDENTITY_POOL = 32
+GOLOAD_DIR = Path(__file__).resolve().parent / "goload"
+
+#: The protocols (and clients) the bench can measure, and the load-generator operation of each.
+PROTOCOL_OPS = {
+    "marblekeep": "activation",  # our protocol, aiohttp + HPKE (Python)
+    "marblerun": "grpc-activation",  # MarbleRun's gRPC protocol, grpcio client (Python over C)
+    "marblerun-go": "grpc-go-activation",  # MarbleRun's gRPC protocol, grpc-go as its premain (bench/goload)
+}
+PROTOCOL_HELP = {
+    "marblekeep": "ours: HTTPS + HPKE, aiohttp client",
+    "marblerun": "MarbleRun's gRPC protocol, Python grpcio client",
+    "marblerun-go": "MarbleRun's gRPC protocol, driven by grpc-go as MarbleRun's premain (bench/goload)",
+}
 
 
 # --------------------------------------------------------------------------- the Coordinator
@@ -384,11 +401,17 @@ class Phase:
     server_cpu_ms: float  # Coordinator CPU time per operation
     client_cpu_ms: float  # load generators' CPU time per operation
     first_error: str
+    note: str = ""  # bench/goload: the TLS its warm-up negotiated
 
 
 def run_phase(
     server: Server, op_name: str, base_url: str, concurrency: int, seconds: float, clients: int
 ) -> Phase:
+    """One measured phase: ``concurrency`` Marbles for ``seconds``, the Coordinator's CPU time sampled
+    around the measured part. ``grpc-go-activation`` runs in one Go process (``clients`` does not
+    apply: it uses goroutines); the others in ``clients`` Python load-generator processes."""
+    if op_name == "grpc-go-activation":
+        return run_go_phase(server, base_url, concurrency, seconds)
     ctx = mp.get_context("spawn")
     procs = min(clients, concurrency)
     barrier = ctx.Barrier(procs + 1)
@@ -409,8 +432,18 @@ def run_phase(
     cpu1 = server.cpu_seconds()
     for p in workers:
         p.join()
+    return phase_statistics(op_name, concurrency, results, cpu1 - cpu0)
+
+
+def phase_statistics(
+    op_name: str, concurrency: int, results: list[dict[str, Any]], server_cpu: float
+) -> Phase:
+    """The Phase of the load generators' ``results`` (``_drive``'s shape: latencies, errors, elapsed,
+    cpu; bench/goload adds error_count, as it keeps only the first messages) and the Coordinator's CPU
+    seconds ``server_cpu`` over the measured part."""
     latencies = sorted(x for r in results for x in r["latencies"])
     errors = [e for r in results for e in r["errors"]]
+    error_count = sum(int(r.get("error_count", len(r["errors"]))) for r in results)
     elapsed = max(r["elapsed"] for r in results)
     count = len(latencies)
     if count == 0:
@@ -423,11 +456,125 @@ def run_phase(
         p50_ms=statistics.median(latencies) * 1e3,
         p99_ms=latencies[min(count - 1, int(0.99 * count))] * 1e3,
         count=count,
-        errors=len(errors),
-        server_cpu_ms=(cpu1 - cpu0) * 1e3 / count,
+        errors=error_count,
+        server_cpu_ms=server_cpu * 1e3 / count,
         client_cpu_ms=sum(r["cpu"] for r in results) * 1e3 / count,
         first_error=errors[0] if errors else "",
     )
+
+
+# --------------------------------------------------------------------------- the grpc-go load generator
+
+
+class GoLoadUnavailable(Exception):
+    """bench/goload cannot be built here (no Go, or the build failed); the message says why."""
+
+
+def find_go() -> str | None:
+    """The go command: on PATH, else where the official tarball and Debian's golang-go put it."""
+    found = shutil.which("go")
+    if found:
+        return found
+    for candidate in ("/usr/local/go/bin/go", "/usr/lib/go/bin/go"):
+        if os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def goload_binary() -> Path:
+    """bench/goload built into bench/goload/bin/ (gitignored), named by a digest of its sources, so a
+    change to them makes a new build; built on first use, one build at a time."""
+    sources = sorted(p for p in GOLOAD_DIR.iterdir() if p.suffix == ".go" or p.name in {"go.mod", "go.sum"})
+    digest = hashlib.sha256()
+    for p in sources:
+        digest.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
+    bin_dir = GOLOAD_DIR / "bin"
+    path = bin_dir / f"goload-{digest.hexdigest()[:16]}"
+    if os.access(path, os.X_OK):
+        return path
+    go = find_go()
+    if go is None:
+        raise GoLoadUnavailable(
+            "Go is not installed (looked on PATH, in /usr/local/go/bin and /usr/lib/go/bin); install Go "
+            ">= 1.22 (the module proxy must be reachable, or the module cache hold bench/goload/go.sum's "
+            "modules) to measure MarbleRun's protocol driven by grpc-go"
+        )
+    bin_dir.mkdir(exist_ok=True)
+    with (bin_dir / ".build.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if os.access(path, os.X_OK):
+            return path  # built by another bench meanwhile
+        print(f"building {path.relative_to(GOLOAD_DIR.parent.parent)} with {go} ...", flush=True)
+        tmp = path.with_name(path.name + ".tmp")
+        env = dict(os.environ, CGO_ENABLED="0", GOTOOLCHAIN="local", GOFLAGS="-trimpath -buildvcs=false")
+        built = subprocess.run(
+            [go, "build", "-mod=readonly", "-o", str(tmp), "."],
+            cwd=GOLOAD_DIR,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+            check=False,
+        )
+        if built.returncode != 0:
+            raise GoLoadUnavailable(f"building bench/goload failed:\n{built.stderr.strip()[-3000:]}")
+        tmp.replace(path)
+        for old in bin_dir.glob("goload-*"):
+            if old != path:
+                old.unlink(missing_ok=True)
+    return path
+
+
+def _read_line(proc: subprocess.Popen[bytes], stderr: IO[bytes], timeout: float, what: str) -> bytes:
+    """One line of the Go load generator's stdout; exits with its stderr if it dies or stalls."""
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    line = proc.stdout.readline() if ready else b""
+    if not line.endswith(b"\n"):
+        proc.kill()
+        proc.wait()
+        stderr.seek(0)
+        err = stderr.read().decode(errors="replace")[-2000:]
+        state = f"exited with status {proc.returncode}" if ready else f"sent nothing in {timeout:.0f} s"
+        raise SystemExit(f"bench/goload {state} while waiting for {what}:\n{err}")
+    return line
+
+
+def run_go_phase(server: Server, base_url: str, concurrency: int, seconds: float) -> Phase:
+    """One phase of MarbleRun's protocol driven by grpc-go (bench/goload): ONE Go process with
+    ``concurrency`` goroutines; its client CPU is the Go process's."""
+    addr = base_url.removeprefix("https://")
+    cmd = [
+        str(goload_binary()),
+        f"-addr={addr}",
+        f"-n={concurrency}",
+        f"-seconds={seconds}",
+        f"-type={MARBLE_TYPE}",
+        f"-pool={IDENTITY_POOL}",
+        f"-dns={','.join(PREMAIN_DNS_NAMES)}",
+    ]
+    # stderr to a file: grpc-go logs there, and a full pipe would stall the load generator
+    with tempfile.TemporaryFile() as stderr:
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr)
+        assert proc.stdin is not None and proc.stdout is not None
+        try:
+            if _read_line(proc, stderr, 60, "ready").strip() != b"ready":
+                raise SystemExit("bench/goload did not say ready")
+            cpu0 = server.cpu_seconds()  # the barrier: the measurement starts with the line below
+            proc.stdin.write(b"go\n")
+            proc.stdin.flush()
+            result = json.loads(_read_line(proc, stderr, seconds + 60, "its result"))
+            cpu1 = server.cpu_seconds()
+            proc.stdin.close()
+            if proc.wait(timeout=30) != 0:
+                raise SystemExit(f"bench/goload exited with status {proc.returncode}")
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            proc.stdout.close()
+    phase = phase_statistics("grpc-go-activation", concurrency, [result], cpu1 - cpu0)
+    return dataclasses.replace(phase, note=str(result.get("tls", "")))
 
 
 def crypto_floor(seconds: float) -> float:
@@ -450,8 +597,9 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=2, help="load-generator processes")
     parser.add_argument(
         "--protocols",
-        default="marblekeep,marblerun",
-        help="which activation protocols to measure (marblekeep: HTTPS + HPKE; marblerun: gRPC)",
+        default=",".join(PROTOCOL_OPS),
+        help="comma-separated, which protocols (and clients) to measure (default: all):\n"
+        + "\n".join(f"  {name}: {text}" for name, text in PROTOCOL_HELP.items()),
     )
     parser.add_argument(
         "--profile-server",
@@ -462,10 +610,18 @@ def main() -> None:
     args = parser.parse_args()
     levels = [int(x) for x in args.levels.split(",") if x.strip()]
     protocols = [x.strip() for x in args.protocols.split(",") if x.strip()]
-    unknown = set(protocols) - {"marblekeep", "marblerun"}
+    unknown = set(protocols) - set(PROTOCOL_OPS)
     if unknown:
-        parser.error(f"--protocols: unknown {', '.join(sorted(unknown))} (use marblekeep, marblerun)")
+        parser.error(f"--protocols: unknown {', '.join(sorted(unknown))} (use {', '.join(PROTOCOL_OPS)})")
     started = time.perf_counter()
+    if "marblerun-go" in protocols:
+        try:
+            goload = goload_binary()
+        except GoLoadUnavailable as exc:
+            print(f"marblerun-go is SKIPPED: {exc}")
+            protocols.remove("marblerun-go")
+        else:
+            print(f"marblerun-go load generator: {goload.relative_to(GOLOAD_DIR.parent.parent)}")
 
     cpus = os.cpu_count() or 1
     print(
@@ -488,26 +644,36 @@ def main() -> None:
             f"client CPU {hs.client_cpu_ms:.2f} ms each)"
         )
         print()
+        for protocol in protocols:
+            print(f"  {protocol}: {PROTOCOL_HELP[protocol]}")
+        if "marblerun-go" in protocols:
+            print(
+                "  (client CPU of marblerun-go is the one Go process's, goroutines on all cores; of the "
+                f"others, the sum of the {args.clients} Python load-generator processes')"
+            )
         print(
-            "protocol      N  activations/s   p50 ms   p99 ms   count  errors  "
+            "protocol        N  activations/s   p50 ms   p99 ms   count  errors  "
             "CPU ms/activation: server client"
         )
-        ops = {"marblekeep": "activation", "marblerun": "grpc-activation"}
+        go_tls = ""
         for n in levels:
             for protocol in protocols:
-                ph = run_phase(server, ops[protocol], server.marble_url, n, args.seconds, args.clients)
+                op = PROTOCOL_OPS[protocol]
+                ph = run_phase(server, op, server.marble_url, n, args.seconds, args.clients)
                 phases[(protocol, n)] = ph
+                go_tls = go_tls or ph.note
                 print(
-                    f"{protocol:10s} {n:4d}  {ph.rate:13.0f}  {ph.p50_ms:7.1f}  {ph.p99_ms:7.1f}"
+                    f"{protocol:12s} {n:4d}  {ph.rate:13.0f}  {ph.p50_ms:7.1f}  {ph.p99_ms:7.1f}"
                     f"  {ph.count:6d}  {ph.errors:6d}  {ph.server_cpu_ms:25.2f} {ph.client_cpu_ms:6.2f}",
                     flush=True,
                 )
                 if ph.first_error:
                     print(f"      first error: {ph.first_error}")
+        if go_tls:
+            print(f"marblerun-go connections: {go_tls}")
 
     print()
     ours = {n: p for (protocol, n), p in phases.items() if protocol == "marblekeep"}
-    theirs = {n: p for (protocol, n), p in phases.items() if protocol == "marblerun"}
     if 64 in ours:
         ok = ours[64].rate >= TARGET_RATE_AT_64
         verdict = "met" if ok else "MISSED"
@@ -516,14 +682,18 @@ def main() -> None:
         ok = ours[1].p50_ms <= TARGET_P50_AT_1_MS
         verdict = "met" if ok else "MISSED"
         print(f"target N=1 p50 <= {TARGET_P50_AT_1_MS:.0f} ms: {ours[1].p50_ms:.1f} ms ({verdict})")
-    for n in levels:
-        if n in ours and n in theirs:
-            share = theirs[n].rate / ours[n].rate
-            verdict = "met" if share >= TARGET_GRPC_SHARE else "MISSED"
-            print(
-                f"target MarbleRun protocol >= {TARGET_GRPC_SHARE:.0%} of ours at N={n}: "
-                f"{theirs[n].rate:.0f} / {ours[n].rate:.0f} = {share:.0%} ({verdict})"
-            )
+    clients = {"marblerun-go": "grpc-go client (as the premain)", "marblerun": "grpcio client"}
+    for protocol, client in clients.items():
+        theirs = {n: p for (name, n), p in phases.items() if name == protocol}
+        for n in levels:
+            if n in ours and n in theirs:
+                share = theirs[n].rate / ours[n].rate
+                verdict = "met" if share >= TARGET_GRPC_SHARE else "MISSED"
+                print(
+                    f"target MarbleRun protocol, {client:31s} >= {TARGET_GRPC_SHARE:.0%} of ours "
+                    f"at N={n:<3d}: {theirs[n].rate:5.0f} / {ours[n].rate:5.0f} = {share:4.0%} "
+                    f"({verdict}; server CPU {theirs[n].server_cpu_ms / ours[n].server_cpu_ms:.2f}x ours)"
+                )
     print(f"(whole run {time.perf_counter() - started:.0f} s)")
     if args.profile_server is not None:
         print(f"server profile written to {args.profile_server} (python -m pstats {args.profile_server})")
