@@ -1,34 +1,55 @@
 """Marble activations over HTTPS on loopback, against a real ``marblekeep coordinator`` process,
-by both protocols the Marble address speaks: marblekeep's (HTTPS + HPKE) and MarbleRun's (gRPC).
+by both protocols the Marble address speaks: marblekeep's (HTTPS + HPKE) and MarbleRun's (gRPC), the
+latter driven by two clients.
 
     .venv/bin/python bench/activation.py [--seconds 3] [--levels 1,16,64] [--clients 2]
-                                         [--protocols marblekeep,marblerun] [--profile-server FILE]
+                                         [--protocols marblekeep,marblerun,marblerun-go]
+                                         [--profile-server FILE]
 
 Starts ``marblekeep coordinator --simulation`` as a subprocess on free loopback ports (state in a
-temporary directory), sets a manifest, then for each concurrency level N runs N concurrent Marbles
-in ``--clients`` load-generator processes (separate from the Coordinator, so the measured server
-does not share a GIL with them). One activation does what the premain does: a NEW HTTPS connection
-(full TLS handshake, no session resumption), POST /marble/v1/challenge, a fresh X25519 key, the
-simulation evidence bound to the request, POST /marble/v1/activate, and opening the sealed
-Parameters with marblekeep.marble.protocol. One MarbleRun activation does what MarbleRun's premain
-does: a NEW gRPC channel (TLS with ALPN h2, presenting the Marble's self-signed P-256 client certificate
-and CSR as MarbleRun v1.5.2's premain makes them; full handshake), one rpc.Marble/Activate call with an
-empty quote (simulation), its CSR, type and a fresh UUID, and decoding the answer. The Marble identities
-(key, self-signed certificate, CSR) are made before the measurement, a pool per load generator used
-round robin: a premain makes one per start, and the bench measures the Coordinator, not the Marble's key
-generation. The Marble receives the seal key, a shared and a per-Marble symmetric key, a shared cert-ecdsa
-secret and its TLS credentials (the bench/core.py Marble). Printed per level and protocol: activations/s,
-p50/p99 latency, the server's CPU per activation, and the MarbleRun protocol's rate as a share of ours.
+temporary directory), sets a manifest, then for each concurrency level N measures, one after the
+other, N concurrent Marbles of each protocol (``--protocols``, default all three):
+
+- ``marblekeep``: our protocol, in ``--clients`` Python load-generator processes (aiohttp), separate
+  from the Coordinator so that it does not share a GIL with them. One activation does what our
+  premain does: a NEW HTTPS connection (full TLS handshake, no session resumption), POST
+  /marble/v1/challenge, a fresh X25519 key, the simulation evidence bound to the request, POST
+  /marble/v1/activate, and opening the sealed Parameters with marblekeep.marble.protocol.
+- ``marblerun-go``: MarbleRun's protocol driven by grpc-go, as MarbleRun's premain (Go, on
+  google.golang.org/grpc) drives it: bench/goload, ONE Go process per phase with N goroutines, built on
+  first use into bench/goload/bin/ (gitignored; rebuilt when its sources change; without Go this
+  protocol is skipped with the reason). One activation does what one premain start does: a NEW grpc-go
+  client connection (TLS with ALPN h2 and InsecureSkipVerify, presenting the Marble's self-signed P-256
+  client certificate; full handshake), one rpc.Marble/Activate call with an empty quote (simulation),
+  the CSR, the type and a fresh UUID, the answer checked for the Marble's certificate, the connection
+  closed.
+- ``marblerun``: the same activation by Python's grpcio (a new grpc.aio channel per activation), in
+  the ``--clients`` Python processes; kept as a comparison from the Python stack.
+
+Why two gRPC clients: grpc-go is what real MarbleRun Marbles run, so ``marblerun-go`` is the faithful
+load and its share of our rate is the figure for the target. grpcio costs the client about 1.5-2x the
+CPU of grpc-go per activation; at N = 1 (latency-bound, client and server on the same 2 cores) that
+alone lowers the grpcio rate. The client CPU column shows where a difference between the two gRPC rows
+lies: the server CPU per activation is the same protocol's in both.
+
+The Marble identities (P-256 key, self-signed certificate, CSR, made as MarbleRun v1.5.2's premain
+makes them, see marble_identity) are made before the measurement, a pool of 32 per load generator
+used round robin: a premain makes one per start, and the bench measures the Coordinator, not the
+Marble's key generation. The Marble receives the seal key, a shared and a per-Marble symmetric key, a
+shared cert-ecdsa secret and its TLS credentials (the bench/core.py Marble). Printed per level and
+protocol: activations/s, p50/p99 latency, the CPU per activation of the server (the Coordinator
+process, sampled around the measured part) and of the client (the Python load generators' summed, or
+the Go process's: each client's own CPU); then each gRPC client's rate as a share of ours.
 
 In the same run: the crypto floor (pki.leaf_floor: P-384 keygen + one signature, one core) and a
 bare TLS-handshake floor: GET /api/v2/status on the Client API (same credentials) with a new
 connection each, at the highest level's concurrency.
 
 Targets on the 2-core reference machine: >= 200 activations/s at N = 64; p50 <= 15 ms at N = 1
-(marblekeep's protocol); MarbleRun's protocol >= 80% of marblekeep's activations/s at each N.
-The load generator shares those 2 cores with the Coordinator; the output says so. Nothing asserts
-on time. ``--profile-server FILE`` runs the Coordinator under cProfile (timed by the CPU time of its
-event-loop thread, see bench/serve_coordinator.py) and writes its stats there.
+(marblekeep's protocol); MarbleRun's protocol >= 80% of marblekeep's activations/s at each N (printed
+for both gRPC clients). The load generators share those 2 cores with the Coordinator; the output says
+so. Nothing asserts on time. ``--profile-server FILE`` runs the Coordinator under cProfile (timed by the
+CPU time of its event-loop thread, see bench/serve_coordinator.py) and writes its stats there.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@
                                             [--level 16] [--rounds 6] [--seconds 3] [--clients 2]
 
 REV is a git revision (exported with ``git archive`` into a temporary directory and run from there)
-or ``.`` for the working tree; PROTOCOL is ``marblekeep`` (HTTPS + HPKE) or ``marblerun`` (gRPC).
+or ``.`` for the working tree; PROTOCOL is ``marblekeep`` (HTTPS + HPKE), ``marblerun`` (gRPC, grpcio
+client) or ``marblerun-go`` (gRPC, grpc-go client as MarbleRun's premain: bench/goload, needs Go).
 Examples: our protocol before the TLS layer against now, ``--a 259249e:marblekeep --b .:marblekeep``;
 both protocols of the working tree, ``--a .:marblekeep --b .:marblerun``.
 
@@ -29,9 +30,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from activation import Phase, coordinator, run_phase, set_manifest
+from activation import PROTOCOL_OPS, Phase, coordinator, run_phase, set_manifest
 
-OPS = {"marblekeep": "activation", "marblerun": "grpc-activation"}
+OPS = PROTOCOL_OPS
 ROOT = Path(__file__).resolve().parent.parent
 
 
