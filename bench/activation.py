@@ -27,7 +27,7 @@ other, N concurrent Marbles of each protocol (``--protocols``, default all three
   the ``--clients`` Python processes; kept as a comparison from the Python stack.
 
 Why two gRPC clients: grpc-go is what real MarbleRun Marbles run, so ``marblerun-go`` is the faithful
-load and its share of our rate is the figure for the target. grpcio costs the client about 1.5-2x the
+load and its share of our rate is the figure for the target. grpcio costs the client about 2-2.5x the
 CPU of grpc-go per activation; at N = 1 (latency-bound, client and server on the same 2 cores) that
 alone lowers the grpcio rate. The client CPU column shows where a difference between the two gRPC rows
 lies: the server CPU per activation is the same protocol's in both.
