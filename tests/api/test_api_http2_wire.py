@@ -169,8 +169,8 @@ async def _echo(message: bytes, cert: bytes | None) -> bytes:
 class Peer:
     """A client on h2 talking to a GrpcProtocol in memory; ``raw`` frames can be injected."""
 
-    def __init__(self, handler: Handler = _echo, max_request: int = 1 << 20) -> None:
-        self.proto = GrpcProtocol({PATH: UnaryMethod(handler, max_request)}, idle_timeout=60)
+    def __init__(self, handler: Handler = _echo, max_request: int = 1 << 20, idle: float = 60) -> None:
+        self.proto = GrpcProtocol({PATH: UnaryMethod(handler, max_request)}, idle_timeout=idle)
         self.wire = Wire()
         self.proto.connection_made(self.wire)
         self.client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
@@ -432,6 +432,31 @@ def test_rapid_reset_is_cut_off() -> None:
         peer.proto.connection_lost(None)  # what the transport reports once closed
         await peer.settle()
         assert all(t.cancelled() for t in tasks)
+
+    _run(scenario())
+
+
+@pytest.mark.parametrize("stall", ["unfinished request", "closed window"])
+def test_a_client_that_stalls_a_call_is_disconnected_after_the_idle_timeout(stall: str) -> None:
+    async def scenario() -> None:
+        peer = Peer(idle=0.05)
+        if stall == "unfinished request":  # HEADERS, then never the end of the stream
+            peer.send(_settings() + frame(FrameType.HEADERS, 0x04, 1, _headers_block()))
+        else:  # a window of 0 for every stream: the answer can never be sent
+            zero_window = frame(FrameType.SETTINGS, 0, 0, b"\x00\x04\x00\x00\x00\x00")
+            message = struct.pack(">BI", 0, 2) + b"hi"
+            peer.send(
+                CLIENT_PREFACE
+                + zero_window
+                + frame(FrameType.HEADERS, 0x04, 1, _headers_block())
+                + frame(FrameType.DATA, 0x01, 1, message)
+            )
+        for _ in range(200):
+            if peer.wire.closed:
+                break
+            await asyncio.sleep(0.01)
+        _answers, goaways, _ = raw_answers(bytes(peer.wire.out))
+        assert peer.wire.closed and goaways == [ErrorCode.NO_ERROR]
 
     _run(scenario())
 

@@ -23,8 +23,10 @@ gRPC-over-HTTP/2 protocol
 4. Each stream's handler runs as its own task, so one connection can carry concurrent calls
    (at most :data:`MAX_CONCURRENT_STREAMS`, so a connection buffers at most that many bounded
    messages). Received data is acknowledged as it is consumed (flow control); answers are sent as the
-   peer's flow-control windows allow. A connection with no call in progress for
-   :data:`IDLE_TIMEOUT` seconds is closed with GOAWAY (a premain makes one call and leaves).
+   peer's flow-control windows allow. A connection on which no handler works and the client sends
+   nothing for :data:`IDLE_TIMEOUT` seconds is closed with GOAWAY: one with no call in progress (a
+   premain makes one call and leaves), and one the client stalls (a request it never finishes, a
+   flow-control window it never opens).
 5. The handler receives the message bytes and the TLS client certificate of the connection
    (``transport.get_extra_info("peer_cert_der")``: the TLS layer puts the leaf certificate the peer
    presented *in this handshake* there; None when it presented none). It returns the answer's
@@ -629,16 +631,21 @@ class GrpcProtocol(asyncio.Protocol):
         return bool(self._streams or self._tasks or self._pending)
 
     def _arm_idle(self) -> None:
+        """(Re)start the idle timer: it runs whenever no handler is working, so a connection whose
+        client neither sends nor lets us send (an unfinished request, a zero flow-control window)
+        is closed after the idle timeout as well as one with nothing in progress."""
         if self._idle is not None:
             self._idle.cancel()
             self._idle = None
-        if not self._closed and not self._busy():
+        if not self._closed and not self._tasks:
             self._idle = asyncio.get_running_loop().call_later(self._idle_timeout, self._idle_close)
 
     def _idle_close(self) -> None:
         self._idle = None
-        if self._busy() or self._closed:
+        if self._tasks or self._closed:
             return
+        if self._streams or self._pending:
+            log.info("gRPC connection closed: the client stalled a call", extra={"error": "idle timeout"})
         self._out += frame(FrameType.GOAWAY, 0, 0, _GOAWAY.pack(self._last_stream, ErrorCode.NO_ERROR))
         self._flush()
         self._close()
