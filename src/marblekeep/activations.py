@@ -14,11 +14,20 @@ Both activation protocols run **one path**; they differ only in how the evidence
 6. the core, the same function for both (core/activation.py): type, package, package policy,
    ``MaxActivations``, nil UUID, credentials, templates;
 7. the answer — ours: the Parameters sealed with HPKE; MarbleRun's: ``rpc.ActivationResp``;
-8. only then a limited type's counter is committed (under the lock), so a request that fails at any
-   step uses up no activation.
+8. only then a limited type's counter is committed, so a request that fails at any step uses up no
+   activation.
 
-Activations of a type with ``MaxActivations`` run steps 6–8 under the Coordinator's lock, so the count
-is exact whichever protocol each Marble speaks; unlimited types read the snapshot and write nothing.
+Steps 6–7 (the expensive part: the Marble's key and certificate) run in a worker thread on the
+current snapshot, outside the Coordinator's lock, for every type. A type with ``MaxActivations`` then
+claims its slot (:class:`_Counts`): under the lock, the claims waiting at that moment are checked
+against the **current** state and counted in **one** commit (a group commit), in the order they
+came: each gets a slot while the type has one left, the others are refused; no claim is answered
+before that commit is durable. A claim rendered on a snapshot that has since changed in anything but
+the counts (a secret, the manifest, the keys) is rendered again on the new one; a commit that lost
+the compare-and-set against another replica is re-checked on that replica's state and committed
+again, without rendering again. So the count is exact, across replicas and protocols, and an answer
+always matches the state its count was committed on; unlimited types read the snapshot and write
+nothing.
 
 Monotonic counters (MarbleRun's ``MonotonicCounter`` feature): a Marble, authenticated by the Marble
 certificate it got at activation, raises a named counter; the value only grows; the answer is the
@@ -41,14 +50,21 @@ from cryptography import x509
 
 from marblekeep.attestation.claims import TeeClaims, TeeKind
 from marblekeep.attestation.evidence import parse_header, strip_oe_header
-from marblekeep.core.activation import ActivationInput, ActivationResult, activate, refusal
-from marblekeep.core.deployment import CoordinatorState
+from marblekeep.core.activation import (
+    ActivationInput,
+    ActivationResult,
+    activate,
+    max_activations_refusal,
+    refusal,
+)
+from marblekeep.core.deployment import CoordinatorState, Deployment
 from marblekeep.crypto.pki import marble_identity
 from marblekeep.errors import (
     AttestationError,
     AuthenticationError,
     AuthorizationError,
     CollateralError,
+    ConflictError,
     RequestError,
     StateError,
     TooManyRequests,
@@ -68,6 +84,7 @@ from marblekeep.marble.protocol import (
     parse_activation_request,
     seal_parameters,
 )
+from marblekeep.replica import CONFLICT_RETRIES
 
 if TYPE_CHECKING:
     from marblekeep.service import Coordinator
@@ -116,6 +133,7 @@ class MarbleActivations:
 
     def __init__(self, coord: Coordinator) -> None:
         self._coord = coord
+        self._counts = _Counts(coord)
 
     # ------------------------------------------------------------------ evidence
 
@@ -184,34 +202,24 @@ class MarbleActivations:
     async def _activate(
         self, inp: ActivationInput, now: dt.datetime, answer: Callable[[ActivationResult], T]
     ) -> T:
-        """Steps 6–8: the core, the answer, the count (under the lock for a limited type)."""
-        coord = self._coord
-        manifest = coord.deployment.manifest
-        marble = manifest.marbles.get(inp.marble_type) if manifest is not None else None
-        if marble is None or marble.max_activations <= 0:
-            _result, out = await self._render(inp, now, answer)
-            return out
-
-        async def attempt() -> T:
+        """Steps 6–8: the core and the answer (outside the lock), then the count of a limited type."""
+        for _ in range(CONFLICT_RETRIES):
+            result, out, rendered_on = await self._render(inp, now, answer)
+            if result.new_activation_count is None:  # no MaxActivations in the snapshot it was rendered on
+                return out
             # Answer before counting: a request that cannot be answered (e.g. a low-order HPKE key)
             # must not use up one of the type's activations.
-            result, out = await self._render(inp, now, answer)
-            if result.new_activation_count is not None:
-                dep = coord.deployment
-                counts = dict(dep.activations)
-                counts[inp.marble_type] = result.new_activation_count
-                await coord.commit(dataclasses.replace(dep, activations=counts))
-            return out
-
-        # Under the lock; exact across replicas: a count that lost the compare-and-set against
-        # another replica is computed again on that replica's state.
-        return await coord.mutate(attempt)
+            if await self._counts.claim(inp.marble_type, rendered_on):
+                return out
+            # the state changed in more than the counts since the render: render again on it
+        raise ConflictError("the state kept changing while this activation was prepared; retry")
 
     async def _render(
         self, inp: ActivationInput, now: dt.datetime, answer: Callable[[ActivationResult], T]
-    ) -> tuple[ActivationResult, T]:
-        """The core and the answer in a worker thread (pure CPU work on the current snapshot), so
-        that the event loop keeps serving meanwhile; rendering is bounded (core/activation.py)."""
+    ) -> tuple[ActivationResult, T, Deployment]:
+        """The core and the answer in a worker thread (pure CPU work on the current snapshot, which
+        is returned too), so that the event loop keeps serving meanwhile; rendering is bounded
+        (core/activation.py)."""
         coord = self._coord
         prepared, simulation, rng = coord.prepared, coord.simulation, coord.rng
 
@@ -219,7 +227,8 @@ class MarbleActivations:
             result = activate(prepared, inp, now, simulation=simulation, rng=rng)
             return result, answer(result)
 
-        return await asyncio.to_thread(work)
+        result, out = await asyncio.to_thread(work)
+        return result, out, prepared.deployment
 
     def _require_accepting(self) -> None:
         if self._coord.state is not CoordinatorState.ACCEPTING_MARBLES:
@@ -362,3 +371,120 @@ class MarbleActivations:
     async def monotonic_counter(self, client_cert_der: bytes | None, name: object, value: object) -> int:
         """:meth:`counter_client` then :meth:`raise_counter`."""
         return await self.raise_counter(self.counter_client(client_cert_der), name, value)
+
+
+# --------------------------------------------------------------------------------------------
+# counting activations of limited types (group commit)
+
+#: The fields of a Deployment that rendering an activation does not read.
+_COUNT_FIELDS = frozenset({"activations", "counters"})
+_RENDER_FIELDS = tuple(f.name for f in dataclasses.fields(Deployment) if f.name not in _COUNT_FIELDS)
+
+
+def same_but_counts(rendered_on: Deployment, current: Deployment) -> bool:
+    """Whether ``current`` differs from ``rendered_on`` at most in its counts (activation counts,
+    monotonic counters), so that an answer rendered on the one is also the answer on the other.
+
+    Compared by identity: a snapshot that only counts changed shares every other field with the
+    one before (commits and the follower's counts-only apply use ``dataclasses.replace``). Two
+    equal values read apart compare as changed, which costs a render, never a wrong answer."""
+    return rendered_on is current or all(
+        getattr(rendered_on, name) is getattr(current, name) for name in _RENDER_FIELDS
+    )
+
+
+@dataclass(eq=False)
+class _Claim:
+    """One rendered activation of a limited type, waiting for its slot."""
+
+    marble_type: str
+    rendered_on: Deployment
+    #: True: counted, the commit is durable; False: render again; an exception: refused or failed.
+    outcome: asyncio.Future[bool]
+
+
+class _Counts:
+    """Group commit of activation counts (module docstring, step 8).
+
+    Claims queue up; one task at a time takes **all** waiting claims under the Coordinator's lock,
+    decides each on the current state (in arrival order) and commits the new counts in one
+    compare-and-set commit. Claims that arrive meanwhile form the next group. A group whose commit
+    lost against another replica is decided again on that replica's state (which the failed commit
+    read) and committed again; any other failure fails the whole group, and nothing of it counts."""
+
+    def __init__(self, coord: Coordinator) -> None:
+        self._coord = coord
+        self._waiting: list[_Claim] = []
+        self._task: asyncio.Task[None] | None = None
+        #: Statistics (tests, the bench): commits made and claims they counted.
+        self.commits = 0
+        self.counted = 0
+
+    async def claim(self, marble_type: str, rendered_on: Deployment) -> bool:
+        """Count one activation of ``marble_type`` rendered on ``rendered_on``: True once counted and
+        durable, False if the state changed beyond the counts (render again). Raises the refusal
+        when the type has no activation left, or the commit's error."""
+        outcome: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._waiting.append(_Claim(marble_type, rendered_on, outcome))
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run(), name="marblekeep-activation-counts")
+        # A waiter that is cancelled (its client went away) cancels its claim: a claim not yet in a
+        # commit takes no slot; one already in a commit is counted (as a commit whose reply was lost).
+        return await outcome
+
+    async def _run(self) -> None:
+        try:
+            while self._waiting:
+                async with self._coord.lock:
+                    group, self._waiting = self._waiting, []
+                    await self._settle(group)
+        except BaseException:  # cancelled (the Coordinator is closing): nobody may wait forever
+            waiting, self._waiting = self._waiting, []
+            for claim in waiting:
+                claim.outcome.cancel()
+            raise
+
+    async def _settle(self, group: list[_Claim]) -> None:
+        """Decide and commit one group (caller holds the lock); every claim's outcome is set."""
+        coord = self._coord
+        try:
+            for _ in range(CONFLICT_RETRIES):
+                dep = coord.deployment
+                counts = dict(dep.activations)
+                granted: list[_Claim] = []
+                for claim in group:
+                    if claim.outcome.done():  # its client went away: no slot taken
+                        continue
+                    if not same_but_counts(claim.rendered_on, dep) or dep.manifest is None:
+                        claim.outcome.set_result(False)
+                        continue
+                    # the manifest is the one the claim was rendered on, which limits this type
+                    limit = dep.manifest.marbles[claim.marble_type].max_activations
+                    count = counts.get(claim.marble_type, 0)
+                    if count >= limit:
+                        claim.outcome.set_exception(max_activations_refusal(claim.marble_type, limit))
+                        continue
+                    counts[claim.marble_type] = count + 1
+                    granted.append(claim)
+                group = granted
+                if not group:
+                    return
+                try:
+                    await coord.commit(dataclasses.replace(dep, activations=counts))
+                except ConflictError:
+                    continue  # the commit re-read the winner's state: decide again on it
+                self.commits += 1
+                self.counted += len(group)
+                for claim in group:
+                    if not claim.outcome.done():
+                        claim.outcome.set_result(True)
+                return
+            raise ConflictError("another Coordinator replica changed the state at the same time; retry")
+        except Exception as exc:
+            for claim in group:
+                if not claim.outcome.done():
+                    claim.outcome.set_exception(exc)
+        except BaseException:
+            for claim in group:
+                claim.outcome.cancel()
+            raise

@@ -20,9 +20,12 @@ from typing import Protocol
 
 from marblekeep.errors import MarbleKeepError
 
-__all__ = ["BackgroundLoop", "Follower", "Watchable"]
+__all__ = ["CONFLICT_RETRIES", "BackgroundLoop", "Follower", "Watchable"]
 
 log = logging.getLogger("marblekeep.replica")
+
+#: How often a write that lost the compare-and-set against another replica is computed again.
+CONFLICT_RETRIES = 16
 
 
 class Watchable(Protocol):

@@ -76,7 +76,7 @@ from marblekeep.marble.evidence import EvidenceIssuer
 from marblekeep.marble.protocol import ChallengeBook, EvidenceType
 from marblekeep.recovery.keys import generate_recovery_keys
 from marblekeep.recovery.recoverer import Recoverer
-from marblekeep.replica import Follower, Watchable
+from marblekeep.replica import CONFLICT_RETRIES, Follower, Watchable
 from marblekeep.store.base import Store
 from marblekeep.store.kek import KeyEncryptionKeyProvider, SimulationKeyFileProvider
 from marblekeep.store.location import SQLiteLocation, StoreLocation, open_backend
@@ -95,8 +95,6 @@ __all__ = ["ActivationOutcome", "Coordinator", "CoordinatorConfig", "EvidenceVer
 log = logging.getLogger("marblekeep.coordinator")
 
 _T = TypeVar("_T")
-#: How often a write that lost the compare-and-set against another replica is computed again.
-CONFLICT_RETRIES = 16
 
 Clock = Callable[[], dt.datetime]
 Rng = Callable[[int], bytes]

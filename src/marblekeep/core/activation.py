@@ -54,6 +54,7 @@ __all__ = [
     "ActivationResult",
     "PreparedDeployment",
     "activate",
+    "max_activations_refusal",
     "refusal",
 ]
 
@@ -69,6 +70,15 @@ _NIL_UUID = UUID(int=0)
 
 def refusal(reason: str, message: str) -> ActivationRefused:
     return ActivationRefused(message, reason=reason)
+
+
+def max_activations_refusal(marble_type: str, limit: int) -> ActivationRefused:
+    """The refusal of an activation beyond the type's ``MaxActivations`` (MarbleRun's words)."""
+    return refusal(
+        "max_activations",
+        f"reached max activations count ({limit}) for marble type "
+        f"{marble_type!r}: raise Marbles.{marble_type}.MaxActivations in a manifest update",
+    )
 
 
 @dataclass(frozen=True)
@@ -344,11 +354,7 @@ def activate(
     new_count: int | None = None
     if marble.max_activations > 0:
         if count >= marble.max_activations:
-            raise refusal(
-                "max_activations",
-                f"reached max activations count ({marble.max_activations}) for marble type "
-                f"{inp.marble_type!r}: raise Marbles.{inp.marble_type}.MaxActivations in a manifest update",
-            )
+            raise max_activations_refusal(inp.marble_type, marble.max_activations)
         new_count = count + 1
     if inp.uuid == _NIL_UUID:
         raise refusal("invalid_uuid", "the nil UUID is not a valid Marble UUID: use a random (v4) UUID")
