@@ -464,31 +464,71 @@ class Coordinator:
             await self._sync_locked()
 
     async def _sync_locked(self) -> None:
-        if self._store is None:
+        """Take the other replicas' commits since this view (caller holds :attr:`lock`).
+
+        On etcd, first only the records changed since the view (one read): a commit that changed
+        only activation counts and monotonic counters (the common case under load) is applied to
+        the view as it is. Anything else, and stores that cannot list changes, re-read the whole
+        state."""
+        store = self._store
+        if store is None:
             return
-        try:
-            revision = await self._store.revision()
-        except HandoverNeeded:  # another replica stored the first state: get its key, then read it
-            if not await self._adopt_by_handover():
-                raise  # 503 for a request; the follower logs it and tries again
-            revision = await self._store.revision()
-        if revision == self._view_revision:
-            return
-        snap = await self._store.snapshot("")
+        changes = await store.changes_since(self._view_revision)
+        if changes is not None:
+            if changes.revision == self._view_revision:
+                return
+            dep = self._counts_applied(changes.records)
+            if dep is not None:
+                self._adopt_view(dep, changes.revision, counts_only=True)
+                return
+        else:
+            try:
+                revision = await store.revision()
+            except HandoverNeeded:  # another replica stored the first state: get its key, then read it
+                if not await self._adopt_by_handover():
+                    raise  # 503 for a request; the follower logs it and tries again
+                revision = await store.revision()
+            if revision == self._view_revision:
+                return
+        snap = await store.snapshot("")
         if snap.revision == self._view_revision:
             return
-        dep = self._counts_only_change(snap.records) or deployment_from_records(snap.records)
+        counted = self._counts_only_change(snap.records)
+        dep = counted or deployment_from_records(snap.records)
         if dep is None:
             return  # nothing stored yet
+        self._adopt_view(dep, snap.revision, counts_only=counted is not None)
+
+    def _adopt_view(self, dep: Deployment, revision: int, *, counts_only: bool) -> None:
         self._persisted = dep
-        self._view_revision = snap.revision
+        self._view_revision = revision
         self._publish(dep)
-        log.info("state re-read at a newer store revision", extra={"revision": snap.revision})
+        # counts follow at the activation rate: not worth a line each
+        log.log(
+            logging.DEBUG if counts_only else logging.INFO,
+            "state re-read at a newer store revision",
+            extra={"revision": revision},
+        )
+
+    def _counts_applied(self, changed: Mapping[str, bytes]) -> Deployment | None:
+        """The view with ``changed`` applied, when those are only activation counts and monotonic
+        counters (no re-parsing of the manifest, keys and secrets); None otherwise."""
+        base = self._persisted
+        if base is None or base.manifest is None or not changed:
+            return None
+        if not all(k.startswith(COUNT_PREFIXES) for k in changed):
+            return None
+        activations, counters = counts_from_records(changed)  # IntegrityError for a malformed one
+        return dataclasses.replace(
+            base,
+            activations={**base.activations, **activations} if activations else base.activations,
+            counters={**base.counters, **counters} if counters else base.counters,
+        )
 
     def _counts_only_change(self, records: Mapping[str, bytes]) -> Deployment | None:
         """The view with new counts, when another replica's commits changed nothing but activation
-        counts and monotonic counters (the common case under load): no re-parsing of the manifest,
-        keys and secrets. None when anything else changed (the caller rebuilds everything)."""
+        counts and monotonic counters, judged on the whole state's records (stores that cannot list
+        changes). None when anything else changed (the caller rebuilds everything)."""
         base = self._persisted
         if base is None or base.manifest is None:
             return None
@@ -501,8 +541,7 @@ class Coordinator:
 
     async def _fresh_locked(self) -> None:
         """On a shared store, make sure the view is current before computing a change (caller holds lock)."""
-        shared = self.follower is not None and self._store is not None
-        if shared and self._store is not None and await self._store.revision() != self._view_revision:
+        if self.follower is not None and self._store is not None:
             await self._sync_locked()
 
     async def mutate(self, attempt: Callable[[], Awaitable[_T]]) -> _T:

@@ -1,17 +1,23 @@
 """Re-reading the state after another writer's commit (replicas on a shared store): a commit that
-changed only activation counts and monotonic counters is applied without rebuilding the deployment;
-anything else is rebuilt from the records; both give what a full rebuild gives."""
+changed only activation counts and monotonic counters is applied without rebuilding the deployment
+(on etcd from the changed records alone); anything else is rebuilt from the records; both give what
+a full rebuild gives."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 
+from etcd_support import EtcdMember
 from marblekeep.core.records import deployment_from_records
 from marblekeep.errors import IntegrityError
 from marblekeep.service import Coordinator, CoordinatorConfig
+from marblekeep.store.base import Snapshot
+from marblekeep.store.location import EtcdLocation
 
 MANIFEST = json.dumps(
     {
@@ -75,3 +81,47 @@ async def test_a_malformed_count_is_refused_like_a_full_rebuild(tmp_path: Path) 
             await coord.sync()
     finally:
         await coord.close()
+
+
+async def test_on_etcd_a_replica_applies_another_ones_counts_from_the_changed_records_alone(
+    etcd_server: EtcdMember, tmp_path: Path
+) -> None:
+    location = EtcdLocation(etcd_server.config())
+    a = await Coordinator.open(CoordinatorConfig(simulation=True, seal_dir=tmp_path / "a", store=location))
+    b: Coordinator | None = None
+    try:
+        (tmp_path / "b").mkdir(mode=0o700)  # the same KEK: no hand-over needed for this test
+        shutil.copy(tmp_path / "a" / "simulation-kek.key", tmp_path / "b" / "simulation-kek.key")
+        config_b = CoordinatorConfig(simulation=True, seal_dir=tmp_path / "b", store=location)
+        b = await Coordinator.open(config_b)
+        await a.set_manifest(MANIFEST)
+        await b.sync()
+        before = b.deployment
+        store = b._store
+        assert store is not None and before.manifest is not None
+        full_reads: list[str] = []
+        real_snapshot = store.snapshot
+
+        async def counting_snapshot(prefix: str = "") -> Snapshot:
+            full_reads.append(prefix)
+            return await real_snapshot(prefix)
+
+        store.snapshot = counting_snapshot  # type: ignore[method-assign]
+        async with a.lock:
+            await a.commit(dataclasses.replace(a.deployment, activations={"m": 4}, counters={"x": 9}))
+        await b.sync()
+        after = b.deployment
+        assert (after.activations, after.counters) == ({"m": 4}, {"x": 9})
+        assert after.manifest is before.manifest and after.secrets is before.secrets  # nothing rebuilt
+        assert full_reads == []  # only the changed records were read
+        # anything else is rebuilt from a full read
+        async with a.lock:
+            await a.commit(dataclasses.replace(a.deployment, manifest_signature=b"\x02" * 96))
+        await b.sync()
+        assert b.deployment.manifest_signature == b"\x02" * 96
+        assert b.deployment.activations == {"m": 4}
+        assert full_reads == [""]
+    finally:
+        if b is not None:
+            await b.close()
+        await a.close()

@@ -459,9 +459,17 @@ class _Conn:
             await channel.close()
 
 
-def _range_op(key: bytes, range_end: bytes = b"", *, keys_only: bool = False, limit: int = 0) -> Any:
+def _range_op(
+    key: bytes, range_end: bytes = b"", *, keys_only: bool = False, limit: int = 0, min_mod_revision: int = 0
+) -> Any:
     return rpc.RequestOp(
-        request_range=rpc.RangeRequest(key=key, range_end=range_end, keys_only=keys_only, limit=limit)
+        request_range=rpc.RangeRequest(
+            key=key,
+            range_end=range_end,
+            keys_only=keys_only,
+            limit=limit,
+            min_mod_revision=min_mod_revision,
+        )
     )
 
 
@@ -726,6 +734,32 @@ class EtcdStore:
                 envelope = envelopes[raw_key]
                 if envelope is not None:
                     out[self._user_key(raw_key)] = await self._value(raw_key, envelope, view.revision)
+            return Snapshot(view.head_mod, out)
+
+        return await self._reading(read)
+
+    async def changes_since(self, revision: int) -> Snapshot | None:
+        """The records written after store revision ``revision`` (by etcd's ``mod_revision``), read
+        together with the current store revision: ``Snapshot(revision, {})`` when nothing moved.
+
+        For a replica that holds the state as of ``revision`` and follows the others' commits
+        (:meth:`marblekeep.store.sealed.SealedStore.changes_since`). Deleted records do not show
+        (the caller checks the record count); ``None`` while a large commit is being applied or if
+        the store revision is below ``revision``: read the whole state instead."""
+        start = self._rec
+        end = _prefix_end(start)
+
+        async def read() -> Snapshot | None:
+            # no limit: etcd filters by mod_revision after ranging, so a limit would cut the range
+            view = await self._read_view([_range_op(start, end, min_mod_revision=revision + 1)])
+            if view.pending is not None or view.head_mod < revision:
+                return None
+            if view.head_mod == revision:
+                return Snapshot(revision, {})
+            out: dict[str, bytes] = {}
+            for kv in view.records:
+                raw_key = bytes(kv.key)
+                out[self._user_key(raw_key)] = await self._value(raw_key, bytes(kv.value), view.revision)
             return Snapshot(view.head_mod, out)
 
         return await self._reading(read)

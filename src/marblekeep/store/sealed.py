@@ -331,6 +331,19 @@ def _check_layout(records: Mapping[str, bytes]) -> None:
         )
 
 
+def _open_index(blob: bytes, crypto: _Crypto) -> tuple[bytes, int, int, bytes, bytes]:
+    """``(store id, epoch, record count, index digest, metadata hash)`` from a sealed ``sys:state``.
+
+    Raises ``_DekMismatch`` (sealed under another DEK) or ``IntegrityError``."""
+    body = crypto.open(SYS_STATE, blob, mismatch_is_integrity=False)
+    if len(body) != _STATE.size:
+        raise IntegrityError(f"record {SYS_STATE!r} has an unknown layout; restore a backup")
+    magic, store_id, epoch, count, digest_bytes, rd_hash = _STATE.unpack(body)
+    if magic != _STATE_MAGIC:
+        raise IntegrityError(f"record {SYS_STATE!r} has an unknown layout; restore a backup")
+    return store_id, epoch, count, digest_bytes, rd_hash
+
+
 def _verify(records: Mapping[str, bytes], crypto: _Crypto) -> _State:
     """Check every record against the sealed index. Raises ``_DekMismatch`` or ``IntegrityError``."""
     blob = records.get(SYS_STATE)
@@ -338,12 +351,7 @@ def _verify(records: Mapping[str, bytes], crypto: _Crypto) -> _State:
         raise IntegrityError(
             f"the stored state has no {SYS_STATE!r} record: it is incomplete or damaged; restore a backup"
         )
-    body = crypto.open(SYS_STATE, blob, mismatch_is_integrity=False)
-    if len(body) != _STATE.size:
-        raise IntegrityError(f"record {SYS_STATE!r} has an unknown layout; restore a backup")
-    magic, store_id, epoch, count, digest_bytes, rd_hash = _STATE.unpack(body)
-    if magic != _STATE_MAGIC:
-        raise IntegrityError(f"record {SYS_STATE!r} has an unknown layout; restore a backup")
+    store_id, epoch, count, digest_bytes, rd_hash = _open_index(blob, crypto)
     elements: dict[str, int] = {}
     digest = 0
     for key, value in records.items():
@@ -615,6 +623,71 @@ class SealedStore:
 
     async def list(self, prefix: str) -> dict[str, bytes]:
         return dict((await self.snapshot(prefix)).records)
+
+    async def changes_since(self, revision: int) -> Snapshot | None:
+        """The user records that other writers changed after ``revision``, verified and opened, with
+        the new revision (``Snapshot(revision, {})``: nothing changed); this store then serves that
+        revision. For a replica following the others' commits: the cost is what changed, not the
+        size of the state.
+
+        ``None`` when the changes cannot be taken one by one; the caller then reads the whole state
+        (:meth:`snapshot`, which re-verifies everything): the backend cannot list changes (SQLite),
+        this store does not hold ``revision`` verified, a large commit is being applied, anything but
+        data records changed (a new DEK, recovery data, another replica's key entry), or a record
+        was deleted.
+
+        As safe as re-verifying everything: a record etcd did not rewrite since ``revision`` is the
+        one verified before (a write always raises its ``mod_revision``; a backend going back in
+        revision or changing identity is refused by the backend), and the changed records, the
+        unchanged ones' known index elements and the new sealed index must agree (count and
+        digest), with the epoch not going back."""
+        changes_since = getattr(self._inner, "changes_since", None)
+        if changes_since is None:
+            return None
+        async with self._lock:
+            if self._unwritten or self._kek is None or self._revision != revision:
+                return None
+            changed = await changes_since(revision)
+            if changed is None:
+                return None
+            if changed.revision == revision:
+                return Snapshot(revision, {})
+            records = changed.records
+            blob = records.get(SYS_STATE)
+            if blob is None or any(k != SYS_STATE and not k.startswith(DATA_PREFIX) for k in records):
+                return None
+            crypto = self._crypto
+            try:
+                store_id, epoch, count, digest_bytes, rd_hash = _open_index(blob, crypto)
+            except _DekMismatch:
+                return None
+            state = self._state
+            if store_id != state.store_id or epoch < state.epoch:
+                return None  # the full read decides (IntegrityError / RollbackError)
+            elements = dict(state.elements)
+            digest = state.digest
+            out: dict[str, bytes] = {}
+            for key, value in records.items():
+                if key == SYS_STATE:
+                    continue
+                out[key.removeprefix(DATA_PREFIX)] = crypto.open(key, value)
+                old = elements.get(key)
+                if old is not None:
+                    digest = (digest - old) % _MOD
+                elements[key] = crypto.element(key, value)
+                digest = (digest + elements[key]) % _MOD
+            if (
+                len(elements) != count
+                or digest != int.from_bytes(digest_bytes, "big")
+                or _recovery_data_hash(state.recovery_data, state.public_metadata) != rd_hash
+            ):
+                return None  # a record was deleted, or something is wrong: the full read decides
+            advanced = epoch > state.epoch
+            self._state = replace(state, epoch=epoch, elements=elements, digest=digest)
+            self._revision, self._stale = changed.revision, False
+            if advanced:  # remember the epochs other writers sealed (as _reload does)
+                await self._write_anchor()
+            return Snapshot(changed.revision, out)
 
     async def revision(self) -> int:
         async with self._lock:
