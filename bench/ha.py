@@ -1,17 +1,23 @@
 """High availability on etcd (issue 10): activations with one and two replicas, CPU and secret writes.
 
-    .venv/bin/python bench/ha.py [--seconds 4] [--concurrency 32] [--clients 2] [--iterations 100]
-                                 [--records 10000]
+    .venv/bin/python bench/ha.py [--seconds 3] [--rounds 3] [--concurrency 32] [--clients 2]
+                                 [--iterations 100] [--records 10000] [--control]
 
 Starts a real etcd member (Debian's ``etcd``) on free loopback ports in a temporary directory, then
 in one run measures:
 
 1. activations/s over HTTPS (bench/activation.py's premain-like load: new TLS connection,
    challenge, simulation evidence, activate, open the sealed Parameters) against
-   ``marblekeep coordinator --simulation --store etcd://...`` subprocesses: one replica, then two
+   ``marblekeep coordinator --simulation`` subprocesses: on SQLite; one replica on etcd; and two
    replicas behind the same etcd with the load split evenly. The Marble has ``MaxActivations``
    (one billion), so every activation commits its counter: the store is on the path, and with
-   two replicas they contend for the same counter (compare-and-set, re-read, compute again).
+   two replicas they contend for the same counter (compare-and-set, re-read, decide again).
+   All servers run for the whole measurement and the configurations are measured **in turns**:
+   ``--rounds`` rounds of ``--seconds`` each, the order rotated every round, so that load from
+   other work on the machine falls on all of them alike. Each line is the mean over the rounds
+   (CPU per activation over all of them); the rounds are printed too. ``--control`` adds two
+   *separate* deployments on the same etcd (no shared state) with the load split the same way:
+   what splitting the load over two processes costs, apart from anything replicas do together.
 2. server CPU per activation (user + system time of the Coordinator processes, from /proc) on
    etcd against SQLite, same load; etcd's own CPU is printed beside it.
 3. the p50 of one ``Coordinator.write_secrets`` (as in bench/state.py) on etcd against SQLite, at 0
@@ -185,63 +191,99 @@ async def write_p50(store: StoreLocation, seal_dir: Path, secrets: int, iteratio
         await coord.close()
 
 
+def mean_phase(label: str, phases: list[Phase]) -> Phase:
+    """Rounds of one configuration as one line: mean rate, median p50, CPU over all activations."""
+    count = sum(p.count for p in phases)
+    return Phase(
+        label=label,
+        concurrency=phases[0].concurrency,
+        rate=statistics.fmean(p.rate for p in phases),
+        p50_ms=statistics.median(p.p50_ms for p in phases),
+        p99_ms=max(p.p99_ms for p in phases),
+        count=count,
+        errors=sum(p.errors for p in phases),
+        server_cpu_ms=sum(p.server_cpu_ms * p.count for p in phases) / max(count, 1),
+        client_cpu_ms=sum(p.client_cpu_ms * p.count for p in phases) / max(count, 1),
+        first_error=next((p.first_error for p in phases if p.first_error), ""),
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument("--seconds", type=float, default=3.0, help="one measurement of one configuration")
+    parser.add_argument("--rounds", type=int, default=3, help="turns over all configurations")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--clients", type=int, default=2, help="load-generator processes in all")
     parser.add_argument("--iterations", type=int, default=100, help="secret writes per measurement")
     parser.add_argument("--records", type=int, default=10_000)
+    parser.add_argument(
+        "--control", action="store_true", help="also measure two separate deployments (no shared state)"
+    )
     args = parser.parse_args()
     started = time.perf_counter()
     print(
         f"machine: {os.cpu_count()} CPU(s) shared by etcd, the Coordinator replica(s) and "
         f"{args.clients} load-generator process(es); N = {args.concurrency} concurrent Marbles; the Marble "
-        "has MaxActivations, so every activation commits its counter"
+        f"has MaxActivations, so every activation commits its counter; {args.rounds} round(s) of "
+        f"{args.seconds:g} s per configuration, in turns"
     )
-    with tempfile.TemporaryDirectory(prefix="marblekeep-ha-") as tmp:
+    sqlite_label, one_label, two_label = "SQLite, 1 process", "etcd, 1 replica", "etcd, 2 replicas"
+    control_label = "etcd, 2 separate deployments"
+    with tempfile.TemporaryDirectory(prefix="marblekeep-ha-") as tmp, contextlib.ExitStack() as stack:
         work = Path(tmp)
         etcd = EtcdMember(work / "etcd").start()
-        try:
-            url = f"etcd://127.0.0.1:{etcd.client_port}"
-            assert etcd.proc is not None
-            results: dict[str, tuple[Phase, float | None]] = {}
-            with replica(work / "sqlite", "r1", None) as server:
-                set_manifest(server, COUNTED)
-                results["SQLite, 1 process"] = (
-                    split_phase([server], args.seconds, args.concurrency, args.clients),
-                    None,
-                )
-            report("SQLite, 1 process", *results["SQLite, 1 process"])
-            with replica(work / "one", "r1", url + "/one") as server:
-                set_manifest(server, COUNTED)
-                e0 = proc_cpu(etcd.proc.pid)
-                phase = split_phase([server], args.seconds, args.concurrency, args.clients)
-                results["etcd, 1 replica"] = (phase, (proc_cpu(etcd.proc.pid) - e0) * 1e3 / phase.count)
-            report("etcd, 1 replica", *results["etcd, 1 replica"])
-            with replica(work / "two", "r1", url + "/two") as first:
-                kek = work / "two" / "r1" / "simulation-kek.key"
-                with replica(work / "two", "r2", url + "/two", kek=kek) as second:
-                    set_manifest(first, COUNTED)
-                    wait_state_3(second)
-                    e0 = proc_cpu(etcd.proc.pid)
-                    phase = split_phase([first, second], args.seconds, args.concurrency, args.clients)
-                    results["etcd, 2 replicas"] = (phase, (proc_cpu(etcd.proc.pid) - e0) * 1e3 / phase.count)
-            report("etcd, 2 replicas", *results["etcd, 2 replicas"])
+        stack.callback(etcd.stop)
+        servers = stack.enter_context(contextlib.ExitStack())
+        url = f"etcd://127.0.0.1:{etcd.client_port}"
+        assert etcd.proc is not None
+        etcd_pid = etcd.proc.pid
+        sqlite = servers.enter_context(replica(work / "sqlite", "r1", None))
+        one = servers.enter_context(replica(work / "one", "r1", url + "/one"))
+        first = servers.enter_context(replica(work / "two", "r1", url + "/two"))
+        kek = work / "two" / "r1" / "simulation-kek.key"
+        second = servers.enter_context(replica(work / "two", "r2", url + "/two", kek=kek))
+        configs: dict[str, list[Server]] = {
+            sqlite_label: [sqlite],
+            one_label: [one],
+            two_label: [first, second],
+        }
+        if args.control:
+            separate = servers.enter_context(replica(work / "separate", "r1", url + "/separate"))
+            configs[control_label] = [one, separate]
+        for server in (sqlite, one, first, *configs.get(control_label, [])[1:]):
+            set_manifest(server, COUNTED)
+        wait_state_3(second)
+        rounds: dict[str, list[Phase]] = {label: [] for label in configs}
+        etcd_ms: dict[str, float] = dict.fromkeys(configs, 0.0)
+        labels = list(configs)
+        for n in range(args.rounds):
+            order = labels[n % len(labels) :] + labels[: n % len(labels)]
+            for label in order:
+                e0 = proc_cpu(etcd_pid)
+                phase = split_phase(configs[label], args.seconds, args.concurrency, args.clients)
+                etcd_ms[label] += (proc_cpu(etcd_pid) - e0) * 1e3
+                rounds[label].append(phase)
+            print(
+                f"  round {n + 1}: "
+                + ", ".join(f"{label} {rounds[label][-1].rate:.0f}/s" for label in labels),
+                flush=True,
+            )
+        results = {label: mean_phase(label, phases) for label, phases in rounds.items()}
+        for label in labels:
+            etcd_cpu = None if label == sqlite_label else etcd_ms[label] / max(results[label].count, 1)
+            report(label, results[label], etcd_cpu)
+        servers.close()  # the secret writes run alone
 
-            logging.disable(logging.WARNING)
-            config = EtcdConfig((EtcdEndpoint("127.0.0.1", etcd.client_port),), prefix="/writes/")
-            writes: dict[tuple[str, int], float] = {}
-            for n in (0, args.records):
-                writes[("sqlite", n)] = asyncio.run(
-                    write_p50(SQLiteLocation(), work / f"w-sqlite-{n}", n, args.iterations)
-                )
-                etcd_loc = EtcdLocation(EtcdConfig(config.endpoints, prefix=f"/writes-{n}/"))
-                writes[("etcd", n)] = asyncio.run(
-                    write_p50(etcd_loc, work / f"w-etcd-{n}", n, args.iterations)
-                )
-        finally:
-            etcd.stop()
+        logging.disable(logging.WARNING)
+        config = EtcdConfig((EtcdEndpoint("127.0.0.1", etcd.client_port),), prefix="/writes/")
+        writes: dict[tuple[str, int], float] = {}
+        for n in (0, args.records):
+            writes[("sqlite", n)] = asyncio.run(
+                write_p50(SQLiteLocation(), work / f"w-sqlite-{n}", n, args.iterations)
+            )
+            etcd_loc = EtcdLocation(EtcdConfig(config.endpoints, prefix=f"/writes-{n}/"))
+            writes[("etcd", n)] = asyncio.run(write_p50(etcd_loc, work / f"w-etcd-{n}", n, args.iterations))
+        one_etcd_cpu = etcd_ms[one_label] / max(results[one_label].count, 1)
 
     print()
     print(f"Coordinator.write_secrets of one secret, p50 of {args.iterations}:")
@@ -250,11 +292,14 @@ def main() -> None:
             f"  {n:>6} secrets: SQLite {writes[('sqlite', n)]:6.2f} ms   etcd {writes[('etcd', n)]:6.2f} ms"
         )
     print()
-    one, two = results["etcd, 1 replica"][0], results["etcd, 2 replicas"][0]
-    sqlite = results["SQLite, 1 process"][0]
-    cpu_ratio = results["etcd, 1 replica"][0].server_cpu_ms / sqlite.server_cpu_ms
+    one, two, sqlite_phase = results[one_label], results[two_label], results[sqlite_label]
+    won = sum(t.rate >= o.rate for t, o in zip(rounds[two_label], rounds[one_label], strict=True))
+    cpu_ratio = one.server_cpu_ms / sqlite_phase.server_cpu_ms
     verdict = {True: "met", False: "MISSED"}
-    print(f"two replicas >= one: {two.rate:.0f}/s vs {one.rate:.0f}/s ({verdict[two.rate >= one.rate]})")
+    print(
+        f"two replicas >= one: {two.rate:.0f}/s vs {one.rate:.0f}/s ({verdict[two.rate >= one.rate]}; "
+        f"two replicas ahead in {won} of {args.rounds} round(s))"
+    )
     print(
         f"server CPU per activation etcd/SQLite = {cpu_ratio:.2f} "
         f"(target <= 1.3: {verdict[cpu_ratio <= 1.3]})"
@@ -265,12 +310,12 @@ def main() -> None:
         f"(target < 20: {verdict[p50 < 20]})"
     )
     per_core = 1000 / one.server_cpu_ms if one.server_cpu_ms else 0
-    etcd_cpu = results["etcd, 1 replica"][1] or 0.0
+    commits_per_core = 1000 / one_etcd_cpu if one_etcd_cpu else 0
     print(
         f"projection: one replica needs {one.server_cpu_ms:.2f} ms CPU per activation (~{per_core:.0f}/s per "
-        f"core it has to itself), etcd {etcd_cpu:.2f} ms; with k replicas on their own cores the rate "
-        f"grows ~k x {per_core:.0f}/s until etcd's core is busy (~{1000 / etcd_cpu if etcd_cpu else 0:.0f} "
-        "counter commits/s on one etcd core, more with faster disks)"
+        f"core it has to itself), etcd {one_etcd_cpu:.2f} ms; with k replicas on their own cores the rate "
+        f"grows ~k x {per_core:.0f}/s until etcd's core is busy (~{commits_per_core:.0f} activations/s on "
+        "one etcd core at this group-commit size, more with faster disks)"
     )
     print(f"(whole run {time.perf_counter() - started:.0f} s)")
 
