@@ -449,6 +449,7 @@ class _Counts:
         coord = self._coord
         try:
             for _ in range(CONFLICT_RETRIES):
+                await coord.catch_up_locked()
                 dep = coord.deployment
                 counts = dict(dep.activations)
                 granted: list[_Claim] = []

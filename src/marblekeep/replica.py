@@ -68,11 +68,15 @@ class Follower(BackgroundLoop):
         self._revision = revision
         #: Set after each sync attempt (tests and the bench wait on it).
         self.synced = asyncio.Event()
+        #: The newest store revision the watch reported (a writer whose view is older syncs before
+        #: computing its change instead of losing its compare-and-set).
+        self.seen = 0
 
     async def _run(self) -> None:
         while True:
             try:
                 async for revision in self._store.watch_head(self._revision()):
+                    self.seen = max(self.seen, revision)
                     if revision > self._revision():
                         await self._sync(revision)
                     self.synced.set()

@@ -539,6 +539,13 @@ class Coordinator:
         activations, counters = counts_from_records(records)
         return dataclasses.replace(base, activations=activations, counters=counters)
 
+    async def catch_up_locked(self) -> None:
+        """Take the commits the follower's watch already reported and this view lacks, before a
+        change is computed on it (caller holds :attr:`lock`): its compare-and-set would lose anyway.
+        No store round trip when the view is current."""
+        if self.follower is not None and self.follower.seen > self._view_revision:
+            await self._sync_locked()
+
     async def _fresh_locked(self) -> None:
         """On a shared store, make sure the view is current before computing a change (caller holds lock)."""
         if self.follower is not None and self._store is not None:
@@ -551,6 +558,7 @@ class Coordinator:
         for tries in range(CONFLICT_RETRIES):
             async with self.lock:
                 try:
+                    await self.catch_up_locked()
                     return await attempt()
                 except ConflictError:
                     if tries == CONFLICT_RETRIES - 1:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import uuid
 from collections.abc import Callable
 from dataclasses import replace
@@ -16,6 +17,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 import marblekeep.activations as activations_module
+from etcd_support import EtcdMember
 from marblekeep.errors import ActivationRefused, StoreError
 from marblekeep.marble.protocol import (
     ActivationRequest,
@@ -25,6 +27,7 @@ from marblekeep.marble.protocol import (
     expected_report_data,
 )
 from marblekeep.service import Coordinator, CoordinatorConfig
+from marblekeep.store.location import EtcdLocation
 
 BOUND = 30.0  # generous bound on waiting for a condition (never a timing assertion)
 
@@ -207,3 +210,46 @@ async def test_a_failed_commit_fails_the_whole_group_and_counts_nothing(
         assert coord.deployment.activations == {"m": 1}
     finally:
         await coord.close()
+
+
+async def test_a_replica_takes_the_commits_its_watch_reported_before_deciding(
+    etcd_server: EtcdMember, tmp_path: Path
+) -> None:
+    """On etcd: a group decided on a view the watch already knows to be old would lose its
+    compare-and-set; the replica takes the newer commits first and commits once."""
+    location = EtcdLocation(etcd_server.config())
+    a = await Coordinator.open(CoordinatorConfig(simulation=True, seal_dir=tmp_path / "a", store=location))
+    b: Coordinator | None = None
+    try:
+        (tmp_path / "b").mkdir(mode=0o700)  # the same KEK: no hand-over needed for this test
+        shutil.copy(tmp_path / "a" / "simulation-kek.key", tmp_path / "b" / "simulation-kek.key")
+        config_b = CoordinatorConfig(simulation=True, seal_dir=tmp_path / "b", store=location)
+        b = await Coordinator.open(config_b)
+        for coord in (a, b):
+            coord.challenges = ChallengeBook(b"\x01" * 32, max_used=10_000, max_used_per_source=10_000)
+        await a.set_manifest(manifest(3))
+        await b.sync()
+        assert b.follower is not None
+        await b.follower.stop()  # hold b's view back, as between a watch event and its re-read
+        await a.activate(body(a))
+        await a.activate(body(a))
+        b.follower.seen = a._view_revision  # what the watch reported
+        store = b._store
+        assert store is not None
+        commits: list[int] = []
+        real_commit = store.commit
+
+        async def counting_commit(writes: Any, *, expected_revision: int) -> int:
+            commits.append(expected_revision)
+            return await real_commit(writes, expected_revision=expected_revision)
+
+        store.commit = counting_commit  # type: ignore[method-assign]
+        await b.activate(body(b))
+        assert commits == [a._view_revision]  # one commit, on the view the watch reported
+        assert b.deployment.activations == {"m": 3}
+        with pytest.raises(ActivationRefused, match="reached max activations count"):
+            await b.activate(body(b))
+    finally:
+        if b is not None:
+            await b.close()
+        await a.close()
