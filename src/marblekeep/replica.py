@@ -5,9 +5,10 @@ compare-and-set commits conditioned on the revision that view was read at
 (:meth:`marblekeep.service.Coordinator.commit`): a replica whose view is stale loses the
 compare, re-reads and computes again, so no write is lost or applied twice. Reads are served
 from the view, which a :class:`Follower` keeps fresh: it watches the store's revision (an etcd
-watch) and has the Coordinator re-read the state after every commit of another replica, in
-commit order (each re-read covers every commit up to the revision it read; a watch that falls
-behind etcd's compaction simply re-reads). docs/ha.md states the read freshness this gives.
+watch) and has the Coordinator take every commit of another replica, in commit order: the records
+changed since its view in one read, applied as they are when only counts changed, the whole state
+re-read otherwise (each sync covers every commit up to the revision it read; a watch that falls
+behind etcd's compaction simply syncs). docs/ha.md states the read freshness this gives.
 """
 
 from __future__ import annotations

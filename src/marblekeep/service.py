@@ -6,8 +6,9 @@ same steps: compute the new snapshot with a pure function, write the changed rec
 compare-and-set commit, and only then publish the new snapshot. A failed commit leaves the
 previous snapshot in place, so the API never reports a write that is not durable.
 
-Mutations are serialised by one lock. Activations of Marbles without ``MaxActivations`` read the
-current snapshot and write nothing, so they run without it.
+Mutations are serialised by one lock. Activations render their answer on the current snapshot
+without it; those of Marbles with ``MaxActivations`` then take the lock only to count, many at
+once in one commit (activations.py); the others write nothing.
 """
 
 from __future__ import annotations

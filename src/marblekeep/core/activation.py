@@ -156,11 +156,17 @@ class PreparedDeployment:
         which Marbles may not ask for, besides the root's SANs (core/marblenames.py)."""
         self.deployment = dep
         ca = dep.ca
-        self.coordinator_names: CoordinatorNames = coordinator_names(ca.root.cert, coordinator_dns_names)
+        configured = tuple(coordinator_dns_names)
+        same_ca = previous is not None and previous.deployment.ca is ca
+        self._configured_names = configured
+        # a commit that changed only counts or secrets re-prepares often: reuse what the CA fixes
+        self.coordinator_names: CoordinatorNames = (
+            previous.coordinator_names
+            if previous is not None and same_ca and previous._configured_names == configured
+            else coordinator_names(ca.root.cert, configured)
+        )
         self.leaf_issuer: LeafIssuer = (
-            previous.leaf_issuer
-            if previous is not None and previous.deployment.ca is ca
-            else LeafIssuer(ca.marble_root)
+            previous.leaf_issuer if previous is not None and same_ca else LeafIssuer(ca.marble_root)
         )
         self.root_ca = ReservedSecret(cert=ca.marble_root.cert_der)
         self.coordinator_root = ReservedSecret(cert=ca.root.cert_der)
