@@ -4,6 +4,7 @@ takes them, or hands the decision to a full re-read (which refuses tampering as 
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +147,31 @@ async def test_a_damaged_changed_record_is_refused(etcd_server: EtcdMember, tmp_
         raw_put(etcd_server, key, b"\x00" + bytes(blob[1:]))
         with pytest.raises(IntegrityError, match="activations:m"):
             await b.changes_since(seen)
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_commit_interrupted_after_it_went_through_keeps_the_index_of_its_revision(
+    etcd_server: EtcdMember, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cancelled while writing the rollback anchor, after etcd applied the commit: the index in memory
+    is the committed one (not put back), so taking the next changes on top of it stays exact."""
+    a, b, _config = await _two_replicas(etcd_server, tmp_path)
+    try:
+        async def cancelled() -> None:
+            raise asyncio.CancelledError
+
+        monkeypatch.setattr(b, "_write_anchor", cancelled)
+        with pytest.raises(asyncio.CancelledError):
+            await put(b, {"activations:m": b"1"})
+        monkeypatch.undo()
+        committed = b._revision  # the commit's revision (no full re-read in between)
+        assert await a.get("activations:m") == b"1"
+        rev = await put(a, {"activations:m": b"2"})
+        assert await b.changes_since(committed) == Snapshot(rev, {"activations:m": b"2"})
+        assert await b.commit({"activations:m": b"3"}, expected_revision=rev) > rev
+        assert await a.get("activations:m") == b"3"  # a verifies what b's index produced
     finally:
         await a.close()
         await b.close()

@@ -710,9 +710,10 @@ class SealedStore:
                 return self._revision
             # The element index is updated in place (copying it would cost the size of the state on
             # every commit) and put back exactly as it was if the commit does not go through.
-            elements = self._state.elements
+            before = self._state
+            elements = before.elements
             undo: dict[str, int | None] = {}
-            digest = self._state.digest
+            digest = before.digest
             inner_writes: dict[str, bytes | None] = {}
             try:
                 for key, value in checked.items():
@@ -731,11 +732,15 @@ class SealedStore:
                 state = self._state.next_epoch(elements, digest)
                 return await self._commit_inner(inner_writes, state, self._crypto)
             except BaseException:
-                for inner_key, previous in undo.items():
-                    if previous is None:
-                        elements.pop(inner_key, None)
-                    else:
-                        elements[inner_key] = previous
+                # Put the index back unless the commit went through (interrupted after it, e.g.
+                # while writing the anchor): memory then matches the revision it holds, so that
+                # the changes since that revision (changes_since) complete it exactly.
+                if self._state is before:
+                    for inner_key, previous in undo.items():
+                        if previous is None:
+                            elements.pop(inner_key, None)
+                        else:
+                            elements[inner_key] = previous
                 self._stale = True  # re-read and re-verify the backend before trusting memory again
                 raise
 
