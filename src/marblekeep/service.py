@@ -474,7 +474,7 @@ class Coordinator:
         store = self._store
         if store is None:
             return
-        changes = await store.changes_since(self._view_revision)
+        changes = await store.changes_since(self._view_revision, likely=COUNT_PREFIXES)
         if changes is not None:
             if changes.revision == self._view_revision:
                 return

@@ -175,3 +175,35 @@ async def test_a_commit_interrupted_after_it_went_through_keeps_the_index_of_its
     finally:
         await a.close()
         await b.close()
+
+
+async def test_likely_prefixes_are_read_first_and_the_index_tells_whether_that_was_all(
+    etcd_server: EtcdMember, tmp_path: Path
+) -> None:
+    """With the prefixes where changes usually are (activation counts), the backend ranges over
+    those alone when the sealed index confirms nothing else changed; otherwise over everything."""
+    a, b, _config = await _two_replicas(etcd_server, tmp_path)
+    try:
+        inner = b.inner
+        assert isinstance(inner, EtcdStore)
+        calls: list[tuple[str, ...]] = []
+        real = inner.changes_since
+
+        async def recording(revision: int, prefixes: Any = ("",)) -> Snapshot | None:
+            calls.append(tuple(prefixes))
+            return await real(revision, prefixes)
+
+        inner.changes_since = recording  # type: ignore[method-assign]
+        seen = await b.revision()
+        rev = await put(a, {"activations:m": b"1"})
+        assert await b.changes_since(seen, likely=("activations:",)) == Snapshot(rev, {"activations:m": b"1"})
+        assert calls == [("sys:state", "data:activations:")]  # the rest of the state was not ranged
+        calls.clear()
+        rev2 = await put(a, {"activations:m": b"2", "secret:s": b"s1"})
+        changes = await b.changes_since(rev, likely=("activations:",))
+        assert changes == Snapshot(rev2, {"activations:m": b"2", "secret:s": b"s1"})
+        assert calls == [("sys:state", "data:activations:"), ("",)]  # the index said: more changed
+        assert (await b.snapshot("")).records["secret:s"] == b"s1"
+    finally:
+        await a.close()
+        await b.close()

@@ -738,28 +738,34 @@ class EtcdStore:
 
         return await self._reading(read)
 
-    async def changes_since(self, revision: int) -> Snapshot | None:
-        """The records written after store revision ``revision`` (by etcd's ``mod_revision``), read
-        together with the current store revision: ``Snapshot(revision, {})`` when nothing moved.
+    async def changes_since(self, revision: int, prefixes: Sequence[str] = ("",)) -> Snapshot | None:
+        """The records under ``prefixes`` written after store revision ``revision`` (by etcd's
+        ``mod_revision``), read together with the current store revision at one etcd revision:
+        ``Snapshot(revision, {})`` when nothing moved.
 
         For a replica that holds the state as of ``revision`` and follows the others' commits
         (:meth:`marblekeep.store.sealed.SealedStore.changes_since`). Deleted records do not show
         (the caller checks the record count); ``None`` while a large commit is being applied or if
-        the store revision is below ``revision``: read the whole state instead."""
-        start = self._rec
-        end = _prefix_end(start)
+        the store revision is below ``revision``: read the whole state instead. etcd filters by
+        ``mod_revision`` after reading the range, so narrow ``prefixes`` keep a large state cheap."""
+        ranges = []
+        for prefix in prefixes:
+            start = self._rec + prefix.encode("utf-8", "surrogatepass")
+            # no limit: etcd filters by mod_revision after ranging, so a limit would cut the range
+            ranges.append(_range_op(start, _prefix_end(start), min_mod_revision=revision + 1))
 
         async def read() -> Snapshot | None:
-            # no limit: etcd filters by mod_revision after ranging, so a limit would cut the range
-            view = await self._read_view([_range_op(start, end, min_mod_revision=revision + 1)])
+            response = await self._read_txn([*self._head_ops(), *ranges])
+            view = self._view(response)
             if view.pending is not None or view.head_mod < revision:
                 return None
             if view.head_mod == revision:
                 return Snapshot(revision, {})
             out: dict[str, bytes] = {}
-            for kv in view.records:
-                raw_key = bytes(kv.key)
-                out[self._user_key(raw_key)] = await self._value(raw_key, bytes(kv.value), view.revision)
+            for result in response.responses[2:]:
+                for kv in result.response_range.kvs:
+                    raw_key = bytes(kv.key)
+                    out[self._user_key(raw_key)] = await self._value(raw_key, bytes(kv.value), view.revision)
             return Snapshot(view.head_mod, out)
 
         return await self._reading(read)

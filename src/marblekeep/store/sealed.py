@@ -75,7 +75,7 @@ import hmac
 import logging
 import os
 import struct
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from hashlib import sha256
 
@@ -624,11 +624,16 @@ class SealedStore:
     async def list(self, prefix: str) -> dict[str, bytes]:
         return dict((await self.snapshot(prefix)).records)
 
-    async def changes_since(self, revision: int) -> Snapshot | None:
+    async def changes_since(self, revision: int, likely: Sequence[str] = ()) -> Snapshot | None:
         """The user records that other writers changed after ``revision``, verified and opened, with
         the new revision (``Snapshot(revision, {})``: nothing changed); this store then serves that
         revision. For a replica following the others' commits: the cost is what changed, not the
         size of the state.
+
+        ``likely``: user-key prefixes where the changes usually are (activation counts). Those are
+        read first; when they and the sealed index agree, nothing else changed (the index digest
+        covers every record), so the backend never ranges over the rest; otherwise every record
+        changed since ``revision`` is read.
 
         ``None`` when the changes cannot be taken one by one; the caller then reads the whole state
         (:meth:`snapshot`, which re-verifies everything): the backend cannot list changes (SQLite),
@@ -647,47 +652,59 @@ class SealedStore:
         async with self._lock:
             if self._unwritten or self._kek is None or self._revision != revision:
                 return None
-            changed = await changes_since(revision)
-            if changed is None:
-                return None
-            if changed.revision == revision:
-                return Snapshot(revision, {})
-            records = changed.records
-            blob = records.get(SYS_STATE)
-            if blob is None or any(k != SYS_STATE and not k.startswith(DATA_PREFIX) for k in records):
-                return None
-            crypto = self._crypto
-            try:
-                store_id, epoch, count, digest_bytes, rd_hash = _open_index(blob, crypto)
-            except _DekMismatch:
-                return None
-            state = self._state
-            if store_id != state.store_id or epoch < state.epoch:
-                return None  # the full read decides (IntegrityError / RollbackError)
-            elements = dict(state.elements)
-            digest = state.digest
-            out: dict[str, bytes] = {}
-            for key, value in records.items():
-                if key == SYS_STATE:
-                    continue
-                out[key.removeprefix(DATA_PREFIX)] = crypto.open(key, value)
-                old = elements.get(key)
-                if old is not None:
-                    digest = (digest - old) % _MOD
-                elements[key] = crypto.element(key, value)
-                digest = (digest + elements[key]) % _MOD
-            if (
-                len(elements) != count
-                or digest != int.from_bytes(digest_bytes, "big")
-                or _recovery_data_hash(state.recovery_data, state.public_metadata) != rd_hash
-            ):
-                return None  # a record was deleted, or something is wrong: the full read decides
-            advanced = epoch > state.epoch
-            self._state = replace(state, epoch=epoch, elements=elements, digest=digest)
-            self._revision, self._stale = changed.revision, False
-            if advanced:  # remember the epochs other writers sealed (as _reload does)
-                await self._write_anchor()
-            return Snapshot(changed.revision, out)
+            if likely:
+                narrow = [SYS_STATE, *(DATA_PREFIX + prefix for prefix in likely)]
+                taken = await self._take_changes(await changes_since(revision, narrow), revision)
+                if taken is not None:
+                    return taken
+            return await self._take_changes(await changes_since(revision), revision)
+
+    async def _take_changes(self, changed: Snapshot | None, revision: int) -> Snapshot | None:
+        """Verify ``changed`` (backend records written after ``revision``) against its sealed index
+        and take it; ``None`` (nothing taken) when they do not account for the whole change."""
+        if changed is None:
+            return None
+        if changed.revision == revision:
+            return Snapshot(revision, {})
+        records = changed.records
+        blob = records.get(SYS_STATE)
+        if blob is None or any(k != SYS_STATE and not k.startswith(DATA_PREFIX) for k in records):
+            return None
+        crypto = self._crypto
+        try:
+            store_id, epoch, count, digest_bytes, rd_hash = _open_index(blob, crypto)
+        except _DekMismatch:
+            return None
+        state = self._state
+        if store_id != state.store_id or epoch < state.epoch:
+            return None  # the full read decides (IntegrityError / RollbackError)
+        elements = state.elements
+        digest = state.digest
+        fresh: dict[str, int] = {}  # the changed records' index elements
+        out: dict[str, bytes] = {}
+        for key, value in records.items():
+            if key == SYS_STATE:
+                continue
+            out[key.removeprefix(DATA_PREFIX)] = crypto.open(key, value)
+            old = elements.get(key)
+            if old is not None:
+                digest = (digest - old) % _MOD
+            fresh[key] = crypto.element(key, value)
+            digest = (digest + fresh[key]) % _MOD
+        added = sum(1 for key in fresh if key not in elements)
+        if (
+            len(elements) + added != count
+            or digest != int.from_bytes(digest_bytes, "big")
+            or _recovery_data_hash(state.recovery_data, state.public_metadata) != rd_hash
+        ):
+            return None  # a record was deleted, or something is wrong: the full read decides
+        advanced = epoch > state.epoch
+        elements.update(fresh)  # in place: copying would cost the size of the state
+        self._state = replace(state, epoch=epoch, elements=elements, digest=digest)
+        self._revision, self._stale = changed.revision, False
+        if advanced:  # remember the epochs other writers sealed (as _reload does)
+            await self._write_anchor()
+        return Snapshot(changed.revision, out)
 
     async def revision(self) -> int:
         async with self._lock:
