@@ -21,7 +21,9 @@ in one run measures:
 2. server CPU per activation (user + system time of the Coordinator processes, from /proc) on
    etcd against SQLite, same load; etcd's own CPU is printed beside it.
 3. the p50 of one ``Coordinator.write_secrets`` (as in bench/state.py) on etcd against SQLite, at 0
-   and at ``--records`` stored secrets.
+   and at ``--records`` stored secrets;
+4. the p50 of one replica taking another replica's counts-only commit (``Coordinator.sync``: what
+   each counted activation on one replica costs the others) at 0 and ``--records`` secrets.
 
 Targets (issue 10): two replicas >= one replica in activations/s on these 2 shared cores; server CPU
 per activation on etcd <= 1.3x SQLite; a secret write on etcd p50 < 20 ms at 10,000 secrets.
@@ -36,9 +38,11 @@ import base64
 import concurrent.futures
 import contextlib
 import copy
+import dataclasses
 import json
 import logging
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -191,6 +195,40 @@ async def write_p50(store: StoreLocation, seal_dir: Path, secrets: int, iteratio
         await coord.close()
 
 
+async def follow_p50(store: StoreLocation, seal_dir: Path, secrets: int, iterations: int) -> float:
+    """p50 of one replica taking another replica's counts-only commit (``Coordinator.sync``) on a
+    state of ``secrets`` secrets: what every counted activation elsewhere costs a follower."""
+    def config(name: str) -> CoordinatorConfig:
+        return CoordinatorConfig(simulation=True, seal_dir=seal_dir / name, store=store)
+
+    first = await Coordinator.open(config("a"))
+    second: Coordinator | None = None
+    try:
+        (seal_dir / "b").mkdir(mode=0o700)  # the same KEK: no hand-over in the measurement
+        shutil.copy(seal_dir / "a" / "simulation-kek.key", seal_dir / "b" / "simulation-kek.key")
+        second = await Coordinator.open(config("b"))
+        await first.set_manifest(_manifest(secrets))
+        names = [f"user-{i:06d}" for i in range(secrets)]
+        for start in range(0, len(names), 1000):
+            await first.write_secrets("admin", _body(names[start : start + 1000]))
+        await second.sync()
+        if second.follower is not None:
+            await second.follower.stop()  # the measurement syncs by hand
+        samples = []
+        for n in range(iterations):
+            async with first.lock:
+                await first.commit(dataclasses.replace(first.deployment, activations={"bench": n + 1}))
+            started = time.perf_counter()
+            await second.sync()
+            samples.append((time.perf_counter() - started) * 1000)
+        assert second.deployment.activations == {"bench": iterations}
+        return percentile(samples, 50)
+    finally:
+        if second is not None:
+            await second.close()
+        await first.close()
+
+
 def mean_phase(label: str, phases: list[Phase]) -> Phase:
     """Rounds of one configuration as one line: mean rate, median p50, CPU over all activations."""
     count = sum(p.count for p in phases)
@@ -283,6 +321,10 @@ def main() -> None:
             )
             etcd_loc = EtcdLocation(EtcdConfig(config.endpoints, prefix=f"/writes-{n}/"))
             writes[("etcd", n)] = asyncio.run(write_p50(etcd_loc, work / f"w-etcd-{n}", n, args.iterations))
+            follow_loc = EtcdLocation(EtcdConfig(config.endpoints, prefix=f"/follow-{n}/"))
+            writes[("follow", n)] = asyncio.run(
+                follow_p50(follow_loc, work / f"follow-{n}", n, args.iterations)
+            )
         one_etcd_cpu = etcd_ms[one_label] / max(results[one_label].count, 1)
 
     print()
@@ -291,6 +333,9 @@ def main() -> None:
         print(
             f"  {n:>6} secrets: SQLite {writes[('sqlite', n)]:6.2f} ms   etcd {writes[('etcd', n)]:6.2f} ms"
         )
+    print(f"a replica taking another one's counts-only commit (etcd), p50 of {args.iterations}:")
+    for n in (0, args.records):
+        print(f"  {n:>6} secrets: {writes[('follow', n)]:6.2f} ms")
     print()
     one, two, sqlite_phase = results[one_label], results[two_label], results[sqlite_label]
     won = sum(t.rate >= o.rate for t, o in zip(rounds[two_label], rounds[one_label], strict=True))
