@@ -1,6 +1,6 @@
 """High availability on etcd (issue 10): activations with one and two replicas, CPU and secret writes.
 
-    .venv/bin/python bench/ha.py [--seconds 3] [--rounds 3] [--concurrency 32] [--clients 2]
+    .venv/bin/python bench/ha.py [--seconds 4] [--rounds 5] [--concurrency 32] [--clients 2]
                                  [--iterations 100] [--records 10000] [--control]
 
 Starts a real etcd member (Debian's ``etcd``) on free loopback ports in a temporary directory, then
@@ -248,8 +248,8 @@ def mean_phase(label: str, phases: list[Phase]) -> Phase:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=3.0, help="one measurement of one configuration")
-    parser.add_argument("--rounds", type=int, default=3, help="turns over all configurations")
+    parser.add_argument("--seconds", type=float, default=4.0, help="one measurement of one configuration")
+    parser.add_argument("--rounds", type=int, default=5, help="turns over all configurations")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--clients", type=int, default=2, help="load-generator processes in all")
     parser.add_argument("--iterations", type=int, default=100, help="secret writes per measurement")
