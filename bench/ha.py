@@ -326,6 +326,7 @@ def main() -> None:
                 follow_p50(follow_loc, work / f"follow-{n}", n, args.iterations)
             )
         one_etcd_cpu = etcd_ms[one_label] / max(results[one_label].count, 1)
+        two_etcd_cpu = etcd_ms[two_label] / max(results[two_label].count, 1)
 
     print()
     print(f"Coordinator.write_secrets of one secret, p50 of {args.iterations}:")
@@ -355,12 +356,17 @@ def main() -> None:
         f"(target < 20: {verdict[p50 < 20]})"
     )
     per_core = 1000 / one.server_cpu_ms if one.server_cpu_ms else 0
-    commits_per_core = 1000 / one_etcd_cpu if one_etcd_cpu else 0
+    # etcd's CPU per activation grows with the replicas (each commits its own groups and reads the
+    # others' commits): about (two replicas' figure / 2) x k with k replicas
+    per_replica_etcd = two_etcd_cpu / 2
+    k_max = (1000 / (per_replica_etcd * per_core)) ** 0.5 if per_replica_etcd and per_core else 0
     print(
         f"projection: one replica needs {one.server_cpu_ms:.2f} ms CPU per activation (~{per_core:.0f}/s per "
-        f"core it has to itself), etcd {one_etcd_cpu:.2f} ms; with k replicas on their own cores the rate "
-        f"grows ~k x {per_core:.0f}/s until etcd's core is busy (~{commits_per_core:.0f} activations/s on "
-        "one etcd core at this group-commit size, more with faster disks)"
+        f"core it has to itself); etcd {one_etcd_cpu:.2f} ms per activation with one replica, "
+        f"{two_etcd_cpu:.2f} ms with two (~{per_replica_etcd:.2f} ms x k with k replicas); with k replicas "
+        f"on their own cores the rate grows ~k x {per_core:.0f}/s until one etcd core is busy at "
+        f"k ~ {k_max:.1f} (~{k_max * per_core:.0f} counted activations/s; more with larger groups or "
+        "faster disks, less with slower ones)"
     )
     print(f"(whole run {time.perf_counter() - started:.0f} s)")
 
