@@ -404,3 +404,16 @@ def test_a_full_update_that_changes_recovery_keys_returns_new_recovery_secrets(t
         assert rc.coord.manifest() is not None and rc.coord.manifest()[0] == governance_manifest_bytes(doc)  # type: ignore[index]
     finally:
         rc.stop()
+
+
+def test_a_v2_secret_upload_without_its_secrets_field_says_how(running: RunningCoordinator) -> None:
+    """The v1 form (a bare map) sent to the v2 endpoint: 400 naming the field and both forms."""
+    with running.client(user("alice")) as c:
+        bare = c.post("/api/v2/secrets", json={"user_key": {"Key": b64(KEY16)}})
+        wrong = c.post("/api/v2/secrets", json={"secrets": ["user_key"]})
+    assert bare.status_code == 400 and bare.json()["status"] == "fail"
+    assert bare.json()["message"].startswith('secrets: missing: POST /api/v2/secrets takes {"secrets"')
+    assert "POST /secrets" in bare.json()["message"]
+    assert wrong.status_code == 400 and wrong.json()["message"].startswith("secrets: not an object")
+    assert b64(KEY16) not in bare.text
+    assert not running.coord.deployment.secrets["user_key"].has_value

@@ -96,7 +96,14 @@ async def secrets_get_v2(request: web.Request) -> web.Response:
 async def secrets_post_v2(request: web.Request) -> web.Response:
     user = authenticated_user(request)
     doc = await json_object(request)
-    await coordinator_of(request).write_secrets(user, go_field(doc, "secrets"))
+    secrets = go_field(doc, "secrets")
+    if not isinstance(secrets, dict):
+        what = "missing" if secrets is None else "not an object"
+        raise RequestError(
+            f'secrets: {what}: POST /api/v2/secrets takes {{"secrets": {{NAME: {{"Cert", "Private", '
+            f'"Key"}}}}}} (base64 values); the bare map is the v1 form, POST /secrets'
+        )
+    await coordinator_of(request).write_secrets(user, secrets)
     return jsend.success(None)
 
 
