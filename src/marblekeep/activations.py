@@ -101,6 +101,9 @@ log = logging.getLogger("marblekeep.coordinator")
 T = TypeVar("T")
 
 NOT_ACCEPTING = "cannot accept marbles in current state: set a manifest first"
+#: Parameters that rendered to at most this many bytes are rendered on the event loop next time
+#: (:meth:`MarbleActivations._render`); larger ones, and every first render, in a worker thread.
+INLINE_RENDER_MAX_BYTES = 64 * 1024
 MAX_COUNTER_NAME_BYTES = 1024
 _U64 = 1 << 64
 
@@ -134,6 +137,10 @@ class MarbleActivations:
     def __init__(self, coord: Coordinator) -> None:
         self._coord = coord
         self._counts = _Counts(coord)
+        #: Rendered size of each Marble type's Parameters at its last activation on ``_sizes_dep``
+        #: (reset when the state changes in more than its counts): see :meth:`_render`.
+        self._sizes_dep: Deployment | None = None
+        self._sizes: dict[str, int] = {}
 
     # ------------------------------------------------------------------ evidence
 
@@ -217,18 +224,31 @@ class MarbleActivations:
     async def _render(
         self, inp: ActivationInput, now: dt.datetime, answer: Callable[[ActivationResult], T]
     ) -> tuple[ActivationResult, T, Deployment]:
-        """The core and the answer in a worker thread (pure CPU work on the current snapshot, which
-        is returned too), so that the event loop keeps serving meanwhile; rendering is bounded
-        (core/activation.py)."""
+        """The core and the answer on the current snapshot (which is returned too): pure CPU work,
+        bounded (core/activation.py), run in a worker thread so that the event loop keeps serving
+        meanwhile, unless this Marble type's Parameters rendered to at most
+        :data:`INLINE_RENDER_MAX_BYTES` at its last activation on the same state (counts aside):
+        then the work (mostly the Marble's key and certificate, well under a millisecond) runs on the
+        event loop, which saves the hand-over to a thread and back. After any other change (a
+        manifest, secrets, keys) the first activation of each type runs in a thread again."""
         coord = self._coord
         prepared, simulation, rng = coord.prepared, coord.simulation, coord.rng
+        dep = prepared.deployment
+        if self._sizes_dep is None or not same_but_counts(self._sizes_dep, dep):
+            self._sizes = {}
+        self._sizes_dep = dep
+        sizes = self._sizes
 
         def work() -> tuple[ActivationResult, T]:
             result = activate(prepared, inp, now, simulation=simulation, rng=rng)
             return result, answer(result)
 
-        result, out = await asyncio.to_thread(work)
-        return result, out, prepared.deployment
+        if sizes.get(inp.marble_type, INLINE_RENDER_MAX_BYTES + 1) <= INLINE_RENDER_MAX_BYTES:
+            result, out = work()
+        else:
+            result, out = await asyncio.to_thread(work)
+        sizes[inp.marble_type] = sum(map(len, result.files.values())) + sum(map(len, result.env.values()))
+        return result, out, dep
 
     def _require_accepting(self) -> None:
         if self._coord.state is not CoordinatorState.ACCEPTING_MARBLES:
