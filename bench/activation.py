@@ -60,7 +60,6 @@ import base64
 import contextlib
 import dataclasses
 import datetime as dt
-import fcntl
 import hashlib
 import ipaddress
 import itertools
@@ -68,7 +67,6 @@ import json
 import multiprocessing as mp
 import os
 import select
-import shutil
 import signal
 import socket
 import ssl
@@ -93,8 +91,10 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.append(str(Path(__file__).resolve().parents[1] / "tests"))  # gobuild: the shared Go build
 
 from core import MANIFEST  # the same Marble as bench/core.py
+from gobuild import find_go, go_build
 from marblekeep.crypto.pki import leaf_floor
 from marblekeep.marble.marblerun_wire import ActivationReq, decode_activation_resp, encode_activation_req
 from marblekeep.marble.protocol import (
@@ -491,17 +491,6 @@ class GoLoadUnavailable(Exception):
     """bench/goload cannot be built here (no Go, or the build failed); the message says why."""
 
 
-def find_go() -> str | None:
-    """The go command: on PATH, else where the official tarball and Debian's golang-go put it."""
-    found = shutil.which("go")
-    if found:
-        return found
-    for candidate in ("/usr/local/go/bin/go", "/usr/lib/go/bin/go"):
-        if os.access(candidate, os.X_OK):
-            return candidate
-    return None
-
-
 def goload_binary() -> Path:
     """bench/goload built into bench/goload/bin/ (gitignored), named by a digest of its sources, so a
     change to them makes a new build; built on first use, one build at a time."""
@@ -520,29 +509,13 @@ def goload_binary() -> Path:
             ">= 1.22 (the module proxy must be reachable, or the module cache hold bench/goload/go.sum's "
             "modules) to measure MarbleRun's protocol driven by grpc-go"
         )
-    bin_dir.mkdir(exist_ok=True)
-    with (bin_dir / ".build.lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if os.access(path, os.X_OK):
-            return path  # built by another bench meanwhile
-        print(f"building {path.relative_to(GOLOAD_DIR.parent.parent)} with {go} ...", flush=True)
-        tmp = path.with_name(path.name + ".tmp")
-        env = dict(os.environ, CGO_ENABLED="0", GOTOOLCHAIN="local", GOFLAGS="-trimpath -buildvcs=false")
-        built = subprocess.run(
-            [go, "build", "-mod=readonly", "-o", str(tmp), "."],
-            cwd=GOLOAD_DIR,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=900,
-            check=False,
-        )
-        if built.returncode != 0:
-            raise GoLoadUnavailable(f"building bench/goload failed:\n{built.stderr.strip()[-3000:]}")
-        tmp.replace(path)
-        for old in bin_dir.glob("goload-*"):
-            if old != path:
-                old.unlink(missing_ok=True)
+    print(f"building {path.relative_to(GOLOAD_DIR.parent.parent)} with {go} ...", flush=True)
+    failed = go_build(go, GOLOAD_DIR, path, lambda: os.access(path, os.X_OK))
+    if failed is not None:
+        raise GoLoadUnavailable(f"building bench/goload failed:\n{failed}")
+    for old in bin_dir.glob("goload-*"):
+        if old != path and not old.name.endswith(".tmp"):
+            old.unlink(missing_ok=True)
     return path
 
 

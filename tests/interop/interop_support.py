@@ -12,9 +12,7 @@
 
 from __future__ import annotations
 
-import fcntl
 import os
-import shutil
 import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -22,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from gobuild import find_go, go_build
 from harness import clean_env
 
 INTEROP_DIR = Path(__file__).resolve().parent
@@ -52,16 +51,6 @@ def _opted_out() -> bool:
     return os.environ.get(SKIP_ENV, "") not in ("", "0")
 
 
-def _find_go() -> str | None:
-    found = shutil.which("go")
-    if found:
-        return found
-    for candidate in ("/usr/local/go/bin/go", "/usr/lib/go/bin/go"):
-        if os.access(candidate, os.X_OK):
-            return candidate
-    return None
-
-
 def _stale_reason(path: Path, source: Path | None) -> str | None:
     if not (path.is_file() and os.access(path, os.X_OK)):
         return "is missing"
@@ -75,26 +64,12 @@ def _stale_reason(path: Path, source: Path | None) -> str | None:
 def _build_our_premain(path: Path, source: Path, hint: str) -> None:
     """Build our Go premain as build.sh does (one build at a time, so the README's plain ``pytest``
     works on a machine with Go without running build.sh first)."""
-    go = _find_go()
+    go = find_go()
     if go is None:
         pytest.fail(f"{path} is missing and Go is not installed: {hint}", pytrace=False)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.parent / ".build.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if _stale_reason(path, source) is None:
-            return  # another test process built it meanwhile
-        env = dict(os.environ, CGO_ENABLED="0", GOTOOLCHAIN="local", GOFLAGS="-trimpath -buildvcs=false")
-        built = subprocess.run(
-            [go, "build", "-mod=readonly", "-o", str(path), "."],
-            cwd=source,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=900,
-            check=False,
-        )
-    if built.returncode != 0:
-        pytest.fail(f"building {path} failed ({hint}):\n{built.stderr[-4000:]}", pytrace=False)
+    failed = go_build(go, source, path, lambda: _stale_reason(path, source) is None)
+    if failed is not None:
+        pytest.fail(f"building {path} failed ({hint}):\n{failed}", pytrace=False)
 
 
 def required_binary(name: str) -> Path:
